@@ -1,0 +1,415 @@
+"""What the sync and asyncio clients share: the handshake, the endpoint side of a session, and the rules
+for turning deliveries into bytes in destinations. No I/O happens here; the clients do the reading/writing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import grpc
+import numpy as np
+
+from . import chunks, keys
+from ._gen.pipellm.v1 import pipellm_pb2 as pb
+from .arena import ArenaLayout
+from .channel import RotationPolicy
+from .crypto import TAG_LEN
+from .endpoint import NOP_MESSAGE_LEN, ChannelSecrets, CpuEndpoint, MsgKind
+from .errors import ChannelDead, InvalidArgument, PipeLLMError, TagMismatch
+from .regions import Region
+from .shm import SharedMemory
+
+TICKET_KEY: Final = "pipellm-ticket"
+FLAG_UNPREDICTED: Final = 1
+_KIND = {
+    pb.MSG_KIND_DATA: MsgKind.DATA,
+    pb.MSG_KIND_NOP: MsgKind.NOP,
+    pb.MSG_KIND_DISCARD: MsgKind.DISCARD,
+}
+
+
+class DaemonError(PipeLLMError):
+    """The daemon refused a request; `code` is the gRPC status code, `details` its explanation."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    for c in grpc.StatusCode:
+        if c.value[0] == number:
+            return c
+    return grpc.StatusCode.UNKNOWN
+
+
+def from_rpc_error(exc: grpc.RpcError) -> DaemonError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return DaemonError(code, details or "")
+
+
+def from_error_frame(err: pb.Error) -> DaemonError:
+    return DaemonError(status_code(err.code), err.message)
+
+
+@dataclass(frozen=True)
+class Intent:
+    """One future transfer the serving code knows about (region, offset, length; H2D unless d2h=True)."""
+
+    region: Region
+    offset: int
+    length: int
+    d2h: bool = False
+    destination: int = 0
+
+
+class Handshake:
+    """The endpoint's half of the key agreement: it chooses the IV masks, as the GPU does."""
+
+    def __init__(self, daemon_public: bytes, channels: int) -> None:
+        self.agreement = keys.KeyAgreement()
+        self.transcript = keys.Transcript(daemon_public, self.agreement.public_bytes)
+        self.master = self.agreement.master_secret(daemon_public, self.transcript)
+        self.channels = channels
+        self.masks = [keys.new_mask() for _ in range(2 * channels)]
+
+    def request(self, *, client_name: str, endpoint: int, swap_order: int) -> pb.OpenSessionRequest:
+        return pb.OpenSessionRequest(
+            endpoint_public_key=self.agreement.public_bytes,
+            sealed_masks=keys.seal_masks(self.master, self.transcript, self.masks),
+            channels=self.channels,
+            endpoint=endpoint,  # type: ignore[arg-type]
+            client_name=client_name,
+            swap_order=swap_order,  # type: ignore[arg-type]
+        )
+
+    def secrets(self, channels: int) -> list[ChannelSecrets]:
+        out = []
+        for ce in range(channels):
+            out.append(
+                ChannelSecrets(
+                    ce,
+                    keys.derive_channel_key(self.master, keys.channel_label(ce, "h2d")),
+                    self.masks[2 * ce],
+                    keys.derive_channel_key(self.master, keys.channel_label(ce, "d2h")),
+                    self.masks[2 * ce + 1],
+                )
+            )
+        self.master = b""
+        return out
+
+
+def swap_order_value(order: str) -> int:
+    orders = {"fifo": pb.SWAP_ORDER_FIFO, "lifo": pb.SWAP_ORDER_LIFO_GROUPS}
+    if order not in orders:
+        raise InvalidArgument(f"swap_order must be 'fifo' (vLLM V1) or 'lifo' (vLLM V0), got {order!r}")
+    return orders[order]
+
+
+@dataclass
+class Pending:
+    """An H2D commit the endpoint is receiving."""
+
+    seq: int
+    targets: list[tuple[Region, memoryview]]
+    done: bool = False
+    error: DaemonError | None = None
+
+
+@dataclass
+class Landing:
+    """A D2H transfer whose ciphertext the daemon is decrypting into a region."""
+
+    seq: int
+    region: Region
+    offset: int
+    length: int
+    slots: list[int]
+    done: bool = False
+    error: DaemonError | None = None
+
+
+@dataclass
+class EndpointStats:
+    messages: int = 0
+    verified: int = 0
+    unverified: int = 0
+    nops: int = 0
+    discards: int = 0
+    rotations: int = 0
+    bytes: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def as_bytes_view(dst: Any) -> memoryview:
+    """A writable byte view of a numpy array or CPU torch tensor (C-contiguous)."""
+    if hasattr(dst, "numpy") and hasattr(dst, "is_contiguous"):  # torch.Tensor
+        if dst.device.type != "cpu":
+            raise InvalidArgument("the CPU endpoint needs a CPU tensor; use the CUDA endpoint for GPU tensors")
+        dst = dst.detach().numpy()
+    arr = np.asarray(dst)
+    if not arr.flags.c_contiguous:
+        raise InvalidArgument("destination must be C-contiguous")
+    if not arr.flags.writeable:
+        raise InvalidArgument("destination is read-only")
+    return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+
+
+def as_source_view(src: Any) -> memoryview:
+    if hasattr(src, "numpy") and hasattr(src, "is_contiguous"):
+        src = src.detach().cpu().numpy()
+    arr = np.ascontiguousarray(src)
+    return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+
+
+class SessionCore:
+    """One session's client-side state: its endpoint (the "GPU"), arena, regions, and pending transfers.
+
+    `verify` is "all" (default: every message decrypted and checked) or an int N: a benchmark setting
+    in which only every N-th DATA message is decrypted, the rest only advance the endpoint's counter.
+    """
+
+    def __init__(self, resp: pb.OpenSessionResponse, secrets: list[ChannelSecrets], verify: str | int = "all") -> None:
+        self.id = resp.session_id
+        self.mode = resp.mode
+        self.channels = resp.channels
+        g = resp.arena
+        self.layout = ArenaLayout(g.chunk_size, g.h2d_slots, g.d2h_slots, g.nop_cells)
+        if self.layout.size != g.size or self.layout.slot_stride != g.slot_stride:
+            raise PipeLLMError("arena geometry from the daemon does not match this SDK's layout")
+        self.chunk_size = g.chunk_size
+        self.granule = resp.generation_granule
+        self.small_threshold = resp.small_transfer_threshold
+        policy = RotationPolicy(
+            resp.rotation.key_usage_upper, resp.rotation.key_usage_lower, resp.rotation.iv_rotation_remaining
+        )
+        self.endpoint = CpuEndpoint(secrets[: self.channels], policy)
+        self.arena: SharedMemory | None = None
+        self.regions: dict[int, Region] = {}
+        self.seq = itertools.count(1)
+        self.offers = itertools.count(1)
+        self.pending: dict[int, Pending] = {}
+        self.landing: dict[int, Landing] = {}
+        self.d2h_free: deque[int] = deque(range(self.layout.d2h_slots))
+        self.dead: str | None = None
+        self.stats = EndpointStats()
+        if verify == "all":
+            self.verify_every = 1
+        elif isinstance(verify, int) and verify >= 1:
+            self.verify_every = verify
+        else:
+            raise InvalidArgument("verify must be 'all' or a positive int N (verify one DATA message in N)")
+        self._data_seen = 0
+
+    # -- arena -------------------------------------------------------------------------------------
+    def attach(self, frame: pb.Attach, fds: list[int]) -> None:
+        if len(fds) != 1 or frame.session_id != self.id:
+            for fd in fds:
+                os.close(fd)
+            raise PipeLLMError("bad Attach frame from the daemon")
+        self.arena = SharedMemory.attach(fds[0], frame.size, writable=True)
+
+    def _arena_view(self, off: int, n: int) -> memoryview:
+        assert self.arena is not None
+        return self.arena.view[off : off + n]
+
+    # -- H2D ---------------------------------------------------------------------------------------
+    def route_ce(self, length: int, unpredicted: bool) -> int:
+        return 1 if self.channels > 1 and (unpredicted or length < self.small_threshold) else 0
+
+    def commit_frame(self, transfers: list[tuple[Region, int, int, Any, bool]]) -> tuple[pb.Frame, Pending]:
+        self.check_alive()
+        if not transfers:
+            raise InvalidArgument("nothing to transfer")
+        seq = next(self.seq)
+        commit = pb.Commit(seq=seq)
+        targets = []
+        for region, offset, length, dst, unpredicted in transfers:
+            if region.id not in self.regions or self.regions[region.id] is not region:
+                raise InvalidArgument(f"{region!r} does not belong to this session")
+            region.check_range(offset, length)
+            view = as_bytes_view(dst)
+            if len(view) < length:
+                raise InvalidArgument(f"destination holds {len(view)} bytes, the transfer is {length}")
+            targets.append((region, view))
+            commit.transfers.append(
+                pb.Transfer(
+                    region_id=region.id,
+                    offset=offset,
+                    length=length,
+                    flags=FLAG_UNPREDICTED if unpredicted else 0,
+                )
+            )
+        p = Pending(seq, targets)
+        self.pending[seq] = p
+        return pb.Frame(commit=commit), p
+
+    def apply_completion(self, comp: pb.Completion) -> pb.Frame | None:
+        """Feed the endpoint, in order; returns the Release frame for the slots it consumed."""
+        p = self.pending.get(comp.seq)
+        if p is None:
+            raise PipeLLMError(f"completion for unknown commit {comp.seq}")
+        release = pb.Release()
+        ep = self.endpoint
+        try:
+            for d in comp.deliveries:
+                self._deliver(d, p, release)
+        except (TagMismatch, ChannelDead) as exc:
+            self.dead = str(exc)
+            p.error = DaemonError(grpc.StatusCode.DATA_LOSS, f"endpoint refused a message: {exc}")
+            p.done = True
+            raise
+        if comp.final:
+            p.done = True
+            del self.pending[comp.seq]
+        self.stats.messages = ep.accepted
+        return pb.Frame(release=release) if (release.slots or release.nop_cells) else None
+
+    def _deliver(self, d: pb.Delivery, p: Pending, release: pb.Release) -> None:
+        ep, st = self.endpoint, self.stats
+        if d.kind == pb.MSG_KIND_DATA:
+            self.layout.check_message(d.length)
+            msg = self._arena_view(self.layout.h2d_slot(d.slot), d.length + TAG_LEN)
+            region, dst = p.targets[d.transfer]
+            out = dst[d.dst_offset : d.dst_offset + d.length]
+            self._data_seen += 1
+            if self._data_seen % self.verify_every == 0:
+                ep.receive(d.ce, MsgKind.DATA, msg, out)
+                st.verified += 1
+            else:
+                ep.h2d[d.ce].account_unverified(d.length)
+                st.unverified += 1
+            st.bytes += d.length
+            release.slots.append(d.slot)
+        elif d.kind == pb.MSG_KIND_DISCARD:
+            self.layout.check_message(d.length)
+            ep.receive(d.ce, MsgKind.DISCARD, self._arena_view(self.layout.h2d_slot(d.slot), d.length + TAG_LEN))
+            st.discards += 1
+            release.slots.append(d.slot)
+        elif d.kind == pb.MSG_KIND_NOP:
+            ep.receive(d.ce, MsgKind.NOP, self._arena_view(self.layout.nop_cell(d.slot), NOP_MESSAGE_LEN))
+            st.nops += 1
+            release.nop_cells.append(d.slot)
+        elif d.kind == pb.MSG_KIND_ROTATE_IV:
+            ep.rotate_iv(d.ce, d.value)
+            st.rotations += 1
+        elif d.kind == pb.MSG_KIND_ROTATE_KEY:
+            ep.rotate_key(d.ce, d.value)
+            st.rotations += 1
+        elif d.kind == pb.MSG_KIND_PLAIN:
+            region, dst = p.targets[d.transfer]
+            dst[d.dst_offset : d.dst_offset + d.length] = region.array[d.src_offset : d.src_offset + d.length].data
+            st.bytes += d.length
+        else:
+            raise PipeLLMError(f"unknown delivery kind {d.kind}")
+
+    def fail_commit(self, seq: int, err: DaemonError) -> None:
+        p = self.pending.pop(seq, None)
+        if p is not None:
+            p.error = err
+            p.done = True
+
+    # -- D2H ---------------------------------------------------------------------------------------
+    def landed_frames(
+        self, src: Any, region: Region, offset: int, *, swap_out: bool, group: int
+    ) -> Iterator[tuple[pb.Frame, Landing]]:
+        """Encrypt device data into D2H slots (the endpoint's own counter) and describe it for the daemon.
+
+        Yields a frame whenever the free slots are used up or the data ends; the caller sends it and, when
+        `d2h_free` is empty, reads frames until the daemon frees slots, before resuming the generator.
+        """
+        self.check_alive()
+        if region.readonly:
+            raise InvalidArgument(f"{region!r} is read-only; D2H needs a mutable region")
+        data = as_source_view(src)
+        region.check_range(offset, len(data))
+        ce = self.route_ce(len(data), False)
+        msgs: list[pb.D2HMessage] = []
+        start = 0
+        slots: list[int] = []
+        for c in chunks.split(0, len(data), self.chunk_size):
+            if not self.d2h_free:
+                raise PipeLLMError("no free D2H slot: the caller must wait for LandedDone first")
+            slot = self.d2h_free.popleft()
+            view = self._arena_view(self.layout.d2h_slot(slot), c.length + TAG_LEN)
+            version, chan = self.endpoint.send(ce, data[c.offset : c.offset + c.length], view)
+            msgs.append(pb.D2HMessage(ce=ce, slot=slot, length=c.length, key_version=version, chan_ctr=chan))
+            slots.append(slot)
+            if not self.d2h_free or c.offset + c.length == len(data):
+                seq = next(self.seq)
+                n = sum(m.length for m in msgs)
+                landing = Landing(seq, region, offset + start, n, slots)
+                self.landing[seq] = landing
+                yield (
+                    pb.Frame(
+                        landed=pb.Landed(
+                            seq=seq,
+                            region_id=region.id,
+                            offset=offset + start,
+                            length=n,
+                            messages=msgs,
+                            swap_out=swap_out,
+                            group=group,
+                        )
+                    ),
+                    landing,
+                )
+                start += n
+                msgs, slots = [], []
+
+    def landed_done(self, done: pb.LandedDone) -> None:
+        landing = self.landing.pop(done.seq, None)
+        if landing is None:
+            raise PipeLLMError(f"LandedDone for unknown seq {done.seq}")
+        for d in done.directives:
+            if d.kind == pb.MSG_KIND_ROTATE_D2H_KEY:
+                v = self.endpoint.rotate_d2h_key(d.ce)
+                if v != d.value:
+                    raise ChannelDead(f"D2H key rotation to v{d.value}, endpoint is at v{v}")
+            elif d.kind == pb.MSG_KIND_ROTATE_D2H_IV:
+                self.endpoint.rotate_d2h_iv(d.ce)
+        landing.done = True
+        self.d2h_free.extend(landing.slots)
+
+    def fail_landing(self, seq: int, err: DaemonError) -> None:
+        landing = self.landing.pop(seq, None)
+        if landing is not None:
+            landing.error = err
+            landing.done = True
+            self.d2h_free.extend(landing.slots)
+
+    def landings_over(self, region: Region, offset: int, length: int) -> list[Landing]:
+        end = offset + length
+        return [
+            x for x in self.landing.values() if x.region is region and x.offset < end and offset < x.offset + x.length
+        ]
+
+    # -- errors ------------------------------------------------------------------------------------
+    def on_error(self, err: pb.Error) -> DaemonError:
+        e = from_error_frame(err)
+        if err.seq in self.pending:
+            self.fail_commit(err.seq, e)
+        elif err.seq in self.landing:
+            self.fail_landing(err.seq, e)
+        if e.code == grpc.StatusCode.DATA_LOSS:
+            self.dead = e.details
+        return e
+
+    def check_alive(self) -> None:
+        if self.dead is not None:
+            raise ChannelDead(f"session is dead ({self.dead}); open a new session")
+
+    def close(self) -> None:
+        for r in self.regions.values():
+            r.close()
+        self.regions.clear()
+        if self.arena is not None:
+            self.arena.close()
+        self.endpoint.close()

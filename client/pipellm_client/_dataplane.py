@@ -1,0 +1,80 @@
+"""The client end of the data-plane socket: one `Frame` per SOCK_SEQPACKET packet, memfds by SCM_RIGHTS."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Final
+
+from google.protobuf.message import DecodeError
+
+from ._gen.pipellm.v1 import pipellm_pb2 as pb
+from .errors import PipeLLMError
+
+PROTOCOL_VERSION: Final = 1
+MAX_FRAME: Final = 1 << 16
+DEFAULT_SOCKET: Final = "/run/pipellm/pipellmd.sock"
+
+
+class DaemonUnavailable(PipeLLMError):
+    """pipellmd is not running at that socket, or went away."""
+
+
+def default_socket() -> str:
+    return os.environ.get("PIPELLM_SOCKET", DEFAULT_SOCKET)
+
+
+def data_socket_path(control_socket: str) -> str:
+    return control_socket + ".data"
+
+
+class FrameSocket:
+    def __init__(self, control_socket: str) -> None:
+        path = data_socket_path(control_socket)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            self.sock.close()
+            raise DaemonUnavailable(f"pipellmd is not listening at {path} ({exc.strerror})") from None
+        except PermissionError:
+            self.sock.close()
+            raise DaemonUnavailable(f"no permission to open {path}; is this user in the pipellm group?") from None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, frame: pb.Frame, fds: list[int] | None = None) -> None:
+        frame.version = PROTOCOL_VERSION
+        data = frame.SerializeToString()
+        try:
+            if fds:
+                raw = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
+                self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, raw)])
+            else:
+                self.sock.send(data)
+        except (BrokenPipeError, ConnectionResetError):
+            raise DaemonUnavailable("pipellmd closed the data-plane connection") from None
+
+    def recv(self) -> tuple[pb.Frame, list[int]]:
+        """Read one frame (blocking unless the socket is non-blocking: BlockingIOError then)."""
+        try:
+            data, anc, _flags, _ = self.sock.recvmsg(MAX_FRAME, socket.CMSG_SPACE(16))
+        except ConnectionResetError:
+            data, anc = b"", []
+        if not data:
+            raise DaemonUnavailable("pipellmd closed the data-plane connection")
+        fds: list[int] = []
+        for level, typ, raw in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                fds.extend(int.from_bytes(raw[i : i + 4], sys.byteorder) for i in range(0, len(raw) - len(raw) % 4, 4))
+        try:
+            return pb.Frame.FromString(data), fds
+        except DecodeError:
+            for fd in fds:
+                os.close(fd)
+            raise DaemonUnavailable("pipellmd sent a malformed frame") from None
+
+    def close(self) -> None:
+        self.sock.close()

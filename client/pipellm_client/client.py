@@ -1,0 +1,359 @@
+"""The synchronous SDK: `Client` talks to pipellmd, `Session` moves bytes through a confidential channel.
+
+    with Client() as client, client.open_session(name="server-0") as s:
+        w = s.alloc_region(n, readonly=True); w.array[:] = weights; w.seal()
+        s.h2d(w, 0, n, dst)          # dst: numpy array or CPU tensor; the endpoint decrypts into it
+
+A session is not thread-safe: use one per thread, or the asyncio client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ._core import (
+    TICKET_KEY,
+    DaemonError,
+    Handshake,
+    Intent,
+    SessionCore,
+    as_source_view,
+    from_error_frame,
+    from_rpc_error,
+    swap_order_value,
+)
+from ._dataplane import DaemonUnavailable, FrameSocket, default_socket
+from ._gen.pipellm.v1 import pipellm_pb2 as pb
+from ._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
+from .errors import InvalidArgument, PipeLLMError
+from .regions import Region, generation_table_bytes
+from .shm import SharedMemory
+
+T = TypeVar("T")
+_RETRIES_ON_ABORT = 2
+
+
+def _welcome(fs: FrameSocket) -> pb.Welcome:
+    frame, fds = fs.recv()
+    for fd in fds:
+        os.close(fd)
+    if frame.WhichOneof("body") == "error":
+        raise from_error_frame(frame.error)
+    if frame.WhichOneof("body") != "welcome":
+        raise PipeLLMError("pipellmd did not greet this connection")
+    return frame.welcome
+
+
+class Client:
+    def __init__(self, socket: str | None = None, *, timeout: float = 30.0) -> None:
+        self.socket = socket or default_socket()
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel("unix:" + self.socket)
+        self._stub = pb_grpc.PipeLLMStub(self._channel)
+        self._ctl: FrameSocket | None = None
+        self._ticket = ""
+        self.sessions: list[Session] = []
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        if self._ctl is None:
+            self._ctl = FrameSocket(self.socket)
+            self._ticket = _welcome(self._ctl).ticket
+        return [(TICKET_KEY, self._ticket)]
+
+    def call(self, method: Callable[..., T], request: Any, metadata: list[tuple[str, str]] | None = None) -> T:
+        try:
+            return method(request, metadata=metadata or self._metadata(), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            err = from_rpc_error(exc)
+            if err.code == grpc.StatusCode.UNAVAILABLE:
+                raise DaemonUnavailable(f"pipellmd at {self.socket} is unavailable: {err.details}") from None
+            raise err from None
+
+    def status(self) -> pb.Status:
+        status: pb.Status = self.call(self._stub.GetStatus, pb.GetStatusRequest())
+        return status
+
+    def list_sessions(self) -> list[pb.SessionStatus]:
+        return list(self.call(self._stub.ListSessions, pb.ListSessionsRequest()).sessions)
+
+    def watch(self) -> Iterator[pb.Event]:
+        try:
+            yield from self._stub.Watch(pb.WatchRequest(), metadata=self._metadata())
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise from_rpc_error(exc) from None
+
+    def health(self) -> str:
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise DaemonUnavailable(f"health check failed: {from_rpc_error(exc)}") from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+    def open_session(
+        self, name: str = "", *, channels: int = 2, swap_order: str = "fifo", verify: str | int = "all"
+    ) -> Session:
+        fs = FrameSocket(self.socket)
+        try:
+            welcome = _welcome(fs)
+            hs = Handshake(welcome.daemon_public_key, channels)
+            md = [(TICKET_KEY, welcome.ticket)]
+            req = hs.request(client_name=name, endpoint=pb.ENDPOINT_KIND_CPU, swap_order=swap_order_value(swap_order))
+            resp = self.call(self._stub.OpenSession, req, md)
+            core = SessionCore(resp, hs.secrets(resp.channels), verify)
+            s = Session(self, fs, md, core)
+            s._pump(lambda: core.arena is not None)
+        except BaseException:
+            fs.close()
+            raise
+        self.sessions.append(s)
+        return s
+
+    def close(self) -> None:
+        for s in list(self.sessions):
+            s.close()
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+        self._channel.close()
+
+
+class Session:
+    def __init__(self, client: Client, fs: FrameSocket, metadata: list[tuple[str, str]], core: SessionCore) -> None:
+        self.client = client
+        self.fs = fs
+        self.metadata = metadata
+        self.core = core
+        self.id = core.id
+        self.closed = False
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} regions={len(self.core.regions)}>"
+
+    # -- frames --------------------------------------------------------------------------------------
+    def _pump(self, until: Callable[[], bool]) -> None:
+        """Read data-plane frames and act on them until `until()` holds."""
+        core = self.core
+        while not until():
+            frame, fds = self.fs.recv()
+            body = frame.WhichOneof("body")
+            if body == "attach":
+                core.attach(frame.attach, fds)
+                continue
+            for fd in fds:
+                os.close(fd)
+            if body == "completion":
+                try:
+                    release = core.apply_completion(frame.completion)
+                except PipeLLMError as exc:
+                    self._report(exc)
+                    raise
+                if release is not None:
+                    self.fs.send(release)
+            elif body == "landed_done":
+                core.landed_done(frame.landed_done)
+            elif body == "error":
+                err = core.on_error(frame.error)
+                if frame.error.seq == 0:
+                    raise err
+            else:
+                raise PipeLLMError(f"unexpected {body} frame from pipellmd")
+
+    def _report(self, exc: BaseException) -> None:
+        """Tell the daemon the endpoint refused a message: the channel is dead on both sides."""
+        with contextlib.suppress(DaemonUnavailable):
+            self.fs.send(pb.Frame(error=pb.Error(code=15, message=f"endpoint: {exc}")))
+
+    # -- regions -------------------------------------------------------------------------------------
+    def alloc_region(
+        self, nbytes: int, *, readonly: bool = False, name: str = "", adapter: bool = False, data: Any = None
+    ) -> Region:
+        """Shared memory the daemon maps. With `data`, a read-only region is filled and sealed at once."""
+        if nbytes <= 0:
+            raise InvalidArgument(f"region size must be > 0, got {nbytes}")
+        core = self.core
+        total = nbytes if readonly else nbytes + generation_table_bytes(nbytes, core.granule)
+        shm = SharedMemory.create(name or "pipellm-region", total)
+        try:
+            offer = next(core.offers)
+            self.fs.send(pb.Frame(offer=pb.Offer(offer_id=offer)), fds=[shm.fd])
+            resp = self.client.call(
+                self.client._stub.RegisterRegion,
+                pb.RegisterRegionRequest(
+                    session_id=self.id,
+                    offer_id=offer,
+                    size=nbytes,
+                    readonly=readonly,
+                    name=name,
+                    kind=pb.REGION_KIND_ADAPTER if adapter else pb.REGION_KIND_UNSPECIFIED,
+                ),
+                self.metadata,
+            )
+        except BaseException:
+            shm.close()
+            raise
+        region = Region(resp.region_id, name, shm, nbytes, readonly, core.granule, self._wait_landed, self._seal_remote)
+        core.regions[region.id] = region
+        if data is not None:
+            raw = as_source_view(data)
+            if len(raw) > nbytes:
+                raise InvalidArgument(f"data of {len(raw)} bytes does not fit a region of {nbytes}")
+            if readonly:
+                region.array[: len(raw)] = raw
+                region.seal()
+            else:
+                region.write(0, raw)
+        return region
+
+    def _seal_remote(self, region: Region) -> None:
+        self.client.call(
+            self.client._stub.SealRegion,
+            pb.SealRegionRequest(session_id=self.id, region_id=region.id),
+            self.metadata,
+        )
+
+    def _wait_landed(self, region: Region, offset: int, length: int) -> None:
+        core = self.core
+        landings = core.landings_over(region, offset, length)
+        self._pump(lambda: all(x.done for x in landings))
+        for x in landings:
+            if x.error is not None:
+                raise x.error
+
+    def unregister(self, region: Region) -> None:
+        self._wait_landed(region, 0, region.size)
+        self.client.call(
+            self.client._stub.UnregisterRegion,
+            pb.UnregisterRegionRequest(session_id=self.id, region_id=region.id),
+            self.metadata,
+        )
+        self.core.regions.pop(region.id, None)
+        region.close()
+
+    # -- transfers -----------------------------------------------------------------------------------
+    def h2d(self, region: Region, offset: int, length: int, dst: Any, *, unpredicted: bool = False) -> None:
+        """Move region bytes to `dst` through the channel; returns when the endpoint has verified them."""
+        self.h2d_many([(region, offset, length, dst)], unpredicted=unpredicted)
+
+    def h2d_many(self, transfers: Sequence[tuple[Region, int, int, Any]], *, unpredicted: bool = False) -> None:
+        """Several transfers in one commit (one data-plane round trip)."""
+        items = [(r, o, n, d, unpredicted) for (r, o, n, d) in transfers]
+        for attempt in range(_RETRIES_ON_ABORT + 1):
+            frame, pending = self.core.commit_frame(items)
+            self.fs.send(frame)
+            self._pump(lambda p=pending: p.done)  # type: ignore[misc]
+            if pending.error is None:
+                return
+            # ABORTED: a worker died; the daemon abandoned those IVs. Retry from plaintext, new IVs.
+            if pending.error.code != grpc.StatusCode.ABORTED or attempt == _RETRIES_ON_ABORT:
+                raise pending.error
+
+    def d2h(
+        self,
+        src: Any,
+        region: Region,
+        offset: int,
+        *,
+        swap_out: bool = False,
+        group: int = 0,
+        wait: bool = False,
+    ) -> None:
+        """Encrypt device data at the endpoint and land it in `region`; the daemon decrypts asynchronously.
+
+        A later `region.read`, `region.write` or H2D of the range waits for it. `swap_out=True` tells the
+        daemon the block will come back (a KV swap), so it pre-encrypts it for the swap-in.
+        """
+        data = as_source_view(src)
+        gen = self.core.landed_frames(data, region, offset, swap_out=swap_out, group=group)
+        while True:
+            self._pump(lambda: bool(self.core.d2h_free))
+            try:
+                frame, _landing = next(gen)
+            except StopIteration:
+                break
+            self.fs.send(frame)
+        if wait:
+            self._wait_landed(region, offset, len(data))
+
+    def wait_all(self) -> None:
+        """Until every D2H transfer of this session has landed."""
+        self._pump(lambda: not self.core.landing)
+
+    # -- intents ------------------------------------------------------------------------------------
+    def declare(self, intents: Sequence[Intent], *, replace: bool = False, cyclic: bool = False) -> int:
+        req = pb.DeclareIntentsRequest(session_id=self.id, replace=replace, cyclic=cyclic)
+        for it in intents:
+            req.intents.append(
+                pb.Intent(
+                    region_id=it.region.id,
+                    offset=it.offset,
+                    length=it.length,
+                    direction=pb.DIRECTION_D2H if it.d2h else pb.DIRECTION_H2D,
+                    destination=it.destination,
+                )
+            )
+        resp: pb.DeclareIntentsResponse = self.client.call(self.client._stub.DeclareIntents, req, self.metadata)
+        return resp.pending
+
+    def cancel_intents(self) -> int:
+        req = pb.CancelIntentsRequest(session_id=self.id)
+        resp: pb.CancelIntentsResponse = self.client.call(self.client._stub.CancelIntents, req, self.metadata)
+        return resp.cancelled
+
+    def status(self) -> pb.SessionStatus:
+        resp: pb.ListSessionsResponse = self.client.call(
+            self.client._stub.ListSessions, pb.ListSessionsRequest(), self.metadata
+        )
+        for s in resp.sessions:
+            if s.session_id == self.id:
+                return s
+        raise DaemonError(grpc.StatusCode.NOT_FOUND, f"session {self.id} is gone")
+
+    @property
+    def endpoint_stats(self) -> dict[str, int]:
+        st = self.core.stats
+        return {
+            "verified": st.verified,
+            "unverified": st.unverified,
+            "nops": st.nops,
+            "discards": st.discards,
+            "rotations": st.rotations,
+            "bytes": st.bytes,
+        }
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.core.dead is None:
+                self.wait_all()
+                self.client.call(
+                    self.client._stub.CloseSession, pb.CloseSessionRequest(session_id=self.id), self.metadata
+                )
+        except (PipeLLMError, grpc.RpcError):
+            pass
+        finally:
+            self.fs.close()
+            self.core.close()
+            if self in self.client.sessions:
+                self.client.sessions.remove(self)

@@ -1,0 +1,122 @@
+"""Host regions as the serving process sees them: shared memory the daemon maps too.
+
+Read-only regions (weights, adapters) are filled, then sealed: the memfd refuses every later write and this
+process's mapping becomes read-only, so a stray write faults instead of leaving stale ciphertext behind.
+Mutable regions (KV cache) are changed through `write` / `writing`, which bump the write generations the
+daemon checks before it uses ciphertext it made ahead of time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import InvalidArgument
+from .shm import SharedMemory
+
+if TYPE_CHECKING:
+    import torch
+
+
+def generation_table_bytes(size: int, granule: int) -> int:
+    return -(-size // granule) * 8
+
+
+class Region:
+    def __init__(
+        self,
+        region_id: int,
+        name: str,
+        shm: SharedMemory,
+        size: int,
+        readonly: bool,
+        granule: int,
+        wait_landed: Callable[[Region, int, int], None],
+        seal_remote: Callable[[Region], None],
+    ) -> None:
+        self.id = region_id
+        self.name = name
+        self.shm = shm
+        self.size = size
+        self.readonly = readonly
+        self.sealed = False
+        self.granule = granule
+        self._wait_landed = wait_landed
+        self._seal_remote = seal_remote
+        self.array: np.ndarray[Any, np.dtype[np.uint8]] = np.frombuffer(shm.buf, dtype=np.uint8, count=size)
+        self._gens: np.ndarray[Any, np.dtype[np.uint64]] | None = None
+        if not readonly:
+            self._gens = np.frombuffer(
+                shm.buf, dtype=np.uint64, count=generation_table_bytes(size, granule) // 8, offset=size
+            )
+
+    def __repr__(self) -> str:
+        kind = "sealed" if self.sealed else ("read-only" if self.readonly else "mutable")
+        return f"<Region {self.id} {self.name!r} {self.size} bytes {kind}>"
+
+    def check_range(self, offset: int, length: int) -> None:
+        if length <= 0 or offset < 0 or offset + length > self.size:
+            raise InvalidArgument(
+                f"range [{offset}, {offset + length}) is outside region {self.id} of {self.size} bytes"
+            )
+
+    def tensor(self) -> torch.Tensor:
+        """A torch uint8 view of the region (no copy)."""
+        import torch
+
+        return torch.from_numpy(self.array)
+
+    # -- writing ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def writing(self, offset: int, length: int) -> Iterator[np.ndarray[Any, np.dtype[np.uint8]]]:
+        """Mutate [offset, offset+length) in place; ciphertext made from the old bytes becomes stale."""
+        self.check_range(offset, length)
+        if self.sealed:
+            raise InvalidArgument(f"region {self.id} is sealed read-only")
+        self._wait_landed(self, offset, length)
+        g = (
+            None
+            if self._gens is None
+            else self._gens[offset // self.granule : (offset + length - 1) // self.granule + 1]
+        )
+        if g is not None:
+            g += np.uint64(1)  # odd: a writer is inside
+        try:
+            yield self.array[offset : offset + length]
+        finally:
+            if g is not None:
+                g += np.uint64(1)  # even again, and different from any snapshot taken before
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview | np.ndarray[Any, Any]) -> None:
+        raw = (
+            np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+            if not isinstance(data, np.ndarray)
+            else data.view(np.uint8).reshape(-1)
+        )
+        with self.writing(offset, raw.size) as view:
+            view[:] = raw
+
+    def read(self, offset: int = 0, length: int | None = None) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        """A view of the bytes, after any D2H data landing in that range is decrypted and verified."""
+        length = self.size - offset if length is None else length
+        self.check_range(offset, length)
+        self._wait_landed(self, offset, length)
+        return self.array[offset : offset + length]
+
+    def seal(self) -> None:
+        """Read-only regions: freeze the contents once loaded. Every later write faults."""
+        if not self.readonly:
+            raise InvalidArgument(f"region {self.id} is mutable; only read-only regions are sealed")
+        if self.sealed:
+            return
+        self.shm.seal_readonly()
+        self.array.flags.writeable = False
+        self._seal_remote(self)
+        self.sealed = True
+
+    def close(self) -> None:
+        self._gens = None
+        self.shm.close()

@@ -1,0 +1,3 @@
+"""pipellmd: the PipeLLM encryption sidecar."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,48 @@
+"""`pipellmd`: the foreground daemon (systemd runs it as Type=notify)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import uvloop
+
+from . import __version__, logs
+from .config import MODES, ConfigError, load
+from .server import Daemon
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipellmd", description="PipeLLM encryption sidecar (one per host).")
+    p.add_argument("--socket", help="control socket path (default /run/pipellm/pipellmd.sock, or PIPELLM_SOCKET)")
+    p.add_argument("--config", help="TOML config file (settings under [pipellmd])")
+    p.add_argument("--mode", choices=MODES, help="pipellm (default), naive (baseline) or plain (NO ENCRYPTION)")
+    p.add_argument("--workers", type=int, help="crypto worker processes (0 = one per core)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--metrics-address", help="serve Prometheus metrics on HOST:PORT (loopback recommended)")
+    p.add_argument("--version", action="version", version=f"pipellmd {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cfg = load(
+            args.config,
+            socket=args.socket,
+            mode=args.mode,
+            workers=args.workers,
+            log_level=args.log_level,
+            metrics_address=args.metrics_address,
+        )
+    except ConfigError as exc:
+        print(f"pipellmd: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(cfg.log_level)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(Daemon(cfg, args.config).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

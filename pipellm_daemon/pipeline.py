@@ -1,0 +1,737 @@
+"""One session's transfer engine: speculative H2D encryption, on-demand encryption, asynchronous D2H.
+
+The speculative stream (copy engine 0) holds a queue of entries in reserved-IV order. Each entry names
+the chunk a predictor expects next; its ciphertext is made ahead by the workers. A commit then is:
+
+* hit  — the chunk is at the head and its source is unchanged: deliver the ready ciphertext;
+* skip — it is further down: burn the entries before it, or abandon them all with an IV rotation,
+         whichever the cost model says is cheaper;
+* miss — it is not queued: when the queue is still what the predictors expect (an extra transfer), the
+         chunk takes the second channel and the queue stays; otherwise the queue is relinquished and the
+         chunk is encrypted now.
+
+Burning never encrypts twice under one IV: an entry whose IV is still fresh is burned with a NOP; an entry
+whose ciphertext exists is burned by delivering that same ciphertext as DISCARD (the endpoint verifies and
+drops it); an entry whose worker died mid-job can only be abandoned by an IV rotation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from pipellm_client import chunks
+from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
+from pipellm_client.channel import PredictingReceiver, ReservedIv, Sender
+from pipellm_client.endpoint import NOP_MESSAGE_LEN, NOP_PLAINTEXT
+from pipellm_client.errors import ChannelDead, PipeLLMError, StaleSource, TagMismatch
+
+from . import jobwire as w
+from .config import Config
+from .events import EventBus
+from .latency import Latency
+from .pool import Arena
+from .predictors import Combined, Key
+from .regions import Region
+from .workers import WorkerLost, WorkerPool
+
+FLAG_UNPREDICTED = 1
+_BATCH = 64  # deliveries per Completion frame
+
+
+class CommitAborted(PipeLLMError):
+    """A worker died under this commit; the IVs involved were abandoned and the SDK retries from plaintext."""
+
+
+class ProtocolViolation(PipeLLMError):
+    """The client did something the protocol forbids (releasing a slot it does not hold, say)."""
+
+
+@dataclass
+class Counters:
+    commits: int = 0
+    chunks: int = 0
+    hits: int = 0
+    skips: int = 0
+    misses: int = 0
+    nops: int = 0
+    discards: int = 0
+    iv_rotations: int = 0
+    key_rotations: int = 0
+    relinquishes: int = 0
+    stale: int = 0
+    bytes_h2d: int = 0
+    bytes_d2h: int = 0
+    bytes_ahead: int = 0
+    bytes_wasted: int = 0
+    bytes_on_demand: int = 0
+    channel_deaths: int = 0
+    small_transfers: int = 0
+    d2h_messages: int = 0
+    late: int = 0
+    detours: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        judged = self.hits + self.skips + self.misses + self.late
+        return self.hits / judged if judged else 0.0
+
+    def add(self, other: Counters) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["hit_rate"] = round(self.hit_rate, 6)
+        return d
+
+    def to_proto(self) -> pb.Counters:
+        return pb.Counters(**self.as_dict())
+
+
+class State(enum.IntEnum):
+    RESERVED = 0  # IV fresh, nothing encrypted yet
+    ENCRYPTING = 1
+    READY = 2
+    FAILED = 3  # the worker died mid-job: partial ciphertext under this IV; only a rotation can retire it
+
+
+class Entry:
+    __slots__ = ("fingerprint", "fut", "iv", "key", "region", "slot", "snapshot", "source", "state")
+
+    def __init__(self, key: Key, region: Region, iv: ReservedIv, source: str = "") -> None:
+        self.key = key
+        self.source = source
+        self.region = region
+        self.iv = iv
+        self.state = State.RESERVED
+        self.slot = -1
+        self.fut: asyncio.Future[None] | None = None
+        self.snapshot: bytes | None = None
+        self.fingerprint: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.key.length
+
+
+class H2DStream:
+    """One copy engine's H2D sender and, for the speculative engine, its queue."""
+
+    def __init__(self, ce: int, sender: Sender, workers: WorkerPool) -> None:
+        self.ce = ce
+        self.sender = sender
+        self.workers = workers
+        self.key_ids: dict[int, int] = {sender.epoch.version: workers.add_key(sender.epoch.key_bytes())}
+        self.queue: deque[Entry] = deque()
+
+    def key_id(self) -> int:
+        return self.key_ids[self.sender.epoch.version]
+
+    def find(self, key: Key) -> int:
+        for i, e in enumerate(self.queue):
+            if e.key == key:
+                return i
+        return -1
+
+    def install_new_key(self) -> None:
+        v = self.sender.epoch.version
+        self.key_ids[v] = self.workers.add_key(self.sender.epoch.key_bytes())
+        for old in [k for k in self.key_ids if k < v - 1]:  # keep one old version for jobs still queued
+            self.workers.drop_key(self.key_ids.pop(old))
+
+    def close(self) -> None:
+        for kid in self.key_ids.values():
+            self.workers.drop_key(kid)
+        self.key_ids.clear()
+        self.sender.close()
+
+
+class D2HStream:
+    def __init__(self, ce: int, receiver: PredictingReceiver, workers: WorkerPool) -> None:
+        self.ce = ce
+        self.receiver = receiver
+        self.workers = workers
+        self.key_ids: dict[int, int] = {receiver.epoch.version: workers.add_key(receiver.epoch.key_bytes())}
+
+    def rotate_key(self) -> int:
+        v = self.receiver.rotate_key()
+        self.key_ids[v] = self.workers.add_key(self.receiver.epoch.key_bytes())
+        for old in [k for k in self.key_ids if k <= v - 16]:
+            self.workers.drop_key(self.key_ids.pop(old))
+        return v
+
+    def close(self) -> None:
+        for kid in self.key_ids.values():
+            self.workers.drop_key(kid)
+        self.key_ids.clear()
+        self.receiver.close()
+
+
+class Outbox:
+    """The ordered deliveries of one commit, sent in batches as their ciphertext becomes ready."""
+
+    def __init__(self, seq: int, send: Callable[[pb.Completion], None]) -> None:
+        self.seq = seq
+        self._send = send
+        self._items: deque[tuple[pb.Delivery, asyncio.Future[None] | None]] = deque()
+
+    def add(self, d: pb.Delivery, fut: asyncio.Future[None] | None = None) -> None:
+        self._items.append((d, fut))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def flush(self, *, wait: bool, final: bool = False) -> None:
+        """Send every delivery that is ready, in order; with `wait`, wait for all of them."""
+        batch: list[pb.Delivery] = []
+        while self._items:
+            d, fut = self._items[0]
+            if fut is not None and not fut.done():
+                if not wait:
+                    break
+                if batch:
+                    self._send(pb.Completion(seq=self.seq, deliveries=batch, final=False))
+                    batch = []
+                await asyncio.shield(fut)
+            if fut is not None and fut.exception() is not None:
+                raise CommitAborted(f"encryption failed: {fut.exception()}")
+            self._items.popleft()
+            batch.append(d)
+            if len(batch) >= _BATCH:
+                self._send(pb.Completion(seq=self.seq, deliveries=batch, final=False))
+                batch = []
+        if batch or final:
+            self._send(pb.Completion(seq=self.seq, deliveries=batch, final=final and not self._items))
+
+    def pending_futures(self) -> list[asyncio.Future[None]]:
+        return [f for _d, f in self._items if f is not None]
+
+    def drop_unsent(self) -> list[pb.Delivery]:
+        dropped = [d for d, _f in self._items]
+        self._items.clear()
+        return dropped
+
+    def send_now(self, deliveries: list[pb.Delivery]) -> None:
+        self._send(pb.Completion(seq=self.seq, deliveries=deliveries, final=False))
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        cfg: Config,
+        workers: WorkerPool,
+        arena: Arena,
+        regions: dict[int, Region],
+        h2d: list[H2DStream],
+        d2h: list[D2HStream],
+        events: EventBus,
+        endpoint_bytes_per_us: float,
+        swap_order: str = "fifo",
+        latency: Latency | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.cfg = cfg
+        self.mode = cfg.mode
+        self.workers = workers
+        self.arena = arena
+        self.regions = regions
+        self.h2d = h2d
+        self.d2h = d2h
+        self.events = events
+        self.endpoint_bytes_per_us = endpoint_bytes_per_us
+        self.predictors = Combined(swap_order)
+        self.latency = latency or Latency()
+        self.counters = Counters()
+        self.depth = 2
+        self.delivered_slots: set[int] = set()
+        self.delivered_nops: set[int] = set()
+        self.d2h_slots_busy: set[int] = set()
+        self.dead: str | None = None
+        self.last_commit_end = 0.0
+        self.slack_s = 0.0
+        self._directives: list[pb.Delivery] = []  # in-band rotations decided between commits
+        self._committing = False
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def spec(self) -> H2DStream:
+        return self.h2d[0]
+
+    def _check_alive(self) -> None:
+        if self.dead is not None:
+            raise ChannelDead(f"session channels are dead ({self.dead}); open a new session")
+
+    def kill(self, reason: str) -> None:
+        if self.dead is None:
+            self.dead = reason
+            self.counters.channel_deaths += 1
+            self.events.emit("channel_dead", self.session_id, reason, level="error")
+        for s in self.h2d:
+            s.sender.kill(reason)
+        for r in self.d2h:
+            r.receiver.kill(reason)
+
+    def _route(self, t: pb.Transfer) -> int:
+        if self.mode != "pipellm" or len(self.h2d) < 2:
+            return 0
+        if t.flags & FLAG_UNPREDICTED or t.length < self.cfg.small_transfer_threshold:
+            return 1
+        return 0
+
+    def _speculative_slot_budget(self) -> int:
+        return self.arena.h2d.free - self.cfg.demand_slots
+
+    # -- commit ----------------------------------------------------------------------------------
+    async def commit(
+        self, seq: int, transfers: list[tuple[Region, pb.Transfer]], send: Callable[[pb.Completion], None]
+    ) -> None:
+        self._check_alive()
+        start = time.monotonic()
+        if self.last_commit_end:
+            self.slack_s = 0.8 * self.slack_s + 0.2 * (start - self.last_commit_end)
+        out = Outbox(seq, send)
+        self.counters.commits += 1
+        for d in self._directives:
+            out.add(d)
+        self._directives = []
+        self._committing = True
+        try:
+            await self._maybe_rotate(out)
+            for ti, (region, t) in enumerate(transfers):
+                for f in region.overlapping_writes(t.offset, t.length):
+                    await asyncio.shield(f)  # a swap-in waits for the swap-out's decryption
+                self.counters.bytes_h2d += t.length
+                if self.mode == "plain":
+                    for c in chunks.split(t.offset, t.length, self.cfg.chunk_size):
+                        out.add(
+                            pb.Delivery(
+                                kind=pb.MSG_KIND_PLAIN,
+                                length=c.length,
+                                transfer=ti,
+                                dst_offset=c.dst_offset,
+                                src_offset=c.offset,
+                            )
+                        )
+                    continue
+                ce = self._route(t)
+                if ce == 1:
+                    self.counters.small_transfers += 1
+                for c in chunks.split(t.offset, t.length, self.cfg.chunk_size):
+                    self.counters.chunks += 1
+                    key = Key(region.id, c.offset, c.length)
+                    if ce == 0 and self.mode == "pipellm":
+                        await self._commit_speculative(out, region, key, ti, c.dst_offset)
+                    else:
+                        await self._on_demand(out, self.h2d[ce], region, key, ti, c.dst_offset)
+                    if len(out) >= 8:
+                        await out.flush(wait=False)
+            await out.flush(wait=True, final=True)
+        except BaseException:
+            # Whatever went wrong, IVs already taken for unsent messages must never shift the stream.
+            await self._abort(out)
+            raise
+        finally:
+            self._committing = False
+            self.last_commit_end = time.monotonic()
+            self.latency.observe(self.last_commit_end - start)
+            self.refill()
+
+    async def _abort(self, out: Outbox) -> None:
+        """Drop what was not sent and abandon every IV it used, in band, so the endpoint stays in step."""
+        pending = [f for f in out.pending_futures() if not f.done()]
+        if pending:
+            await asyncio.wait(pending)  # no worker may still be writing into a slot we hand back
+        rotations = pb.Completion(seq=out.seq)
+        for d in out.drop_unsent():
+            if d.kind in (pb.MSG_KIND_DATA, pb.MSG_KIND_DISCARD) and d.slot in self.delivered_slots:
+                self.delivered_slots.discard(d.slot)
+                self.arena.h2d.release(d.slot)
+            elif d.kind == pb.MSG_KIND_NOP and d.slot in self.delivered_nops:
+                self.delivered_nops.discard(d.slot)
+                self.arena.nops.release(d.slot)
+            elif d.kind in (pb.MSG_KIND_ROTATE_IV, pb.MSG_KIND_ROTATE_KEY):
+                rotations.deliveries.append(d)  # already applied at the sender: the endpoint must follow
+        for s in self.h2d:
+            if s.sender.dead is None:
+                self._abandon(s)
+                rotations.deliveries.append(
+                    pb.Delivery(ce=s.ce, kind=pb.MSG_KIND_ROTATE_IV, value=s.sender.rotate_iv())
+                )
+                self.counters.iv_rotations += 1
+        if rotations.deliveries:
+            out.send_now(list(rotations.deliveries))
+
+    async def _maybe_rotate(self, out: Outbox) -> None:
+        for s in self.h2d:
+            if s.sender.key_rotation_pending:
+                self._abandon(s)
+                version = s.sender.rotate_key()
+                s.install_new_key()
+                out.add(pb.Delivery(ce=s.ce, kind=pb.MSG_KIND_ROTATE_KEY, value=version))
+                self.counters.key_rotations += 1
+                self.events.emit("key_rotation", self.session_id, f"ce{s.ce} h2d key v{version}", ce=s.ce)
+            elif s.sender.iv_rotation_due:
+                self._relinquish_by_rotation(s, out)
+                self.events.emit("iv_rotation", self.session_id, f"ce{s.ce} few IVs left", ce=s.ce)
+
+    async def _commit_speculative(self, out: Outbox, region: Region, key: Key, ti: int, dst_off: int) -> None:
+        s = self.spec
+        pos = s.find(key)
+        if pos >= 0:
+            e = s.queue[pos]
+            if e.state == State.ENCRYPTING and e.fut is not None:
+                await asyncio.wait([e.fut])
+            if e.state == State.FAILED or (e.state == State.READY and not self._valid(e)):
+                self.counters.stale += e.state == State.READY
+                pos = -1
+        self.predictors.observe(key)
+        if pos >= 0:
+            if pos > 0:
+                before, kept = list(s.queue)[:pos], list(s.queue)[pos:]
+                if self._burn_cost(before) > self._rotate_cost(kept):
+                    self._relinquish_by_rotation(s, out)
+                    self.counters.skips += 1
+                    await self._on_demand(out, s, region, key, ti, dst_off)
+                    return
+                for _ in range(pos):
+                    await self._burn(out, s, s.queue.popleft())
+                self.counters.skips += 1
+            e = s.queue.popleft()
+            if e.state == State.RESERVED:
+                # Predicted right, but not encrypted yet (no free slot): its fresh IV serves it now.
+                if pos == 0:
+                    self.counters.late += 1
+                await self._on_demand(out, s, region, key, ti, dst_off, iv=e.iv)
+                return
+            if pos == 0:
+                self.counters.hits += 1
+                self.depth = min(self.cfg.max_depth, self.depth + 1)
+            self._deliver_entry(out, e, ti, dst_off)
+            return
+        # Miss. An extra transfer inside a cycle leaves the queue as the predictors still expect it.
+        self.counters.misses += 1
+        if s.queue and len(self.h2d) > 1 and self._queue_still_expected():
+            self.counters.detours += 1
+            await self._on_demand(out, self.h2d[1], region, key, ti, dst_off)
+            return
+        self.depth = max(1, self.depth // 2)
+        if s.queue:
+            await self._relinquish(out, s)
+        await self._on_demand(out, s, region, key, ti, dst_off)
+
+    def _queue_still_expected(self) -> bool:
+        want = self.predictors.upcoming(min(len(self.spec.queue), 4))
+        return bool(want) and [e.key for e in list(self.spec.queue)[: len(want)]] == want
+
+    def _valid(self, e: Entry) -> bool:
+        if e.state != State.READY or e.snapshot is None:
+            return False
+        r = e.region
+        if r.shm.closed:
+            return False
+        if not r.still(e.snapshot, e.key.offset, e.key.length):
+            return False
+        return e.fingerprint is None or r.fingerprint(e.key.offset, e.key.length) == e.fingerprint
+
+    def _deliver_entry(self, out: Outbox, e: Entry, ti: int, dst_off: int) -> None:
+        self.spec.sender.submit(e.iv)
+        self.delivered_slots.add(e.slot)
+        out.add(
+            pb.Delivery(ce=0, kind=pb.MSG_KIND_DATA, slot=e.slot, length=e.nbytes, transfer=ti, dst_offset=dst_off),
+            e.fut,
+        )
+
+    # -- relinquishing ---------------------------------------------------------------------------
+    def _burn_cost(self, entries: list[Entry]) -> float:
+        cost = 0.0
+        for e in entries:
+            if e.state == State.FAILED:
+                return math.inf
+            if e.state == State.RESERVED:
+                cost += self.cfg.cost_nop_us
+            else:
+                cost += self.cfg.cost_discard_fixed_us + e.nbytes / self.endpoint_bytes_per_us
+        return cost
+
+    def _rotate_cost(self, kept: list[Entry]) -> float:
+        redo = sum(e.nbytes for e in kept if e.state != State.RESERVED)
+        return self.cfg.cost_rotate_us + redo / (self.cfg.worker_bytes_per_us * max(1, self.workers.count))
+
+    async def _relinquish(self, out: Outbox, s: H2DStream) -> None:
+        entries = list(s.queue)
+        self.counters.relinquishes += 1
+        if self._burn_cost(entries) <= self.cfg.cost_rotate_us:
+            while s.queue:
+                await self._burn(out, s, s.queue.popleft())
+        else:
+            self._relinquish_by_rotation(s, out)
+
+    async def _burn(self, out: Outbox, s: H2DStream, e: Entry) -> None:
+        """Retire one reserved IV at its place in the stream without ever encrypting twice under it."""
+        if e.state == State.RESERVED:
+            cell = await self.arena.nops.acquire()
+            s.sender.seal_into(e.iv, NOP_PLAINTEXT, self.arena.nop_view(cell, NOP_MESSAGE_LEN))
+            s.sender.submit(e.iv)
+            self.delivered_nops.add(cell)
+            out.add(pb.Delivery(ce=s.ce, kind=pb.MSG_KIND_NOP, slot=cell, length=len(NOP_PLAINTEXT)))
+            self.counters.nops += 1
+            return
+        if e.state == State.ENCRYPTING and e.fut is not None:
+            await asyncio.wait([e.fut])
+        if e.state == State.FAILED:
+            raise AssertionError("a FAILED entry is retired by rotation only")  # guarded by _burn_cost
+        s.sender.submit(e.iv)
+        self.delivered_slots.add(e.slot)
+        out.add(pb.Delivery(ce=s.ce, kind=pb.MSG_KIND_DISCARD, slot=e.slot, length=e.nbytes), e.fut)
+        self.counters.discards += 1
+        self.counters.bytes_wasted += e.nbytes
+
+    def _abandon(self, s: H2DStream) -> None:
+        """Drop every queued entry; its slot comes back once no worker can still be writing into it."""
+        while s.queue:
+            e = s.queue.popleft()
+            if e.slot < 0:
+                continue
+            if e.state in (State.READY, State.ENCRYPTING, State.FAILED):
+                self.counters.bytes_wasted += e.nbytes
+            if e.fut is not None and not e.fut.done():
+                e.fut.add_done_callback(self._release_later(e.slot))
+            else:
+                self.arena.h2d.release(e.slot)
+
+    def _release_later(self, slot: int) -> Callable[[asyncio.Future[None]], None]:
+        def release(_fut: asyncio.Future[None]) -> None:
+            self.arena.h2d.release(slot)
+
+        return release
+
+    def _relinquish_by_rotation(self, s: H2DStream, out: Outbox) -> None:
+        self._abandon(s)
+        chan = s.sender.rotate_iv()
+        out.add(pb.Delivery(ce=s.ce, kind=pb.MSG_KIND_ROTATE_IV, value=chan))
+        self.counters.iv_rotations += 1
+
+    # -- on-demand encryption ----------------------------------------------------------------------
+    async def _on_demand(
+        self,
+        out: Outbox,
+        s: H2DStream,
+        region: Region,
+        key: Key,
+        ti: int,
+        dst_off: int,
+        iv: ReservedIv | None = None,
+    ) -> None:
+        slot = self.arena.h2d.try_acquire()
+        if slot is None:
+            await out.flush(wait=True)  # the endpoint releases slots only after it has what we sent
+            slot = await self.arena.h2d.acquire()
+        if region.snapshot(key.offset, key.length) is None:
+            self.arena.h2d.release(slot)
+            raise StaleSource(f"region {region.id} [{key.offset}, {key.offset + key.length}) is being written")
+        if iv is None:
+            iv = s.sender.reserve()
+        nonce = s.sender.take(iv, key.length)
+        fut = self.workers.submit(
+            w.Kind.SEAL,
+            s.key_id(),
+            nonce,
+            (region.handle, key.offset),
+            key.length,
+            (self.arena.handle, self.arena.layout.h2d_slot(slot)),
+        )
+        s.sender.submit(iv)
+        self.delivered_slots.add(slot)
+        out.add(
+            pb.Delivery(ce=s.ce, kind=pb.MSG_KIND_DATA, slot=slot, length=key.length, transfer=ti, dst_offset=dst_off),
+            fut,
+        )
+        self.counters.bytes_on_demand += key.length
+
+    # -- speculation -------------------------------------------------------------------------------
+    def refill(self) -> None:
+        """Bring the queue in line with the predictions and start encrypting what has a slot."""
+        if self.mode != "pipellm" or self.dead is not None:
+            return
+        if self._committing:
+            self._dispatch()  # a commit is walking the queue: only start encryptions, change nothing
+            return
+        s = self.spec
+        if s.sender.key_rotation_pending or s.sender.dead is not None:
+            return
+        want = self.predictors.upcoming(self.depth)
+        source = self.predictors.last_source
+        head = s.queue[0] if s.queue else None
+        preempt = head is not None and head.state != State.RESERVED and head.key not in want
+        if want and preempt and self.predictors.outranks(source, head.source):  # type: ignore[union-attr]
+            # A better-informed predictor disagrees with ciphertext at the head: abandon the queue now,
+            # in band before the next commit's deliveries, rather than burning it chunk by chunk.
+            self._abandon(s)
+            self._directives.append(pb.Delivery(ce=s.ce, kind=pb.MSG_KIND_ROTATE_IV, value=s.sender.rotate_iv()))
+            self.counters.iv_rotations += 1
+            self.counters.relinquishes += 1
+        i = 0
+        for key in want:
+            if i < len(s.queue) and s.queue[i].key == key:
+                i += 1
+                continue
+            if i < len(s.queue) and s.queue[i].state == State.RESERVED:
+                region = self.regions.get(key.region)
+                if region is None:
+                    break
+                e = s.queue[i]
+                e.key, e.region, e.source = key, region, source  # a fresh IV can carry any chunk
+                i += 1
+                continue
+            if i < len(s.queue):
+                later = next((j for j in range(i + 1, len(s.queue)) if s.queue[j].key == key), -1)
+                if later < 0:
+                    break  # an encrypted entry stands in the way; commits will skip or relinquish it
+                i = later + 1
+                continue
+            region = self.regions.get(key.region)
+            if region is None or s.sender.outstanding >= 4 * self.cfg.max_depth:
+                break
+            s.queue.append(Entry(key, region, s.sender.reserve(), source))
+            i += 1
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        s = self.spec
+        ahead = sum(e.nbytes for e in s.queue if e.state in (State.ENCRYPTING, State.READY))
+        for e in s.queue:
+            if e.state != State.RESERVED:
+                continue
+            if ahead + e.nbytes > self.cfg.ahead_bytes or self._speculative_slot_budget() <= 0:
+                return
+            r = e.region
+            if r.shm.closed or r.overlapping_writes(e.key.offset, e.key.length):
+                continue
+            snap = r.snapshot(e.key.offset, e.key.length)
+            if snap is None:
+                continue
+            e.fingerprint = (
+                r.fingerprint(e.key.offset, e.key.length) if (self.cfg.fingerprint and not r.readonly) else None
+            )
+            e.snapshot = snap
+            slot = self.arena.h2d.try_acquire()
+            if slot is None:
+                return
+            e.slot = slot
+            nonce = s.sender.take(e.iv, e.nbytes)
+            e.fut = self.workers.submit(
+                w.Kind.SEAL,
+                s.key_id(),
+                nonce,
+                (r.handle, e.key.offset),
+                e.nbytes,
+                (self.arena.handle, self.arena.layout.h2d_slot(slot)),
+            )
+            e.state = State.ENCRYPTING
+            e.fut.add_done_callback(functools.partial(self._encrypted, e))
+            ahead += e.nbytes
+            self.counters.bytes_ahead += e.nbytes
+
+    def _encrypted(self, e: Entry, fut: asyncio.Future[None]) -> None:
+        if e.state != State.ENCRYPTING:
+            return
+        e.state = State.FAILED if fut.cancelled() or fut.exception() is not None else State.READY
+
+    # -- releases from the endpoint ----------------------------------------------------------------
+    def release(self, slots: list[int], nop_cells: list[int]) -> None:
+        for i in slots:
+            if i not in self.delivered_slots:
+                raise ProtocolViolation(f"release of H2D slot {i}, which was not delivered to this session")
+            self.delivered_slots.discard(i)
+            self.arena.h2d.release(i)
+        for c in nop_cells:
+            if c not in self.delivered_nops:
+                raise ProtocolViolation(f"release of NOP cell {c}, which was not delivered to this session")
+            self.delivered_nops.discard(c)
+            self.arena.nops.release(c)
+        self.refill()
+
+    # -- D2H -------------------------------------------------------------------------------------
+    async def landed(self, msg: pb.Landed, region: Region) -> list[pb.Delivery]:
+        """Decrypt (in the workers) what the endpoint encrypted into D2H slots; fatal on a tag failure."""
+        self._check_alive()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        region.pending_writes.append((msg.offset, msg.length, fut))
+        region.begin_write(msg.offset, msg.length)
+        jobs: list[asyncio.Future[None]] = []
+        try:
+            off = msg.offset
+            for m in msg.messages:
+                stream = self.d2h[m.ce]
+                pred = stream.receiver.predict(m.key_version, m.chan_ctr)
+                jobs.append(
+                    self.workers.submit(
+                        w.Kind.OPEN,
+                        stream.key_ids[pred.version],
+                        pred.nonce,
+                        (self.arena.handle, self.arena.layout.d2h_slot(m.slot)),
+                        m.length,
+                        (region.handle, off),
+                    )
+                )
+                off += m.length
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            for m, res in zip(msg.messages, results, strict=True):
+                if isinstance(res, TagMismatch):
+                    self.kill(f"D2H tag mismatch in ce{m.ce} (tampered or misordered device data)")
+                    raise TagMismatch(f"D2H data for region {region.id} failed authentication; session is dead")
+                if isinstance(res, WorkerLost):
+                    raise CommitAborted("a crypto worker died while decrypting D2H data; swap out again")
+                if isinstance(res, BaseException):
+                    raise res
+                self.d2h[m.ce].receiver.account(m.length)
+        finally:
+            region.end_write(msg.offset, msg.length)
+            region.pending_writes = [p for p in region.pending_writes if p[2] is not fut]
+            fut.set_result(None)
+        self.counters.bytes_d2h += msg.length
+        self.counters.d2h_messages += len(msg.messages)
+        directives: list[pb.Delivery] = []
+        for stream in self.d2h:
+            if stream.receiver.key_rotation_pending:
+                v = stream.rotate_key()
+                directives.append(pb.Delivery(ce=stream.ce, kind=pb.MSG_KIND_ROTATE_D2H_KEY, value=v))
+                self.counters.key_rotations += 1
+                self.events.emit("key_rotation", self.session_id, f"ce{stream.ce} d2h key v{v}", ce=stream.ce)
+        if msg.swap_out and self.mode == "pipellm":
+            keys = [
+                Key(region.id, c.offset, c.length) for c in chunks.split(msg.offset, msg.length, self.cfg.chunk_size)
+            ]
+            self.predictors.swap.swapped_out(keys, msg.group)
+            self.refill()
+        return directives
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def forget_region(self, region_id: int) -> None:
+        self.predictors.forget_region(region_id)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "depth": len(self.spec.queue),
+            "target_depth": self.depth,
+            "slack_ms": round(self.slack_s * 1e3, 3),
+        }
+
+    def close(self) -> None:
+        self.arena.h2d.cancel_waiters(ChannelDead("session closed"))
+        self.arena.nops.cancel_waiters(ChannelDead("session closed"))
+        for s in self.h2d:
+            s.queue.clear()
+            s.close()
+        for r in self.d2h:
+            r.close()

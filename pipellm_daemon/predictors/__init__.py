@@ -1,0 +1,52 @@
+"""Predictors, combined by priority: declared intents, then swap order, then learned cycles, then LoRA."""
+
+from __future__ import annotations
+
+from .base import Key, Predictor
+from .cycle import CyclePredictor
+from .intents import IntentPredictor
+from .lora import LoraPredictor
+from .swap import SwapPredictor
+
+
+class Combined:
+    def __init__(self, swap_order: str = "fifo") -> None:
+        self.intents = IntentPredictor()
+        self.swap = SwapPredictor(swap_order)
+        self.cycle = CyclePredictor()
+        self.lora = LoraPredictor()
+        self.all: list[Predictor] = [self.intents, self.swap, self.cycle, self.lora]
+        self.last_source = ""
+
+    def observe(self, key: Key) -> None:
+        for p in self.all:
+            p.observe(key)
+
+    def upcoming(self, limit: int) -> list[Key]:
+        for p in self.all:
+            keys = p.upcoming(limit)
+            if keys:
+                self.last_source = p.name
+                return keys
+        self.last_source = ""
+        return []
+
+    def outranks(self, a: str, b: str) -> bool:
+        """Does predictor `a` come before predictor `b` in priority? (Unknown names rank last.)"""
+        order = [p.name for p in self.all]
+        return (order.index(a) if a in order else len(order)) < (order.index(b) if b in order else len(order))
+
+    def forget_region(self, region: int) -> None:
+        for p in self.all:
+            p.forget_region(region)
+
+
+__all__ = [
+    "Combined",
+    "CyclePredictor",
+    "IntentPredictor",
+    "Key",
+    "LoraPredictor",
+    "Predictor",
+    "SwapPredictor",
+]

@@ -1,0 +1,102 @@
+"""A host region as the daemon sees it: the client's memfd mapped here and in every worker.
+
+Read-only regions are valid forever once sealed (the kernel refuses every later write). Mutable regions
+carry a table of write generations after their data, one per granule, used as a seqlock: a writer makes
+a granule odd while it writes and even after, so ciphertext made from an even snapshot that is still the
+current snapshot at commit time was made from exactly the bytes being committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import xxhash
+from pipellm_client.errors import InvalidArgument
+from pipellm_client.shm import SharedMemory, is_sealed_readonly
+
+from .workers import WorkerPool
+
+
+def generation_table_bytes(size: int, granule: int) -> int:
+    return -(-size // granule) * 8
+
+
+class Region:
+    def __init__(
+        self,
+        region_id: int,
+        name: str,
+        shm: SharedMemory,
+        size: int,
+        readonly: bool,
+        granule: int,
+        handle: int,
+    ) -> None:
+        self.id = region_id
+        self.name = name
+        self.shm = shm
+        self.size = size
+        self.readonly = readonly
+        self.sealed = False
+        self.granule = granule
+        self.handle = handle
+        self.gens: np.ndarray[Any, np.dtype[np.uint64]] | None = None
+        if not readonly:
+            self.gens = np.frombuffer(
+                shm.buf, dtype=np.uint64, count=generation_table_bytes(size, granule) // 8, offset=size
+            )
+        self.pending_writes: list[tuple[int, int, asyncio.Future[None]]] = []
+
+    def check_range(self, offset: int, length: int) -> None:
+        if length <= 0:
+            raise InvalidArgument(f"length must be > 0, got {length}")
+        if offset < 0 or offset > self.size or length > self.size - offset:
+            raise InvalidArgument(
+                f"range [{offset}, {offset + length}) is outside region {self.id} of {self.size} bytes"
+            )
+
+    def view(self, offset: int, length: int) -> memoryview:
+        return self.shm.view[offset : offset + length]
+
+    # -- validation ------------------------------------------------------------------------------
+    def snapshot(self, offset: int, length: int) -> bytes | None:
+        """The generations covering a range, or None while a writer is inside it (odd)."""
+        if self.gens is None:
+            return b""
+        g = self.gens[offset // self.granule : (offset + length - 1) // self.granule + 1]
+        if (g & 1).any():
+            return None
+        return g.tobytes()
+
+    def still(self, snapshot: bytes, offset: int, length: int) -> bool:
+        return self.readonly or self.snapshot(offset, length) == snapshot
+
+    def fingerprint(self, offset: int, length: int) -> int:
+        return xxhash.xxh3_64_intdigest(self.view(offset, length))
+
+    def begin_write(self, offset: int, length: int) -> None:
+        """The daemon writes a D2H result here: make the granules odd (stale for any snapshot)."""
+        if self.gens is not None:
+            self.gens[offset // self.granule : (offset + length - 1) // self.granule + 1] += np.uint64(1)
+
+    end_write = begin_write
+
+    def overlapping_writes(self, offset: int, length: int) -> list[asyncio.Future[None]]:
+        end = offset + length
+        return [f for (o, n, f) in self.pending_writes if o < end and offset < o + n and not f.done()]
+
+    def seal(self) -> None:
+        if not self.readonly:
+            raise InvalidArgument(f"region {self.id} is mutable; only read-only regions are sealed")
+        if not is_sealed_readonly(self.shm.fd):
+            raise InvalidArgument(
+                f"region {self.id}: the memfd is not sealed against writes (F_SEAL_FUTURE_WRITE); seal it first"
+            )
+        self.sealed = True
+
+    def close(self, pool: WorkerPool) -> None:
+        pool.unmap(self.handle)
+        self.gens = None
+        self.shm.close()

@@ -1,0 +1,176 @@
+"""gRPC method -> session manager. Validation and status codes live here; lifecycle lives in server.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
+from pipellm_client._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
+
+from . import refusal as R
+from .dataplane import Connection, DataPlane
+from .events import EventBus
+from .sessions import Session, SessionManager
+from .status import StatusBuilder
+
+TICKET_KEY = "pipellm-ticket"
+MAX_INTENTS_PER_CALL = 1 << 16
+
+
+class PipeLLMServicer(pb_grpc.PipeLLMServicer):
+    def __init__(self, manager: SessionManager, dataplane: DataPlane, status: StatusBuilder, events: EventBus) -> None:
+        self.manager = manager
+        self.dataplane = dataplane
+        self.status = status
+        self.events = events
+
+    # -- helpers ---------------------------------------------------------------------------------
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        ref = R.from_exception(exc)
+        await context.abort(ref.code, ref.message)
+
+    def _conn(self, context: grpc.aio.ServicerContext) -> Connection:
+        tickets = [v for k, v in context.invocation_metadata() or () if k == TICKET_KEY]
+        if not tickets:
+            raise R.Refusal(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing pipellm-ticket metadata: connect to the data-plane socket first and use its Welcome ticket",
+            )
+        conn = self.dataplane.connection(str(tickets[0]))
+        if conn is None:
+            raise R.Refusal(grpc.StatusCode.PERMISSION_DENIED, "unknown or expired pipellm-ticket")
+        return conn
+
+    def _session(self, context: grpc.aio.ServicerContext, session_id: str) -> Session:
+        return self.manager.get(self._conn(context), session_id)
+
+    def _live(self) -> None:
+        if self.manager.draining:
+            raise R.unavailable("pipellmd is shutting down")
+
+    # -- RPCs ------------------------------------------------------------------------------------
+    async def OpenSession(
+        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OpenSessionResponse:
+        try:
+            self._live()
+            session = self.manager.open(self._conn(context), request)
+            return self.manager.response_for(session)
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise
+
+    async def CloseSession(
+        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CloseSessionResponse:
+        try:
+            s = self._session(context, request.session_id)
+            await s.drain()
+            self.manager.close(s, "closed by client")
+            return pb.CloseSessionResponse()
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise
+
+    async def RegisterRegion(
+        self, request: pb.RegisterRegionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterRegionResponse:
+        try:
+            self._live()
+            s = self._session(context, request.session_id)
+            if request.kind not in (pb.REGION_KIND_UNSPECIFIED, pb.REGION_KIND_ADAPTER):
+                raise R.invalid(f"unknown region kind {request.kind}")
+            region = await s.register_region(
+                request.offer_id, request.size, request.readonly, request.name, request.kind
+            )
+            return pb.RegisterRegionResponse(region_id=region.id)
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise
+
+    async def SealRegion(
+        self, request: pb.SealRegionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SealRegionResponse:
+        try:
+            region = self._session(context, request.session_id).region(request.region_id)
+            try:
+                region.seal()
+            except ValueError as exc:
+                raise R.precondition(str(exc)) from None
+            return pb.SealRegionResponse()
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise
+
+    async def UnregisterRegion(
+        self, request: pb.UnregisterRegionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnregisterRegionResponse:
+        try:
+            self._session(context, request.session_id).unregister_region(request.region_id)
+            return pb.UnregisterRegionResponse()
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise
+
+    async def DeclareIntents(
+        self, request: pb.DeclareIntentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeclareIntentsResponse:
+        try:
+            self._live()
+            s = self._session(context, request.session_id)
+            if len(request.intents) > MAX_INTENTS_PER_CALL:
+                raise R.exhausted(f"{len(request.intents)} intents in one call; the limit is {MAX_INTENTS_PER_CALL}")
+            return pb.DeclareIntentsResponse(pending=s.declare(request))
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise
+
+    async def CancelIntents(
+        self, request: pb.CancelIntentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelIntentsResponse:
+        try:
+            s = self._session(context, request.session_id)
+            return pb.CancelIntentsResponse(cancelled=s.pipeline.predictors.intents.cancel())
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.Status:
+        try:
+            self._conn(context)
+            return self.status.build()
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise
+
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListSessionsResponse:
+        try:
+            self._conn(context)
+            return pb.ListSessionsResponse(sessions=[s.status() for s in self.manager.sessions.values()])
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise
+
+    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Event]:
+        try:
+            self._conn(context)
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise
+        q = self.events.subscribe()
+        try:
+            while True:
+                ev = await q.get()
+                if ev is None:
+                    return
+                yield pb.Event(
+                    time=ev.time, kind=ev.kind, session_id=ev.session_id, message=ev.message, fields=ev.fields
+                )
+        except asyncio.CancelledError:
+            return
+        finally:
+            self.events.unsubscribe(q)

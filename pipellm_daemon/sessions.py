@@ -1,0 +1,456 @@
+"""Sessions: what one client owns (regions, arena, channels, pipeline) and the rules for touching it.
+
+A session lives exactly as long as its data-plane connection. Every id a client names is looked up in its
+own session only, so another session's regions are NOT_FOUND, never "not yours".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from pipellm_client import chunks
+from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
+from pipellm_client.arena import ArenaLayout
+from pipellm_client.channel import KeyEpoch, PredictingReceiver, RotationPolicy, Sender
+from pipellm_client.errors import InvalidArgument
+from pipellm_client.keys import Transcript, channel_label, derive_channel_key, open_masks
+from pipellm_client.shm import SharedMemory
+
+from . import refusal as R
+from .config import Config
+from .events import EventBus
+from .latency import Latency
+from .pipeline import Counters, D2HStream, H2DStream, Pipeline
+from .pool import Arena, BouncePool
+from .predictors import Key
+from .regions import Region, generation_table_bytes
+from .workers import WorkerPool
+
+if TYPE_CHECKING:
+    from .dataplane import Connection
+
+MAX_NAME = 64
+OFFER_WAIT_S = 2.0
+
+
+def rotation_policy(cfg: Config) -> RotationPolicy:
+    if cfg.key_usage_lower:
+        return RotationPolicy(cfg.key_usage_upper, cfg.key_usage_lower, cfg.iv_rotation_remaining)
+    return RotationPolicy.with_upper(cfg.key_usage_upper, cfg.iv_rotation_remaining)
+
+
+class Session:
+    def __init__(
+        self,
+        sid: str,
+        conn: Connection,
+        cfg: Config,
+        workers: WorkerPool,
+        arena: Arena,
+        pipeline: Pipeline,
+        regions: dict[int, Region],
+        channels: int,
+        endpoint: int,
+        client_name: str,
+    ) -> None:
+        self.id = sid
+        self.conn = conn
+        self.cfg = cfg
+        self.workers = workers
+        self.arena = arena
+        self.pipeline = pipeline
+        self.regions = regions
+        self.channels = channels
+        self.endpoint = endpoint
+        self.client_name = client_name
+        self.created = time.monotonic()
+        self.closed = False
+        self._commits: asyncio.Queue[tuple[int, list[tuple[Region, pb.Transfer]]] | None] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.in_flight = 0
+        self._runner = asyncio.get_running_loop().create_task(self._run_commits())
+
+    # -- data plane --------------------------------------------------------------------------------
+    def enqueue_commit(self, seq: int, transfers: list[tuple[Region, pb.Transfer]]) -> None:
+        self.in_flight += 1
+        self._commits.put_nowait((seq, transfers))
+
+    async def _run_commits(self) -> None:
+        """Commits run one at a time, in arrival order: the IV stream is one ordered sequence."""
+        while True:
+            item = await self._commits.get()
+            if item is None:
+                return
+            seq, transfers = item
+            try:
+                await self.pipeline.commit(seq, transfers, lambda c: self.conn.send(pb.Frame(completion=c)))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                ref = R.from_exception(exc)
+                if ref.code == grpc.StatusCode.INTERNAL:
+                    self.pipeline.events.emit("internal_error", self.id, repr(exc), level="error")
+                self.conn.send_error(ref, seq)
+            finally:
+                self.in_flight -= 1
+
+    def landed(self, msg: pb.Landed, region: Region) -> None:
+        slots = [m.slot for m in msg.messages]
+        self.pipeline.d2h_slots_busy.update(slots)
+        self.in_flight += 1
+
+        async def run() -> None:
+            try:
+                directives = await self.pipeline.landed(msg, region)
+                self.conn.send(pb.Frame(landed_done=pb.LandedDone(seq=msg.seq, directives=directives)))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                self.conn.send_error(R.from_exception(exc), msg.seq)
+            finally:
+                self.pipeline.d2h_slots_busy.difference_update(slots)
+                self.in_flight -= 1
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def region(self, region_id: int) -> Region:
+        r = self.regions.get(region_id)
+        if r is None:
+            raise R.not_found(f"region {region_id} not found in this session")
+        return r
+
+    def validate_commit(self, commit: pb.Commit) -> list[tuple[Region, pb.Transfer]]:
+        if not commit.transfers:
+            raise R.invalid("a commit needs at least one transfer")
+        if len(commit.transfers) > self.cfg.max_transfers_per_commit:
+            raise R.exhausted(
+                f"{len(commit.transfers)} transfers in one commit; the limit is {self.cfg.max_transfers_per_commit}"
+            )
+        out = []
+        for i, t in enumerate(commit.transfers):
+            r = self.region(t.region_id)
+            try:
+                r.check_range(t.offset, t.length)
+            except InvalidArgument as exc:
+                raise R.invalid(f"transfer {i}: {exc}") from None
+            if t.flags & ~1:
+                raise R.invalid(f"transfer {i}: unknown flags {t.flags:#x}")
+            if r.readonly and not r.sealed:
+                raise R.precondition(f"region {r.id} is read-only but not sealed yet; seal it after loading")
+            if not r.overlapping_writes(t.offset, t.length) and r.snapshot(t.offset, t.length) is None:
+                raise R.precondition(f"transfer {i}: region {r.id} range is being written right now")
+            out.append((r, t))
+        return out
+
+    def validate_landed(self, msg: pb.Landed) -> Region:
+        r = self.region(msg.region_id)
+        if r.readonly:
+            raise R.precondition(f"region {r.id} is read-only; D2H data cannot land in it")
+        try:
+            r.check_range(msg.offset, msg.length)
+        except InvalidArgument as exc:
+            raise R.invalid(str(exc)) from None
+        if not msg.messages:
+            raise R.invalid("landed data needs at least one message")
+        total, seen = 0, set()
+        for m in msg.messages:
+            if m.ce >= self.channels:
+                raise R.invalid(f"copy engine {m.ce} does not exist in this session ({self.channels})")
+            if m.slot >= self.arena.layout.d2h_slots:
+                raise R.invalid(f"D2H slot {m.slot} out of range 0..{self.arena.layout.d2h_slots - 1}")
+            if m.slot in seen or m.slot in self.pipeline.d2h_slots_busy:
+                raise R.invalid(f"D2H slot {m.slot} is already in use")
+            if not 0 < m.length <= self.cfg.chunk_size:
+                raise R.invalid(f"D2H message of {m.length} bytes; must be 1..{self.cfg.chunk_size}")
+            seen.add(m.slot)
+            total += m.length
+        if total != msg.length:
+            raise R.invalid(f"D2H messages carry {total} bytes, the range is {msg.length}")
+        if r.overlapping_writes(msg.offset, msg.length):
+            raise R.precondition(f"region {r.id}: another D2H transfer to this range is still landing")
+        return r
+
+    # -- control plane -----------------------------------------------------------------------------
+    async def register_region(self, offer_id: int, size: int, readonly: bool, name: str, kind: int) -> Region:
+        if len(self.regions) >= self.cfg.max_regions:
+            raise R.exhausted(f"this session already has {len(self.regions)} regions (max_regions)")
+        if not 0 < size <= self.cfg.max_region_bytes:
+            raise R.invalid(f"region size must be 1..{self.cfg.max_region_bytes} bytes, got {size}")
+        if len(name) > MAX_NAME:
+            raise R.invalid(f"region name longer than {MAX_NAME} characters")
+        fd = await self.conn.take_offer(offer_id, OFFER_WAIT_S)
+        expected = size if readonly else size + generation_table_bytes(size, self.cfg.generation_granule)
+        try:
+            shm = SharedMemory.attach(fd, expected, writable=not readonly)
+        except InvalidArgument as exc:
+            os.close(fd)
+            raise R.invalid(f"offer {offer_id}: {exc}") from None
+        except OSError as exc:
+            os.close(fd)
+            raise R.invalid(f"offer {offer_id} cannot be mapped: {exc.strerror}") from None
+        handle = self.workers.new_handle()
+        region = Region(
+            self.conn.manager.next_region_id(), name, shm, size, readonly, self.cfg.generation_granule, handle
+        )
+        self.workers.map(handle, shm)
+        self.regions[region.id] = region
+        if kind == pb.REGION_KIND_ADAPTER:
+            keys = [Key(region.id, c.offset, c.length) for c in chunks.split(0, size, self.cfg.chunk_size)]
+            self.pipeline.predictors.lora.add_adapter(region.id, keys)
+        return region
+
+    def unregister_region(self, region_id: int) -> None:
+        r = self.region(region_id)
+        if r.pending_writes:
+            raise R.precondition(f"region {region_id} still has D2H data landing")
+        del self.regions[region_id]
+        self.pipeline.forget_region(region_id)
+        r.close(self.workers)
+
+    def declare(self, req: pb.DeclareIntentsRequest) -> int:
+        pending = self.pipeline.predictors.intents.pending
+        keys: list[Key] = []
+        for i, it in enumerate(req.intents):
+            r = self.region(it.region_id)
+            if it.direction not in (pb.DIRECTION_H2D, pb.DIRECTION_D2H):
+                raise R.invalid(f"intent {i}: direction must be H2D or D2H")
+            try:
+                r.check_range(it.offset, it.length)
+            except InvalidArgument as exc:
+                raise R.invalid(f"intent {i}: {exc}") from None
+            if it.direction == pb.DIRECTION_H2D:
+                keys.extend(
+                    Key(r.id, c.offset, c.length) for c in chunks.split(it.offset, it.length, self.cfg.chunk_size)
+                )
+        total = len(keys) + (0 if req.replace else pending)
+        if total > self.cfg.max_intents:
+            raise R.exhausted(f"{total} pending intent chunks would exceed max_intents={self.cfg.max_intents}")
+        self.pipeline.predictors.intents.declare(keys, replace=req.replace, cyclic=req.cyclic)
+        self.pipeline.refill()
+        return self.pipeline.predictors.intents.pending
+
+    # -- status and lifecycle ------------------------------------------------------------------------
+    def status(self) -> pb.SessionStatus:
+        chans: list[pb.ChannelStatus] = []
+        for s in self.pipeline.h2d:
+            chans.append(_channel_status(s.sender.snapshot(), s.ce, pb.DIRECTION_H2D))
+        for d in self.pipeline.d2h:
+            chans.append(_channel_status(d.receiver.snapshot(), d.ce, pb.DIRECTION_D2H))
+        return pb.SessionStatus(
+            session_id=self.id,
+            uid=self.conn.peer.uid,
+            pid=self.conn.peer.pid,
+            client_name=self.client_name,
+            age_s=time.monotonic() - self.created,
+            regions=len(self.regions),
+            region_bytes=sum(r.size for r in self.regions.values()),
+            channels=chans,
+            counters=self.pipeline.counters.to_proto(),
+            depth=len(self.pipeline.spec.queue),
+            intents_pending=self.pipeline.predictors.intents.pending,
+            endpoint=self.endpoint,  # type: ignore[arg-type]
+        )
+
+    async def drain(self) -> None:
+        while self.in_flight:
+            await asyncio.sleep(0.01)
+
+    def close(self, pool: BouncePool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._commits.put_nowait(None)
+        self._runner.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        self.pipeline.close()
+        for r in list(self.regions.values()):
+            r.close(self.workers)
+        self.regions.clear()
+        self.workers.unmap(self.arena.handle)
+        pool.release(self.arena.shm)
+
+
+def _channel_status(snap: dict[str, Any], ce: int, direction: int) -> pb.ChannelStatus:
+    return pb.ChannelStatus(
+        name=snap["name"],
+        ce=ce,
+        direction=direction,  # type: ignore[arg-type]
+        key_version=snap["key_version"],
+        chan_ctr=snap["chan_ctr"],
+        msg_ctr=snap["msg_ctr"],
+        messages=snap["messages"],
+        key_usage=snap["key_usage"],
+        key_rotation_pending=snap["key_rotation_pending"],
+        dead=snap["dead"] or "",
+    )
+
+
+class SessionManager:
+    """All sessions of the daemon, and the totals that outlive them."""
+
+    def __init__(self, cfg: Config, workers: WorkerPool, pool: BouncePool, events: EventBus) -> None:
+        self.cfg = cfg
+        self.workers = workers
+        self.pool = pool
+        self.events = events
+        self.sessions: dict[str, Session] = {}
+        self.closed_totals = Counters()
+        self.draining = False
+        self._region_ids = 0
+        self.policy = rotation_policy(cfg)
+        self.layout = ArenaLayout(cfg.chunk_size, cfg.h2d_slots, cfg.d2h_slots)
+        self.on_change: list[Callable[[], None]] = []
+        self.latency = Latency()
+
+    def next_region_id(self) -> int:
+        self._region_ids += 1
+        return self._region_ids
+
+    def totals(self) -> Counters:
+        t = Counters()
+        t.add(self.closed_totals)
+        for s in self.sessions.values():
+            t.add(s.pipeline.counters)
+        return t
+
+    def open(self, conn: Connection, req: pb.OpenSessionRequest) -> Session:
+        if self.draining:
+            raise R.unavailable("pipellmd is shutting down; no new sessions")
+        if conn.session is not None:
+            raise R.precondition("this connection already has a session; open a new connection for another")
+        if conn.agreement is None:
+            raise R.precondition("this connection's key agreement was already used")
+        if len(self.sessions) >= self.cfg.max_sessions:
+            raise R.exhausted(f"{len(self.sessions)} sessions open (max_sessions)")
+        if len(req.client_name) > MAX_NAME:
+            raise R.invalid(f"client_name longer than {MAX_NAME} characters")
+        channels = req.channels or self.cfg.channels
+        if channels not in (1, 2):
+            raise R.invalid(f"channels must be 1 or 2, got {req.channels}")
+        channels = min(channels, self.cfg.channels)
+        if req.endpoint not in (pb.ENDPOINT_KIND_UNSPECIFIED, pb.ENDPOINT_KIND_CPU, pb.ENDPOINT_KIND_CUDA):
+            raise R.invalid(f"unknown endpoint kind {req.endpoint}")
+        if req.swap_order not in (pb.SWAP_ORDER_UNSPECIFIED, pb.SWAP_ORDER_FIFO, pb.SWAP_ORDER_LIFO_GROUPS):
+            raise R.invalid(f"unknown swap order {req.swap_order}")
+        transcript = Transcript(conn.daemon_public, bytes(req.endpoint_public_key))
+        agreement, conn.agreement = conn.agreement, None  # one handshake per connection
+        master = agreement.master_secret(bytes(req.endpoint_public_key), transcript)
+        requested = req.channels or 2
+        masks = open_masks(master, transcript, bytes(req.sealed_masks), 2 * requested)
+        shm = self.pool.acquire()
+        arena = Arena(self.layout, shm, self.workers.new_handle())
+        self.workers.map(arena.handle, shm)
+        h2d: list[H2DStream] = []
+        d2h: list[D2HStream] = []
+        for ce in range(channels):
+            hl, dl = channel_label(ce, "h2d"), channel_label(ce, "d2h")
+            h2d.append(
+                H2DStream(
+                    ce,
+                    Sender(hl, KeyEpoch(hl, 0, derive_channel_key(master, hl), masks[2 * ce]), self.policy),
+                    self.workers,
+                )
+            )
+            d2h.append(
+                D2HStream(
+                    ce,
+                    PredictingReceiver(
+                        dl, KeyEpoch(dl, 0, derive_channel_key(master, dl), masks[2 * ce + 1]), self.policy
+                    ),
+                    self.workers,
+                )
+            )
+        del master
+        sid = secrets.token_hex(8)
+        regions: dict[int, Region] = {}
+        ep_rate = self.cfg.endpoint_bytes_per_us if req.endpoint != pb.ENDPOINT_KIND_CUDA else 50_000.0
+        pipeline = Pipeline(
+            session_id=sid,
+            cfg=self.cfg,
+            workers=self.workers,
+            arena=arena,
+            regions=regions,
+            h2d=h2d,
+            d2h=d2h,
+            events=self.events,
+            endpoint_bytes_per_us=ep_rate,
+            swap_order="lifo" if req.swap_order == pb.SWAP_ORDER_LIFO_GROUPS else "fifo",
+            latency=self.latency,
+        )
+        session = Session(
+            sid,
+            conn,
+            self.cfg,
+            self.workers,
+            arena,
+            pipeline,
+            regions,
+            channels,
+            req.endpoint,
+            req.client_name,
+        )
+        self.sessions[sid] = session
+        conn.session = session
+        conn.send(pb.Frame(attach=pb.Attach(session_id=sid, size=shm.size)), fds=[shm.fd])
+        self.events.emit(
+            "session_opened",
+            sid,
+            f"uid {conn.peer.uid} pid {conn.peer.pid}",
+            uid=conn.peer.uid,
+            pid=conn.peer.pid,
+            channels=channels,
+            client=req.client_name,
+        )
+        for cb in self.on_change:
+            cb()
+        return session
+
+    def get(self, conn: Connection, session_id: str) -> Session:
+        s = conn.session
+        if s is None or s.id != session_id or s.closed:
+            raise R.not_found(f"session {session_id!r} not found on this connection")
+        return s
+
+    def close(self, session: Session, reason: str) -> None:
+        if session.closed:
+            return
+        self.closed_totals.add(session.pipeline.counters)
+        session.close(self.pool)
+        self.sessions.pop(session.id, None)
+        session.conn.session = None
+        self.events.emit("session_closed", session.id, reason)
+        for cb in self.on_change:
+            cb()
+
+    def response_for(self, s: Session) -> pb.OpenSessionResponse:
+        layout = self.layout
+        return pb.OpenSessionResponse(
+            session_id=s.id,
+            mode={"pipellm": pb.MODE_PIPELLM, "naive": pb.MODE_NAIVE, "plain": pb.MODE_PLAIN}[self.cfg.mode],  # type: ignore[arg-type]
+            arena=pb.ArenaGeometry(
+                size=layout.size,
+                chunk_size=layout.chunk_size,
+                h2d_slots=layout.h2d_slots,
+                d2h_slots=layout.d2h_slots,
+                nop_cells=layout.nop_cells,
+                slot_stride=layout.slot_stride,
+                nop_bytes=layout.nop_bytes,
+            ),
+            rotation=pb.RotationPolicy(
+                key_usage_lower=self.policy.lower,
+                key_usage_upper=self.policy.upper,
+                iv_rotation_remaining=self.policy.iv_rotation_remaining,
+            ),
+            small_transfer_threshold=self.cfg.small_transfer_threshold,
+            channels=s.channels,
+            generation_granule=self.cfg.generation_granule,
+        )

@@ -1,0 +1,93 @@
+"""The daemon's status, built once for `GetStatus`, `pipellmctl status` and the metrics endpoint."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from pipellm_client import keymem
+from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
+
+from . import __version__
+from .config import Config
+from .pool import BouncePool
+from .sessions import SessionManager
+from .workers import WorkerPool
+
+_MODES = {"pipellm": pb.MODE_PIPELLM, "naive": pb.MODE_NAIVE, "plain": pb.MODE_PLAIN}
+
+
+class Throughput:
+    """Bytes moved over the last `window` seconds, sampled at each status call and by a periodic tick."""
+
+    def __init__(self, window: float = 10.0) -> None:
+        self.window = window
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def sample(self, total_bytes: int) -> float:
+        now = time.monotonic()
+        self._samples.append((now, total_bytes))
+        while len(self._samples) > 2 and now - self._samples[1][0] > self.window:
+            self._samples.popleft()
+        t0, b0 = self._samples[0]
+        return (total_bytes - b0) / (now - t0) if now > t0 else 0.0
+
+
+class StatusBuilder:
+    def __init__(
+        self, cfg: Config, manager: SessionManager, workers: WorkerPool, pool: BouncePool, started: float
+    ) -> None:
+        self.cfg = cfg
+        self.manager = manager
+        self.workers = workers
+        self.pool = pool
+        self.started = started
+        self.throughput = Throughput()
+        self.latency = manager.latency
+
+    def healthy(self) -> tuple[bool, str]:
+        if self.manager.draining:
+            return False, "draining"
+        alive = [p for p in self.workers.pids() if p]
+        if not self.workers.inline and len(alive) < self.workers.count:
+            return False, "crypto workers missing"
+        return True, "ok"
+
+    def build(self) -> pb.Status:
+        totals = self.manager.totals()
+        sessions = [s.status() for s in self.manager.sessions.values()]
+        ws = self.workers.stats()
+        prot = keymem.protection()
+        return pb.Status(
+            version=__version__,
+            uptime_s=time.monotonic() - self.started,
+            mode=_MODES[self.cfg.mode],  # type: ignore[arg-type]
+            sessions=sessions,
+            pool=pb.PoolStatus(
+                arena_bytes=self.pool.layout.size,
+                arenas_in_use=self.pool.in_use,
+                arenas_allocated=self.pool.allocated,
+                max_arenas=self.pool.max_arenas,
+                h2d_slots_in_use=sum(s.arena.h2d.in_use for s in self.manager.sessions.values()),
+                h2d_slots_total=sum(s.arena.h2d.count for s in self.manager.sessions.values()),
+            ),
+            workers=pb.WorkerStatus(
+                count=ws["count"],
+                kind=ws["kind"],
+                restarts=ws["restarts"],
+                jobs=ws["jobs"],
+                utilisation=ws["utilisation"],
+            ),
+            totals=totals.to_proto(),
+            throughput_bytes_per_s=self.throughput.sample(totals.bytes_h2d + totals.bytes_d2h),
+            healthy=self.healthy()[0],
+            draining=self.manager.draining,
+            keys_locked=prot["mlock"] and prot["dontdump"],
+            chunk_size=self.cfg.chunk_size,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        from google.protobuf.json_format import MessageToDict
+
+        return MessageToDict(self.build(), preserving_proto_field_name=True, always_print_fields_with_no_presence=True)

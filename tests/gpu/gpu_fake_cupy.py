@@ -1,0 +1,243 @@
+"""Test-only stand-in for the parts of CuPy that aesgcm_cuda.py uses, with "device memory" in host
+memory and RawModule compiling aesgcm.cu through the CPU emulator (tests/gpu/emu).
+
+It lets CudaAesGcm's own code -- argument checks, plan execution, argument packing, scratch and
+flag handling, DecryptResult, decrypt_results_ok -- run on a machine without a GPU. Kernel calls
+are checked the way the real launch would need them to be: grid and block as 1-tuples, block ==
+PLM_TPB, and every argument a numpy uint32/uint64 scalar matching the kernel's C signature.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import tempfile
+import types
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from gpu_cu_signatures import kernel_signatures
+from gpu_emu_runner import EMU_DIR, cxx_compiler
+
+uint8 = np.uint8
+uint32 = np.uint32
+
+
+class _MemPtr:
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+
+class _Device:
+    def __init__(self, device: int | None = None) -> None:
+        self.id = 0 if device is None else int(device)
+
+    def __enter__(self) -> _Device:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class Stream:
+    """Records synchronisations; work runs eagerly, so it is always complete."""
+
+    _stack: ClassVar[list[Stream]] = []
+
+    def __init__(self, non_blocking: bool = False) -> None:
+        self.non_blocking = non_blocking
+        self.synchronized = 0
+        self.ptr = id(self)
+
+    def __enter__(self) -> Stream:
+        Stream._stack.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        Stream._stack.pop()
+
+    def synchronize(self) -> None:
+        self.synchronized += 1
+
+
+_NULL_STREAM = Stream()
+
+
+def get_current_stream() -> Stream:
+    return Stream._stack[-1] if Stream._stack else _NULL_STREAM
+
+
+class ndarray:
+    def __init__(self, a: np.ndarray) -> None:
+        self._a = a
+
+    dtype = property(lambda self: self._a.dtype)
+    size = property(lambda self: self._a.size)
+    nbytes = property(lambda self: self._a.nbytes)
+    flags = property(lambda self: self._a.flags)
+    shape = property(lambda self: self._a.shape)
+    data = property(lambda self: _MemPtr(int(self._a.ctypes.data)))
+    device = property(lambda self: _Device(0))
+
+    def __getitem__(self, index: Any) -> ndarray:
+        return ndarray(self._a[index])
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._a[index] = value._a if isinstance(value, ndarray) else value
+
+    def view(self, dtype: Any) -> ndarray:
+        return ndarray(self._a.view(dtype))
+
+    def get(self, stream: Stream | None = None) -> np.ndarray:
+        (stream or get_current_stream()).synchronize()
+        return self._a.copy()
+
+    __hash__ = None  # type: ignore[assignment]  # like cupy.ndarray: unhashable
+
+    def __eq__(self, other: object) -> ndarray:  # type: ignore[override]
+        return ndarray(self._a == (other._a if isinstance(other, ndarray) else other))
+
+    def all(self) -> np.bool_:
+        return self._a.all()
+
+
+def _aligned(nbytes: int) -> np.ndarray:
+    """Like a CuPy pool allocation: 256-byte aligned."""
+    raw = np.empty(nbytes + 256, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 256
+    return raw[start : start + nbytes]
+
+
+def empty(n: int, dtype: Any = np.uint8) -> ndarray:
+    itemsize = np.dtype(dtype).itemsize
+    buf = _aligned(n * itemsize)
+    buf[:] = np.random.default_rng().integers(0, 256, buf.size, dtype=np.uint8)  # garbage, as on a GPU
+    return ndarray(buf.view(dtype))
+
+
+def zeros(n: int, dtype: Any = np.uint8) -> ndarray:
+    out = empty(n, dtype)
+    out._a[:] = 0
+    return out
+
+
+def full(n: int, value: int, dtype: Any = np.uint8) -> ndarray:
+    out = empty(n, dtype)
+    out._a[:] = value
+    return out
+
+
+def asarray(a: np.ndarray) -> ndarray:
+    out = empty(a.size, a.dtype)
+    out._a[:] = a.ravel()
+    return out
+
+
+def concatenate(arrays: list[ndarray]) -> ndarray:
+    return ndarray(np.concatenate([x._a for x in arrays]))
+
+
+class _Kernel:
+    def __init__(self, lib: Any, name: str, tpb: int) -> None:
+        self._lib, self._name, self._tpb = lib, name, tpb
+        self._sig = kernel_signatures()[name]
+        self.calls = 0
+
+    def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
+        assert isinstance(grid, tuple) and len(grid) == 1 and grid[0] >= 1, grid
+        assert block == (self._tpb,), block
+        assert len(args) == len(self._sig), (self._name, len(args))
+        for kind, arg in zip(self._sig, args, strict=True):
+            expected = np.uint32 if kind == "u32" else np.uint64
+            assert type(arg) is expected, (self._name, kind, type(arg))
+        values = (ctypes.c_uint64 * len(args))(*[int(a) for a in args])
+        rc = self._lib.emu_launch(self._name.encode(), int(grid[0]), values, len(args))
+        assert rc == 0, self._name
+        self.calls += 1
+
+
+class RawModule:
+    compiled = 0
+
+    def __init__(self, code: str, options: tuple[str, ...] = ()) -> None:
+        cxx = cxx_compiler()
+        assert cxx is not None
+        defines = [o for o in options if o.startswith("-D")]
+        assert all(o.startswith(("-D", "-std=")) for o in options), options
+        self._tpb = int(next(o for o in defines if o.startswith("-DPLM_TPB=")).split("=")[1])
+        self._dir = tempfile.TemporaryDirectory()
+        src = Path(self._dir.name) / "aesgcm.cu"
+        src.write_text(code)
+        lib = Path(self._dir.name) / "aesgcm_emu.so"
+        subprocess.run(
+            [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-fno-strict-aliasing",
+             "-Wno-unknown-pragmas", f"-I{EMU_DIR}", "-include", "cuda_emu.h", *defines,
+             "-x", "c++", str(src), "-x", "none", str(EMU_DIR / "harness.cpp"), "-o", str(lib)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        self._lib = ctypes.CDLL(str(lib))
+        self._lib.emu_launch.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_uint,
+            ctypes.POINTER(ctypes.c_uint64),
+            ctypes.c_int,
+        ]
+        self._lib.emu_launch.restype = ctypes.c_int
+        RawModule.compiled += 1
+
+    def get_function(self, name: str) -> _Kernel:
+        return _Kernel(self._lib, name, self._tpb)
+
+
+class Event:
+    def record(self, stream: Stream | None = None) -> None:
+        self.stream = stream
+
+    def synchronize(self) -> None:
+        return None
+
+
+class RawKernel:
+    """Only the benchmark's spin kernel uses this: check its argument, do nothing."""
+
+    def __init__(self, code: str, name: str) -> None:
+        assert f"void {name}(" in code
+        self.calls = 0
+
+    def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
+        assert grid == (1,) and block == (1,) and type(args[0]) is np.int64
+        self.calls += 1
+
+
+def _memcpy_async(dst: int, src: int, size: int, kind: int, stream: int) -> None:
+    assert kind == 3 and isinstance(stream, int)
+    ctypes.memmove(dst, src, size)
+
+
+def make_module() -> types.ModuleType:
+    """A fresh fake `cupy` module object."""
+    mod = types.ModuleType("cupy")
+    cuda = types.SimpleNamespace(
+        Device=_Device,
+        Stream=Stream,
+        get_current_stream=get_current_stream,
+        is_available=lambda: True,
+        runtime=types.SimpleNamespace(
+            getDeviceProperties=lambda i: {"name": b"Emulated GPU (CPU)"},
+            runtimeGetVersion=lambda: 13000,
+            memcpyAsync=_memcpy_async,
+            memcpyDeviceToDevice=3,
+        ),
+        nvrtc=types.SimpleNamespace(getVersion=lambda: (13, 0)),
+        Event=Event,
+        get_elapsed_time=lambda start, end: 0.5,
+    )
+    mod.__dict__["__version__"] = "fake"
+    for name, value in {
+        "ndarray": ndarray, "uint8": uint8, "uint32": uint32, "empty": empty, "zeros": zeros,
+        "full": full, "asarray": asarray, "concatenate": concatenate, "RawModule": RawModule, "cuda": cuda,
+        "RawKernel": RawKernel,
+    }.items():  # fmt: skip
+        setattr(mod, name, value)
+    return mod
