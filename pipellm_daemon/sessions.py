@@ -342,10 +342,12 @@ class SessionManager:
         if req.swap_order not in (pb.SWAP_ORDER_UNSPECIFIED, pb.SWAP_ORDER_FIFO, pb.SWAP_ORDER_LIFO_GROUPS):
             raise R.invalid(f"unknown swap order {req.swap_order}")
         transcript = Transcript(conn.daemon_public, bytes(req.endpoint_public_key))
-        agreement, conn.agreement = conn.agreement, None  # one handshake per connection
-        master = agreement.master_secret(bytes(req.endpoint_public_key), transcript)
+        master = conn.agreement.master_secret(bytes(req.endpoint_public_key), transcript)  # checks the point
         requested = req.channels or 2
-        masks = open_masks(master, transcript, bytes(req.sealed_masks), 2 * requested)
+        try:
+            masks = open_masks(master, transcript, bytes(req.sealed_masks), 2 * requested)
+        finally:
+            conn.agreement = None  # a computed shared secret is used once, whether the masks opened or not
         shm = self.pool.acquire()
         arena = Arena(self.layout, shm, self.workers.new_handle())
         self.workers.map(arena.handle, shm)

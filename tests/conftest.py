@@ -50,3 +50,16 @@ def ledger() -> Iterator[NonceLedger]:
         yield led
     finally:
         crypto.set_auditor(None)
+
+
+@pytest.fixture
+def daemon(request: pytest.FixtureRequest) -> Iterator[object]:
+    """A real pipellmd on a private socket. Settings via `@pytest.mark.daemon_settings(mode="naive", ...)`."""
+    from pipellm_daemon.launcher import DaemonProcess
+
+    marker = request.node.get_closest_marker("daemon_settings")
+    settings = dict(marker.kwargs) if marker else {}
+    settings.setdefault("workers", 2)
+    settings.setdefault("pool_bytes", 1 << 30)
+    with DaemonProcess(**settings) as d:
+        yield d

@@ -21,7 +21,7 @@ from .channel import RotationPolicy
 from .crypto import TAG_LEN
 from .endpoint import NOP_MESSAGE_LEN, ChannelSecrets, CpuEndpoint, MsgKind
 from .errors import ChannelDead, InvalidArgument, PipeLLMError, TagMismatch
-from .regions import Region
+from .regions import Region, generation_table_bytes
 from .shm import SharedMemory
 
 TICKET_KEY: Final = "pipellm-ticket"
@@ -390,6 +390,61 @@ class SessionCore:
         return [
             x for x in self.landing.values() if x.region is region and x.offset < end and offset < x.offset + x.length
         ]
+
+    # -- frames from the daemon ----------------------------------------------------------------------
+    def handle(self, frame: pb.Frame, fds: list[int]) -> tuple[pb.Frame | None, DaemonError | None]:
+        """Act on one frame. Returns (a frame to send back, an error not tied to any request)."""
+        body = frame.WhichOneof("body")
+        if body == "attach":
+            self.attach(frame.attach, fds)
+            return None, None
+        for fd in fds:
+            os.close(fd)
+        if body == "completion":
+            return self.apply_completion(frame.completion), None
+        if body == "landed_done":
+            self.landed_done(frame.landed_done)
+            return None, None
+        if body == "error":
+            err = self.on_error(frame.error)
+            return None, (err if frame.error.seq == 0 else None)
+        raise PipeLLMError(f"unexpected {body} frame from pipellmd")
+
+    @staticmethod
+    def endpoint_failure(exc: BaseException) -> pb.Frame:
+        """What the endpoint tells the daemon when it refuses a message: the channel is dead on both sides."""
+        return pb.Frame(error=pb.Error(code=grpc.StatusCode.DATA_LOSS.value[0], message=f"endpoint: {exc}"))
+
+    # -- regions -----------------------------------------------------------------------------------
+    def new_region_memory(
+        self, nbytes: int, *, readonly: bool, name: str, adapter: bool
+    ) -> tuple[SharedMemory, pb.Frame, pb.RegisterRegionRequest]:
+        """The memfd, the Offer frame that carries it, and the RegisterRegion request that names it."""
+        if nbytes <= 0:
+            raise InvalidArgument(f"region size must be > 0, got {nbytes}")
+        total = nbytes if readonly else nbytes + generation_table_bytes(nbytes, self.granule)
+        shm = SharedMemory.create(name or "pipellm-region", total)
+        offer = next(self.offers)
+        req = pb.RegisterRegionRequest(
+            session_id=self.id,
+            offer_id=offer,
+            size=nbytes,
+            readonly=readonly,
+            name=name,
+            kind=pb.REGION_KIND_ADAPTER if adapter else pb.REGION_KIND_UNSPECIFIED,
+        )
+        return shm, pb.Frame(offer=pb.Offer(offer_id=offer)), req
+
+    @staticmethod
+    def fill(region: Region, data: Any) -> None:
+        raw = as_source_view(data)
+        if len(raw) > region.size:
+            raise InvalidArgument(f"data of {len(raw)} bytes does not fit a region of {region.size}")
+        if region.readonly:
+            region.array[: len(raw)] = np.frombuffer(raw, np.uint8)
+            region.seal()
+        else:
+            region.write(0, raw)
 
     # -- errors ------------------------------------------------------------------------------------
     def on_error(self, err: pb.Error) -> DaemonError:

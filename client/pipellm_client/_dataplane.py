@@ -57,10 +57,11 @@ class FrameSocket:
         except (BrokenPipeError, ConnectionResetError):
             raise DaemonUnavailable("pipellmd closed the data-plane connection") from None
 
-    def recv(self) -> tuple[pb.Frame, list[int]]:
-        """Read one frame (blocking unless the socket is non-blocking: BlockingIOError then)."""
+    def recv(self, *, block: bool = True) -> tuple[pb.Frame, list[int]]:
+        """Read one frame; with block=False, BlockingIOError when none is waiting (sends always block)."""
         try:
-            data, anc, _flags, _ = self.sock.recvmsg(MAX_FRAME, socket.CMSG_SPACE(16))
+            flags = 0 if block else socket.MSG_DONTWAIT
+            data, anc, _flags, _ = self.sock.recvmsg(MAX_FRAME, socket.CMSG_SPACE(16), flags)
         except ConnectionResetError:
             data, anc = b"", []
         if not data:

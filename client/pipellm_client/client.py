@@ -31,9 +31,8 @@ from ._core import (
 from ._dataplane import DaemonUnavailable, FrameSocket, default_socket
 from ._gen.pipellm.v1 import pipellm_pb2 as pb
 from ._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
-from .errors import InvalidArgument, PipeLLMError
-from .regions import Region, generation_table_bytes
-from .shm import SharedMemory
+from .errors import PipeLLMError
+from .regions import Region
 
 T = TypeVar("T")
 _RETRIES_ON_ABORT = 2
@@ -152,76 +151,38 @@ class Session:
     # -- frames --------------------------------------------------------------------------------------
     def _pump(self, until: Callable[[], bool]) -> None:
         """Read data-plane frames and act on them until `until()` holds."""
-        core = self.core
         while not until():
             frame, fds = self.fs.recv()
-            body = frame.WhichOneof("body")
-            if body == "attach":
-                core.attach(frame.attach, fds)
-                continue
-            for fd in fds:
-                os.close(fd)
-            if body == "completion":
-                try:
-                    release = core.apply_completion(frame.completion)
-                except PipeLLMError as exc:
-                    self._report(exc)
-                    raise
-                if release is not None:
-                    self.fs.send(release)
-            elif body == "landed_done":
-                core.landed_done(frame.landed_done)
-            elif body == "error":
-                err = core.on_error(frame.error)
-                if frame.error.seq == 0:
-                    raise err
-            else:
-                raise PipeLLMError(f"unexpected {body} frame from pipellmd")
-
-    def _report(self, exc: BaseException) -> None:
-        """Tell the daemon the endpoint refused a message: the channel is dead on both sides."""
-        with contextlib.suppress(DaemonUnavailable):
-            self.fs.send(pb.Frame(error=pb.Error(code=15, message=f"endpoint: {exc}")))
+            try:
+                reply, err = self.core.handle(frame, fds)
+            except PipeLLMError as exc:
+                with contextlib.suppress(DaemonUnavailable):
+                    self.fs.send(self.core.endpoint_failure(exc))
+                raise
+            if reply is not None:
+                # The bytes are already in place; a daemon that went away needs no release.
+                with contextlib.suppress(DaemonUnavailable):
+                    self.fs.send(reply)
+            if err is not None:
+                raise err
 
     # -- regions -------------------------------------------------------------------------------------
     def alloc_region(
         self, nbytes: int, *, readonly: bool = False, name: str = "", adapter: bool = False, data: Any = None
     ) -> Region:
         """Shared memory the daemon maps. With `data`, a read-only region is filled and sealed at once."""
-        if nbytes <= 0:
-            raise InvalidArgument(f"region size must be > 0, got {nbytes}")
         core = self.core
-        total = nbytes if readonly else nbytes + generation_table_bytes(nbytes, core.granule)
-        shm = SharedMemory.create(name or "pipellm-region", total)
+        shm, offer, req = core.new_region_memory(nbytes, readonly=readonly, name=name, adapter=adapter)
         try:
-            offer = next(core.offers)
-            self.fs.send(pb.Frame(offer=pb.Offer(offer_id=offer)), fds=[shm.fd])
-            resp = self.client.call(
-                self.client._stub.RegisterRegion,
-                pb.RegisterRegionRequest(
-                    session_id=self.id,
-                    offer_id=offer,
-                    size=nbytes,
-                    readonly=readonly,
-                    name=name,
-                    kind=pb.REGION_KIND_ADAPTER if adapter else pb.REGION_KIND_UNSPECIFIED,
-                ),
-                self.metadata,
-            )
+            self.fs.send(offer, fds=[shm.fd])
+            resp: pb.RegisterRegionResponse = self.client.call(self.client._stub.RegisterRegion, req, self.metadata)
         except BaseException:
             shm.close()
             raise
         region = Region(resp.region_id, name, shm, nbytes, readonly, core.granule, self._wait_landed, self._seal_remote)
         core.regions[region.id] = region
         if data is not None:
-            raw = as_source_view(data)
-            if len(raw) > nbytes:
-                raise InvalidArgument(f"data of {len(raw)} bytes does not fit a region of {nbytes}")
-            if readonly:
-                region.array[: len(raw)] = raw
-                region.seal()
-            else:
-                region.write(0, raw)
+            core.fill(region, data)
         return region
 
     def _seal_remote(self, region: Region) -> None:
@@ -283,6 +244,9 @@ class Session:
         daemon the block will come back (a KV swap), so it pre-encrypts it for the swap-in.
         """
         data = as_source_view(src)
+        if self.core.mode == pb.MODE_PLAIN:
+            region.write(offset, data)  # plain mode (NO ENCRYPTION): the device writes host memory directly
+            return
         gen = self.core.landed_frames(data, region, offset, swap_out=swap_out, group=group)
         while True:
             self._pump(lambda: bool(self.core.d2h_free))
