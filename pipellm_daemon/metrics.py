@@ -13,10 +13,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
-from prometheus_client import start_http_server
+from prometheus_client import ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from . import logs
 from .events import EventBus
 from .status import StatusBuilder
 from .workers import WorkerPool
@@ -26,6 +27,7 @@ _COUNTERS = (
     "key_rotations", "relinquishes", "stale", "bytes_h2d", "bytes_d2h", "bytes_ahead", "bytes_wasted",
     "bytes_on_demand", "channel_deaths", "small_transfers", "d2h_messages",
 )  # fmt: skip
+_log = logs.get("pipellmd.metrics")
 
 
 class _Snapshot(Collector):
@@ -52,11 +54,21 @@ class _Snapshot(Collector):
             "pipellm_throughput_bytes_per_second", "Bytes moved, last 10 s", value=st.throughput_bytes_per_s
         )
         yield GaugeMetricFamily("pipellm_healthy", "1 when serving", value=1.0 if st.healthy else 0.0)
+        yield GaugeMetricFamily("pipellm_draining", "1 while shutting down", value=1.0 if st.draining else 0.0)
+        yield GaugeMetricFamily(
+            "pipellm_keys_locked",
+            "1 when key pages are mlock-ed and not dumpable",
+            value=1.0 if st.keys_locked else 0.0,
+        )
         yield GaugeMetricFamily("pipellm_pool_arenas_in_use", "Bounce arenas in use", value=st.pool.arenas_in_use)
+        yield GaugeMetricFamily("pipellm_pool_arenas_max", "Bounce arenas pool_bytes allows", value=st.pool.max_arenas)
         yield GaugeMetricFamily(
             "pipellm_pool_h2d_slots_in_use", "H2D bounce slots in use", value=st.pool.h2d_slots_in_use
         )
-        yield GaugeMetricFamily("pipellm_pool_h2d_slots_total", "H2D bounce slots", value=st.pool.h2d_slots_total)
+        # Not "..._total": that suffix is reserved for counters, and this is a gauge (open sessions' slots).
+        yield GaugeMetricFamily(
+            "pipellm_pool_h2d_slots", "H2D bounce slots of the open sessions", value=st.pool.h2d_slots_total
+        )
         yield CounterMetricFamily("pipellm_worker_restarts", "Crypto worker restarts", value=st.workers.restarts)
         util = GaugeMetricFamily("pipellm_worker_utilisation", "Busy fraction per crypto worker", labels=["worker"])
         for i, u in enumerate(st.workers.utilisation):
@@ -93,6 +105,8 @@ class MetricsServer:
         self.registry = CollectorRegistry()
         self.snapshot = _Snapshot()
         self.registry.register(self.snapshot)
+        # process_* (RSS, fds, CPU) of the daemon itself; read from /proc by the HTTP thread, no daemon state.
+        ProcessCollector(registry=self.registry)
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
 
@@ -111,7 +125,13 @@ class MetricsServer:
 
     def start(self) -> None:
         self.refresh()
-        self._server, _thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+        try:
+            self._server, _thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(exc.errno, f"metrics_address {self.host}:{self.port}: {exc.strerror}") from None
+        # With port 0 the kernel picks one: record and log the real one, or nobody can find the endpoint.
+        self.port = int(self._server.server_address[1])
+        _log.info("metrics_listening", address=f"{self.host}:{self.port}", path="/metrics")
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     def stop(self) -> None:
@@ -119,3 +139,4 @@ class MetricsServer:
             self._task.cancel()
         if self._server is not None:
             self._server.shutdown()
+            self._server.server_close()  # shutdown() only stops the loop; this closes the listening socket

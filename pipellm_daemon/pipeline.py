@@ -333,6 +333,8 @@ class Pipeline:
                         await self._commit_speculative(out, region, key, ti, c.dst_offset)
                     else:
                         await self._on_demand(out, self.h2d[ce], region, key, ti, c.dst_offset)
+                    if ce == 0 and self.mode == "pipellm":
+                        self.refill()  # keep the queue ahead of this commit's own later chunks
                     if len(out) >= 8:
                         await out.flush(wait=False)
             await out.flush(wait=True, final=True)
@@ -420,13 +422,16 @@ class Pipeline:
             return
         # Miss. An extra transfer inside a cycle leaves the queue as the predictors still expect it.
         self.counters.misses += 1
-        if s.queue and len(self.h2d) > 1 and self._queue_still_expected():
+        if not s.queue:
+            self.depth = min(self.cfg.max_depth, self.depth + 1)  # nothing was queued: speculate further ahead
+            await self._on_demand(out, s, region, key, ti, dst_off)
+            return
+        if len(self.h2d) > 1 and self._queue_still_expected():
             self.counters.detours += 1
             await self._on_demand(out, self.h2d[1], region, key, ti, dst_off)
             return
-        self.depth = max(1, self.depth // 2)
-        if s.queue:
-            await self._relinquish(out, s)
+        self.depth = max(1, self.depth // 2)  # a wrong guess: speculate less
+        await self._relinquish(out, s)
         await self._on_demand(out, s, region, key, ti, dst_off)
 
     def _queue_still_expected(self) -> bool:
@@ -563,9 +568,6 @@ class Pipeline:
         """Bring the queue in line with the predictions and start encrypting what has a slot."""
         if self.mode != "pipellm" or self.dead is not None:
             return
-        if self._committing:
-            self._dispatch()  # a commit is walking the queue: only start encryptions, change nothing
-            return
         s = self.spec
         if s.sender.key_rotation_pending or s.sender.dead is not None:
             return
@@ -573,7 +575,9 @@ class Pipeline:
         source = self.predictors.last_source
         head = s.queue[0] if s.queue else None
         preempt = head is not None and head.state != State.RESERVED and head.key not in want
-        if want and preempt and self.predictors.outranks(source, head.source):  # type: ignore[union-attr]
+        # While a commit walks the queue, only append at the tail: nothing it may be looking at changes.
+        append_only = self._committing
+        if want and preempt and not append_only and self.predictors.outranks(source, head.source):  # type: ignore[union-attr]
             # A better-informed predictor disagrees with ciphertext at the head: abandon the queue now,
             # in band before the next commit's deliveries, rather than burning it chunk by chunk.
             self._abandon(s)
@@ -585,6 +589,8 @@ class Pipeline:
             if i < len(s.queue) and s.queue[i].key == key:
                 i += 1
                 continue
+            if i < len(s.queue) and append_only:
+                break
             if i < len(s.queue) and s.queue[i].state == State.RESERVED:
                 region = self.regions.get(key.region)
                 if region is None:

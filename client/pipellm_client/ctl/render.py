@@ -14,27 +14,28 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
-def _enum_prefix(enum: EnumDescriptor) -> str:
+def _enum_prefix(enum: Any) -> str:
     """MODE_ for Mode, ENDPOINT_KIND_ for EndpointKind: the prefix every value name of the enum carries."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
 
 
-def enum_name(enum: EnumDescriptor, number: int) -> str:
+def enum_name(enum: Any, number: int) -> str:
     value = enum.values_by_number.get(number)
     if value is None:
         return str(number)
-    name = value.name
+    name = str(value.name)
     prefix = _enum_prefix(enum)
     return (name[len(prefix) :] if name.startswith(prefix) else name).lower()
 
 
-def _value(field: FieldDescriptor, value: Any) -> Any:
+# Descriptors are typed loosely: protobuf's stubs and its upb runtime disagree on the classes.
+def _value(field: Any, value: Any) -> Any:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         return to_dict(value)
     if field.type == FieldDescriptor.TYPE_ENUM:
@@ -44,7 +45,7 @@ def _value(field: FieldDescriptor, value: Any) -> Any:
     return value
 
 
-def _repeated(field: FieldDescriptor) -> bool:
+def _repeated(field: Any) -> bool:
     # protobuf 7 dropped `label`; older releases lack `is_repeated`.
     flag = getattr(field, "is_repeated", None)
     return bool(flag) if flag is not None else field.label == FieldDescriptor.LABEL_REPEATED
