@@ -306,7 +306,6 @@ class Pipeline:
         self._directives = []
         self._committing = True
         try:
-            await self._maybe_rotate(out)
             for ti, (region, t) in enumerate(transfers):
                 for f in region.overlapping_writes(t.offset, t.length):
                     await asyncio.shield(f)  # a swap-in waits for the swap-out's decryption
@@ -328,6 +327,7 @@ class Pipeline:
                     self.counters.small_transfers += 1
                 for c in chunks.split(t.offset, t.length, self.cfg.chunk_size):
                     self.counters.chunks += 1
+                    await self._maybe_rotate(out)
                     key = Key(region.id, c.offset, c.length)
                     if ce == 0 and self.mode == "pipellm":
                         await self._commit_speculative(out, region, key, ti, c.dst_offset)
@@ -528,15 +528,11 @@ class Pipeline:
 
     # -- on-demand encryption ----------------------------------------------------------------------
     async def _on_demand(
-        self,
-        out: Outbox,
-        s: H2DStream,
-        region: Region,
-        key: Key,
-        ti: int,
-        dst_off: int,
-        iv: ReservedIv | None = None,
+        self, out: Outbox, s: H2DStream, region: Region, key: Key, ti: int, dst_off: int, iv: ReservedIv | None = None
     ) -> None:
+        if iv is None:
+            # Reserve before any await: speculation may append to the queue meanwhile, after this IV.
+            iv = s.sender.reserve()
         slot = self.arena.h2d.try_acquire()
         if slot is None:
             await out.flush(wait=True)  # the endpoint releases slots only after it has what we sent
@@ -544,8 +540,6 @@ class Pipeline:
         if region.snapshot(key.offset, key.length) is None:
             self.arena.h2d.release(slot)
             raise StaleSource(f"region {region.id} [{key.offset}, {key.offset + key.length}) is being written")
-        if iv is None:
-            iv = s.sender.reserve()
         nonce = s.sender.take(iv, key.length)
         fut = self.workers.submit(
             w.Kind.SEAL,
@@ -571,13 +565,20 @@ class Pipeline:
         s = self.spec
         if s.sender.key_rotation_pending or s.sender.dead is not None:
             return
-        want = self.predictors.upcoming(self.depth)
+        want = self.predictors.upcoming(self.cfg.max_depth)
         source = self.predictors.last_source
+        if source not in ("intents", "swap"):
+            want = want[: self.depth]  # learned guesses earn depth by hitting; declared ones get it all
         head = s.queue[0] if s.queue else None
-        preempt = head is not None and head.state != State.RESERVED and head.key not in want
         # While a commit walks the queue, only append at the tail: nothing it may be looking at changes.
         append_only = self._committing
-        if want and preempt and not append_only and self.predictors.outranks(source, head.source):  # type: ignore[union-attr]
+        preempt = False
+        if want and head is not None and head.state != State.RESERVED and not append_only:
+            if source in ("intents", "swap") and not self.predictors.outranks(head.source, source):
+                preempt = want[0] != head.key  # declared order changed in front of the ciphertext
+            else:
+                preempt = head.key not in want and self.predictors.outranks(source, head.source)
+        if preempt:
             # A better-informed predictor disagrees with ciphertext at the head: abandon the queue now,
             # in band before the next commit's deliveries, rather than burning it chunk by chunk.
             self._abandon(s)
@@ -618,6 +619,8 @@ class Pipeline:
         for e in s.queue:
             if e.state != State.RESERVED:
                 continue
+            if s.sender.epoch.usage + e.nbytes // 16 + 1 >= s.sender.policy.lower:
+                return  # never speculate into a pending key rotation: it would abandon the work anyway
             if ahead + e.nbytes > self.cfg.ahead_bytes or self._speculative_slot_budget() <= 0:
                 return
             r = e.region

@@ -73,6 +73,8 @@ class WorkerPool:
         self.on_worker_lost: list[Any] = []
         self._inline_busy_ns = 0
         self._inline_jobs = 0
+        self._key_jobs: dict[int, int] = {}  # key id -> jobs in flight that use it
+        self._drop_when_idle: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -154,6 +156,10 @@ class WorkerPool:
         return key_id
 
     def drop_key(self, key_id: int) -> None:
+        """Forget a key everywhere, once no job that uses it is still in flight."""
+        if self._key_jobs.get(key_id):
+            self._drop_when_idle.add(key_id)
+            return
         entry = self._keys.pop(key_id, None)
         self._aeads.pop(key_id, None)
         if entry is not None:
@@ -183,6 +189,8 @@ class WorkerPool:
         job_id = self._next_job
         self._next_job += 1
         job = w.Job(kind, job_id, key_id, nonce, src[0], src[1], length, dst[0], dst[1])
+        self._key_jobs[key_id] = self._key_jobs.get(key_id, 0) + 1
+        fut.add_done_callback(lambda _f: self._job_done(key_id))
         if self.inline:
             self._run_inline(job, fut)
             return fut
@@ -194,6 +202,16 @@ class WorkerPool:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         return fut
+
+    def _job_done(self, key_id: int) -> None:
+        left = self._key_jobs[key_id] - 1
+        if left:
+            self._key_jobs[key_id] = left
+            return
+        del self._key_jobs[key_id]
+        if key_id in self._drop_when_idle:
+            self._drop_when_idle.discard(key_id)
+            self.drop_key(key_id)
 
     def _run_inline(self, job: w.Job, fut: asyncio.Future[None]) -> None:
         aead = self._aeads[job.key_id]

@@ -26,18 +26,24 @@ class CyclePredictor:
         self.score = 0.0  # EWMA of "the first predicted chunk was the next one committed"
 
     def observe(self, key: Key) -> None:
-        if self._expected is not None:
-            self.score = 0.7 * self.score + 0.3 * (1.0 if key == self._expected else 0.0)
+        expected = self._expected
+        # A chunk rarer than the one the cycle expected is an extra transfer: it neither moves the anchor
+        # nor counts against the cycle, so the cycle survives it.
+        extra = expected is not None and key != expected and self._count.get(key, 0) < self._count.get(expected, 0)
+        if expected is not None and not extra:
+            self.score = 0.7 * self.score + 0.3 * (1.0 if key == expected else 0.0)
         prev = self._last.get(key)
         pos = len(self._history)
         self._history.append(key)
         self._last[key] = pos
         self._count[key] = self._count.get(key, 0) + 1
+        if len(self._history) > self.max_history:
+            shift = self._compact()
+            prev = prev - shift if prev is not None and prev >= shift else None
+        if extra:
+            return
         if prev is not None:
             self._anchor = prev
-        # An unseen chunk inside a known cycle keeps the anchor, so the cycle survives an extra transfer.
-        if len(self._history) > self.max_history:
-            self._compact()
         nxt = self._continuation(1)
         self._expected = nxt[0] if nxt else None
 
@@ -48,15 +54,15 @@ class CyclePredictor:
         start, end = self._anchor + 1, len(self._history)
         if start >= end:
             return out
-        # The span after the anchor up to now is one period; a cycle repeats it, so wrap around. Once the
-        # cycle has been seen three times, chunks seen only once were extras and are not predicted.
-        established = self._count.get(self._history[-1], 0) >= 3
+        # The span after the anchor up to now is one period; a cycle repeats it, so wrap around. Chunks seen
+        # far less often than the anchor were extras and are not predicted.
+        anchor_count = self._count.get(self._history[self._anchor], 0)
         i = start
         for _ in range(limit * 2 + (end - start)):
             if len(out) >= limit:
                 break
             k = self._history[i]
-            if self._count.get(k, 0) >= 2 or (not established and self._last.get(k) == i):
+            if 2 * self._count.get(k, 0) >= anchor_count:
                 out.append(k)
             i = i + 1 if i + 1 < end else start
         return out
@@ -68,7 +74,7 @@ class CyclePredictor:
         depth = limit if self.score >= 0.9 else max(1, limit // 4)
         return self._continuation(depth)
 
-    def _compact(self) -> None:
+    def _compact(self) -> int:
         keep = self._history[-self.max_history // 2 :]
         shift = len(self._history) - len(keep)
         self._history = keep
@@ -77,6 +83,7 @@ class CyclePredictor:
             self._last[k] = i
         self._count = {k: self._count.get(k, 1) for k in self._last}
         self._anchor = max(-1, self._anchor - shift)
+        return shift
 
     def forget_region(self, region: int) -> None:
         self._history = [k for k in self._history if k.region != region]

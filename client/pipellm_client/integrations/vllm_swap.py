@@ -1,0 +1,421 @@
+"""vLLM-style KV-cache swapping through PipeLLM: the CPU side of the paged KV cache lives in a PipeLLM region.
+
+Two shapes of vLLM are covered, with the same copy semantics as vLLM's `swap_blocks` (whole blocks, one copy
+per block per layer, K and V separately):
+
+* V0 preemption by swapping (`vllm/worker/cache_engine.py`): `swap_blocks(src, dst, block_mapping)` for one
+  layer, or `CacheEngine.swap_out` / `swap_in` for all layers. Swap-out is a D2H of each block (the endpoint
+  encrypts, the daemon decrypts into the region asynchronously and pre-encrypts it for its swap-in, with the
+  request id as the group: vLLM preempts the newest request first and swaps in first-come-first-served, so
+  open the session with `swap_order="lifo"`). Swap-in is an H2D commit from the region into the device cache.
+* V1 CPU offloading (`vllm/v1/kv_offload/worker/`): `OffloadingHandlers` with one FIFO handler per
+  direction, `transfer_async(job_id, (src_spec, dst_spec))`, `get_finished()` polling and `wait(job_ids)`.
+  Jobs are FIFO per direction, so open the session with `swap_order="fifo"`.
+
+Layouts follow vLLM's paged KV cache: a device cache is one tensor per layer shaped
+`(2, num_blocks, block_size, num_kv_heads, head_size)`, K at index 0 and V at 1; the CPU cache has the same
+shape per layer, laid out layer-major in one mutable region. The "device" is a CPU tensor here: the CPU
+endpoint stands in for the GPU's copy engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import select
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import InvalidArgument, PipeLLMError
+from ._packing import raw_bytes
+
+if TYPE_CHECKING:
+    import torch
+
+    from .._core import Landing
+    from ..client import Session
+
+# Transfers per H2D commit: one commit is one round trip, but the daemon extends its speculation between
+# commits, so a swap-in is committed in pieces about as deep as the daemon's prediction window.
+COMMIT_BATCH = 16
+
+
+def _pairs(block_mapping: Any) -> list[tuple[int, int]]:
+    """(src, dst) block pairs from a (n, 2) tensor/array or a sequence of pairs."""
+    arr = np.asarray(block_mapping.cpu() if hasattr(block_mapping, "cpu") else block_mapping, dtype=np.int64)
+    if arr.size == 0:
+        return []
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise InvalidArgument(f"block_mapping must be (n, 2) pairs of (src, dst) blocks, got shape {arr.shape}")
+    return [(int(s), int(d)) for s, d in arr]
+
+
+def _groups(group: int | Sequence[int] | None, n: int) -> list[int]:
+    if group is None:
+        return [0] * n
+    if isinstance(group, int):
+        return [group] * n
+    gs = [int(g) for g in group]
+    if len(gs) != n:
+        raise InvalidArgument(f"{len(gs)} groups for {n} block pairs")
+    return gs
+
+
+class CpuKVCache:
+    """The CPU half of a paged KV cache, all layers in one PipeLLM mutable region.
+
+    Block (layer, kv, b) sits at `offset(layer, kv, b)`; each block is `block_bytes` long, `stride` apart.
+    With `pad_to_granule`, the stride is rounded up to the daemon's write-generation granule so that a swap-out
+    landing next to a block never invalidates that block's pre-encrypted ciphertext (costs memory when blocks
+    are smaller than the granule; alternatively lower the daemon's `generation_granule`).
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        num_layers: int,
+        num_blocks: int,
+        block_shape: Sequence[int],
+        dtype: torch.dtype,
+        *,
+        pad_to_granule: bool = False,
+        name: str = "kv-cpu",
+    ) -> None:
+        import torch
+
+        if num_layers <= 0 or num_blocks <= 0:
+            raise InvalidArgument("need num_layers > 0 and num_blocks > 0")
+        self.session = session
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_shape = tuple(int(x) for x in block_shape)
+        self.dtype = dtype
+        self.block_bytes: int = math.prod(self.block_shape) * int(torch.empty((), dtype=dtype).element_size())
+        granule = session.core.granule
+        self.stride = -(-self.block_bytes // granule) * granule if pad_to_granule else self.block_bytes
+        self.region = session.alloc_region(num_layers * 2 * num_blocks * self.stride, name=name)
+
+    def offset(self, layer: int, kv: int, block: int) -> int:
+        if not (0 <= layer < self.num_layers and kv in (0, 1) and 0 <= block < self.num_blocks):
+            raise InvalidArgument(f"no CPU block (layer={layer}, kv={kv}, block={block})")
+        return ((layer * 2 + kv) * self.num_blocks + block) * self.stride
+
+    def layer(self, index: int) -> CpuKVLayer:
+        if not 0 <= index < self.num_layers:
+            raise InvalidArgument(f"layer {index} out of range")
+        return CpuKVLayer(self, index)
+
+    def read_block(self, layer: int, kv: int, block: int) -> torch.Tensor:
+        """A copy of one block as a tensor, after any swap-out landing in it is decrypted."""
+        import torch
+
+        raw = self.region.read(self.offset(layer, kv, block), self.block_bytes)
+        return torch.from_numpy(raw.copy()).view(self.dtype).view(self.block_shape)
+
+    def check_device(self, cache: torch.Tensor) -> None:
+        want = (2, None, *self.block_shape)
+        if cache.dim() != len(want) or cache.shape[0] != 2 or tuple(cache.shape[2:]) != self.block_shape:
+            raise InvalidArgument(f"device cache shape {tuple(cache.shape)} is not (2, blocks, {self.block_shape})")
+        if cache.dtype != self.dtype:
+            raise InvalidArgument(f"device cache dtype {cache.dtype} differs from the CPU cache's {self.dtype}")
+        if not cache.is_contiguous() or cache.device.type != "cpu":
+            raise InvalidArgument("the device cache must be a contiguous CPU tensor (the CPU endpoint's device)")
+
+    def close(self) -> None:
+        if not self.session.closed:
+            self.session.unregister(self.region)
+
+
+@dataclass(frozen=True)
+class CpuKVLayer:
+    """One layer of a `CpuKVCache`: what vLLM's per-layer `swap_blocks` takes as its CPU side."""
+
+    cache: CpuKVCache
+    index: int
+
+
+# -- the copies ---------------------------------------------------------------------------------------
+def _swap_out(
+    session: Session,
+    layers: Iterable[tuple[torch.Tensor, CpuKVLayer]],
+    pairs: list[tuple[int, int]],
+    groups: list[int],
+    ordered: bool,
+) -> list[Landing]:
+    """D2H each block (per layer: K of every pair, then V), marked as a swap-out; returns the landings.
+
+    `ordered` waits for each block to land before sending the next. pipellmd records a swap-out when its
+    decryption completes, so blocks decrypted concurrently would be predicted back in completion order,
+    not in swap-out order, and their swap-ins would skip instead of hit.
+    """
+    landings: list[Landing] = []
+    core = session.core
+    for dev, cpu in layers:
+        cpu.cache.check_device(dev)
+        for kv in (0, 1):
+            for (src, dst), g in zip(pairs, groups, strict=True):
+                off = cpu.cache.offset(cpu.index, kv, dst)
+                before = set(core.landing)
+                session.d2h(raw_bytes(dev[kv, src]), cpu.cache.region, off, swap_out=True, group=g, wait=ordered)
+                landings.extend(v for k, v in core.landing.items() if k not in before)
+    return landings
+
+
+def _swap_in(
+    session: Session, layers: Iterable[tuple[CpuKVLayer, torch.Tensor]], pairs: list[tuple[int, int]], batch: int
+) -> int:
+    """H2D each block from the region into the device cache, in swap-out order; returns bytes moved."""
+    transfers: list[tuple[Any, int, int, Any]] = []
+    for cpu, dev in layers:
+        c = cpu.cache
+        c.check_device(dev)
+        for kv in (0, 1):
+            for src, dst in pairs:
+                transfers.append((c.region, c.offset(cpu.index, kv, src), c.block_bytes, raw_bytes(dev[kv, dst])))
+    for i in range(0, len(transfers), batch):
+        session.h2d_many(transfers[i : i + batch])
+    return sum(t[2] for t in transfers)
+
+
+def swap_blocks(
+    src_cache: torch.Tensor | CpuKVLayer,
+    dst_cache: torch.Tensor | CpuKVLayer,
+    block_mapping: Any,
+    *,
+    group: int | Sequence[int] | None = None,
+    batch: int = COMMIT_BATCH,
+    ordered: bool = True,
+) -> None:
+    """vLLM's `swap_blocks` for one layer: copy whole blocks src -> dst for each (src, dst) pair.
+
+    Device -> CPU (`dst_cache` a `CpuKVLayer`) is a swap-out: asynchronous D2H, pre-encrypted by the daemon
+    for its swap-in; `group` (the request id, one per pair or one for all) orders swap-ins under "lifo".
+    CPU -> device is a swap-in: returns once the endpoint has verified and written every block.
+    """
+    pairs = _pairs(block_mapping)
+    if not pairs:
+        return
+    if isinstance(dst_cache, CpuKVLayer) and not isinstance(src_cache, CpuKVLayer):
+        _swap_out(dst_cache.cache.session, [(src_cache, dst_cache)], pairs, _groups(group, len(pairs)), ordered)
+    elif isinstance(src_cache, CpuKVLayer) and not isinstance(dst_cache, CpuKVLayer):
+        _swap_in(src_cache.cache.session, [(src_cache, dst_cache)], pairs, batch)
+    else:
+        raise InvalidArgument("swap_blocks needs one device tensor and one CpuKVLayer (device<->CPU only)")
+
+
+class CacheEngine:
+    """vLLM V0's `CacheEngine` swap half: a device cache per layer, its CPU twin in a PipeLLM region."""
+
+    def __init__(
+        self,
+        session: Session,
+        device_caches: Sequence[torch.Tensor],
+        num_cpu_blocks: int,
+        *,
+        pad_to_granule: bool = False,
+        batch: int = COMMIT_BATCH,
+        ordered: bool = True,
+    ) -> None:
+        if not device_caches:
+            raise InvalidArgument("need at least one layer")
+        first = device_caches[0]
+        self.session = session
+        self.device_caches = list(device_caches)
+        self.batch = batch
+        self.ordered = ordered
+        self.cpu = CpuKVCache(
+            session, len(device_caches), num_cpu_blocks, first.shape[2:], first.dtype, pad_to_granule=pad_to_granule
+        )
+        for c in self.device_caches:
+            self.cpu.check_device(c)
+
+    def swap_out(self, src_to_dst: Any, *, group: int | Sequence[int] | None = None) -> None:
+        """Device blocks -> CPU blocks, layer by layer (vLLM's order), each block's K then V per layer."""
+        pairs = _pairs(src_to_dst)
+        if pairs:
+            layers = [(d, self.cpu.layer(i)) for i, d in enumerate(self.device_caches)]
+            _swap_out(self.session, layers, pairs, _groups(group, len(pairs)), self.ordered)
+
+    def swap_in(self, src_to_dst: Any) -> None:
+        """CPU blocks -> device blocks, in the same layer-major K-then-V order as the swap-out."""
+        pairs = _pairs(src_to_dst)
+        if pairs:
+            layers = [(self.cpu.layer(i), d) for i, d in enumerate(self.device_caches)]
+            _swap_in(self.session, layers, pairs, self.batch)
+
+    def close(self) -> None:
+        self.cpu.close()
+
+
+# -- vLLM V1 offloading -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockIDs:
+    """A `LoadStoreSpec` of block ids on one medium ("GPU" or "CPU"), as vLLM V1's `BlockIDsLoadStoreSpec`."""
+
+    medium: str
+    block_ids: np.ndarray[Any, np.dtype[np.int64]]
+
+    @classmethod
+    def gpu(cls, ids: Sequence[int]) -> BlockIDs:
+        return cls("GPU", np.asarray(ids, dtype=np.int64))
+
+    @classmethod
+    def cpu(cls, ids: Sequence[int]) -> BlockIDs:
+        return cls("CPU", np.asarray(ids, dtype=np.int64))
+
+
+TransferSpec = tuple[BlockIDs, BlockIDs]
+
+
+@dataclass
+class TransferResult:
+    """As vLLM V1's: job id, success, bytes and seconds (submit to completion) and (src, dst) media."""
+
+    job_id: int
+    success: bool
+    transfer_size: int | None = None
+    transfer_time: float | None = None
+    transfer_type: tuple[str, str] | None = None
+
+
+@dataclass
+class _Job:
+    job_id: int
+    nbytes: int
+    started: float
+    landings: list[Landing]
+    error: BaseException | None = None
+
+
+def _poll(session: Session) -> None:
+    """Read the frames the daemon has already sent, without blocking (completions of D2H landings)."""
+    while select.select([session.fs.sock], [], [], 0)[0]:
+        seen = [False]
+
+        def once(seen: list[bool] = seen) -> bool:
+            if seen[0]:
+                return True
+            seen[0] = True
+            return False
+
+        session._pump(once)
+
+
+class OffloadingHandler:
+    """One direction of vLLM V1's CPU<->GPU offloading worker: jobs run in submission order (FIFO).
+
+    The CPU endpoint runs in this thread, so a job's device-side work (encrypting a store, verifying a
+    load) happens inside `transfer_async`, in order; a store completes when the daemon has decrypted it
+    into the region (polled by `get_finished`), a load when `transfer_async` returns.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        device_caches: Sequence[torch.Tensor],
+        cpu_cache: CpuKVCache,
+        *,
+        gpu_to_cpu: bool,
+        batch: int = COMMIT_BATCH,
+        ordered: bool = True,
+    ) -> None:
+        self.session = session
+        self.ordered = ordered
+        self.device_caches = list(device_caches)
+        self.cpu = cpu_cache
+        self.gpu_to_cpu = gpu_to_cpu
+        self.batch = batch
+        self.transfer_type = ("GPU", "CPU") if gpu_to_cpu else ("CPU", "GPU")
+        self._jobs: deque[_Job] = deque()
+        for c in self.device_caches:
+            cpu_cache.check_device(c)
+
+    def transfer_async(self, job_id: int, spec: TransferSpec) -> bool:
+        src, dst = spec
+        if (src.medium, dst.medium) != self.transfer_type:
+            raise InvalidArgument(f"this handler moves {self.transfer_type}, got ({src.medium}, {dst.medium})")
+        if len(src.block_ids) != len(dst.block_ids):
+            raise InvalidArgument("source and destination specs name different numbers of blocks")
+        pairs = [(int(s), int(d)) for s, d in zip(src.block_ids, dst.block_ids, strict=True)]
+        job = _Job(job_id, 2 * len(pairs) * len(self.device_caches) * self.cpu.block_bytes, time.monotonic(), [])
+        try:
+            if self.gpu_to_cpu:
+                layers = [(d, self.cpu.layer(i)) for i, d in enumerate(self.device_caches)]
+                job.landings = _swap_out(self.session, layers, pairs, [0] * len(pairs), self.ordered)
+            else:
+                layers_in = [(self.cpu.layer(i), d) for i, d in enumerate(self.device_caches)]
+                _swap_in(self.session, layers_in, pairs, self.batch)
+        except PipeLLMError as exc:
+            job.error = exc
+        self._jobs.append(job)
+        return job.error is None
+
+    def _done(self, job: _Job) -> bool:
+        return all(x.done for x in job.landings)
+
+    def get_finished(self) -> list[TransferResult]:
+        """Jobs finished since the last call, in submission order (never blocks)."""
+        if any(not self._done(j) for j in self._jobs):
+            _poll(self.session)
+        out: list[TransferResult] = []
+        while self._jobs and self._done(self._jobs[0]):
+            job = self._jobs.popleft()
+            failed = job.error is not None or any(x.error is not None for x in job.landings)
+            out.append(
+                TransferResult(
+                    job.job_id,
+                    not failed and self.session.core.dead is None,
+                    job.nbytes,
+                    time.monotonic() - job.started,
+                    self.transfer_type,
+                )
+            )
+        return out
+
+    def wait(self, job_ids: set[int]) -> None:
+        """Block until those jobs have finished (their results still come from `get_finished`)."""
+        for job in list(self._jobs):
+            if job.job_id in job_ids:
+                for x in job.landings:
+                    if not x.done:
+                        self.session._wait_landed(x.region, x.offset, x.length)
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(PipeLLMError):
+            self.wait({j.job_id for j in self._jobs})
+
+
+class OffloadingHandlers:
+    """vLLM V1's `CpuGpuOffloadingHandlers`: a CPU cache of `num_cpu_blocks` in a PipeLLM region, and a
+    store (GPU->CPU) and a load (CPU->GPU) handler over it. Open the session with `swap_order="fifo"`."""
+
+    def __init__(
+        self,
+        session: Session,
+        device_caches: Sequence[torch.Tensor],
+        num_cpu_blocks: int,
+        *,
+        pad_to_granule: bool = False,
+        batch: int = COMMIT_BATCH,
+        ordered: bool = True,
+    ) -> None:
+        if not device_caches:
+            raise InvalidArgument("need at least one layer")
+        first = device_caches[0]
+        self.cpu = CpuKVCache(
+            session, len(device_caches), num_cpu_blocks, first.shape[2:], first.dtype, pad_to_granule=pad_to_granule
+        )
+        self.gpu_to_cpu_handler = OffloadingHandler(
+            session, device_caches, self.cpu, gpu_to_cpu=True, batch=batch, ordered=ordered
+        )
+        self.cpu_to_gpu_handler = OffloadingHandler(session, device_caches, self.cpu, gpu_to_cpu=False, batch=batch)
+
+    def shutdown(self) -> None:
+        self.gpu_to_cpu_handler.shutdown()
+        self.cpu_to_gpu_handler.shutdown()
+        self.cpu.close()

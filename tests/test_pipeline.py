@@ -1,0 +1,181 @@
+"""The pipeline's decisions, one scenario each: hit, skip (NOP / DISCARD), miss (rotation), stale, detour,
+swap-in, key rotation, and a worker that dies mid-job."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from pipellm_client import crypto
+from pipellm_client.channel import RotationPolicy
+
+from pipellm_daemon.config import Config
+from pipellm_daemon.pipeline import State
+from pipellm_daemon.workers import WorkerPool
+
+from .conftest import NonceLedger
+from .pipeline_harness import PipelinePair, settle
+
+CHUNK = 64 << 10
+BASE = Config(
+    chunk_size=CHUNK, h2d_slots=12, d2h_slots=4, demand_slots=2, max_depth=8, ahead_bytes=8 * CHUNK,
+    small_transfer_threshold=4096, generation_granule=4096, pool_bytes=1 << 30,
+)  # fmt: skip
+
+
+@pytest.fixture
+def loop_and_pool() -> Iterator[tuple[asyncio.AbstractEventLoop, WorkerPool]]:
+    loop = asyncio.new_event_loop()
+    pool = WorkerPool(2)
+    loop.run_until_complete(pool.start())
+    ledger = NonceLedger()
+    crypto.set_auditor(ledger)
+    yield loop, pool
+    crypto.set_auditor(None)
+    assert ledger.violations == []
+    loop.run_until_complete(pool.close())
+    loop.close()
+
+
+def setup(loop_and_pool, cfg: Config = BASE, policy: RotationPolicy | None = None, swap_order: str = "fifo"):
+    loop, pool = loop_and_pool
+    pair = PipelinePair(cfg, pool, policy, swap_order)
+    data = np.random.default_rng(1).integers(0, 256, 16 * CHUNK, dtype=np.uint8)
+    ro = pair.region(16 * CHUNK, readonly=True, data=data)
+    return loop, pair, ro, data
+
+
+def fetch(loop, pair, region, j: int, n: int = CHUNK) -> np.ndarray:
+    dst = np.zeros(n, np.uint8)
+    loop.run_until_complete(pair.commit([(region, j * CHUNK, n, dst, False)]))
+    return dst
+
+
+def declare(loop, pair, region, order: list[int]) -> None:
+    pair.pipeline.predictors.intents.declare(
+        [k for j in order for k in pair.keys_of(region, j * CHUNK, CHUNK)], replace=True, cyclic=False
+    )
+    pair.pipeline.refill()
+    loop.run_until_complete(settle(2, [pair.pipeline]))
+
+
+def test_declared_order_is_all_hits(loop_and_pool) -> None:
+    loop, pair, ro, data = setup(loop_and_pool)
+    declare(loop, pair, ro, [5, 2, 7])
+    for j in (5, 2, 7):
+        assert (fetch(loop, pair, ro, j) == data[j * CHUNK : (j + 1) * CHUNK]).all()
+    c = pair.pipeline.counters
+    assert (c.hits, c.misses, c.skips) == (3, 0, 0) and c.bytes_on_demand == 0
+
+
+def test_skip_burns_with_discard_and_nop_when_rotation_costs_more(loop_and_pool) -> None:
+    # One chunk of ciphertext ahead only: the rest of the queue keeps fresh IVs (burned by NOPs).
+    cfg = dataclasses.replace(BASE, ahead_bytes=CHUNK, cost_rotate_us=1e9)
+    loop, pair, ro, data = setup(loop_and_pool, cfg)
+    declare(loop, pair, ro, [1, 2, 3, 4])
+    q = pair.pipeline.spec.queue
+    assert [e.state for e in q] == [State.READY, State.RESERVED, State.RESERVED, State.RESERVED]
+    assert (fetch(loop, pair, ro, 3) == data[3 * CHUNK : 4 * CHUNK]).all()  # skip over 1 (DISCARD) and 2 (NOP)
+    c = pair.pipeline.counters
+    assert (c.skips, c.discards, c.nops, c.iv_rotations) == (1, 1, 1, 0)
+    st = pair.core.stats
+    assert (st.discards, st.nops) == (1, 1)
+    assert (fetch(loop, pair, ro, 4) == data[4 * CHUNK : 5 * CHUNK]).all()
+
+
+def test_miss_relinquishes_by_rotation_and_restarts(loop_and_pool) -> None:
+    loop, pair, ro, data = setup(loop_and_pool)
+    declare(loop, pair, ro, [1, 2, 3, 4, 5, 6])
+    pair.pipeline.predictors.intents.cancel()  # the serving code changed its mind
+    assert (fetch(loop, pair, ro, 9) == data[9 * CHUNK : 10 * CHUNK]).all()
+    c = pair.pipeline.counters
+    assert c.misses == 1 and c.iv_rotations == 1 and c.relinquishes == 1
+    assert c.bytes_wasted == 6 * CHUNK and pair.core.stats.rotations == 1
+    assert pair.core.endpoint.h2d[0].chan_ctr == 1
+
+
+def test_writes_make_ciphertext_stale(loop_and_pool) -> None:
+    loop, pair, _ro, _data = setup(loop_and_pool)
+    kv = pair.region(4 * CHUNK, readonly=False)
+    kv.write(0, np.ones(4 * CHUNK, np.uint8))
+    declare(loop, pair, kv, [0, 1])
+    kv.write(10, b"\x07" * 5)  # after the daemon encrypted chunk 0 ahead
+    out = fetch(loop, pair, kv, 0)
+    assert (out == kv.array[:CHUNK]).all() and out[10] == 7
+    assert pair.pipeline.counters.stale == 1
+
+
+def test_extra_transfer_takes_a_detour_and_keeps_the_queue(loop_and_pool) -> None:
+    loop, pair, ro, data = setup(loop_and_pool)
+    order = [0, 1, 2, 3, 4, 5]
+    for _ in range(4):
+        for j in order:
+            fetch(loop, pair, ro, j)
+        loop.run_until_complete(settle(5))
+    before = dataclasses.replace(pair.pipeline.counters)
+    fetch(loop, pair, ro, 0)
+    fetch(loop, pair, ro, 1)
+    assert (fetch(loop, pair, ro, 12) == data[12 * CHUNK : 13 * CHUNK]).all()  # unpredicted, large
+    for j in (2, 3, 4):
+        fetch(loop, pair, ro, j)
+    c = pair.pipeline.counters
+    assert c.detours - before.detours == 1 and c.iv_rotations == before.iv_rotations
+    assert c.hits - before.hits == 5
+
+
+@pytest.mark.parametrize("order", ["fifo", "lifo"])
+def test_swap_out_is_pre_encrypted_for_swap_in(loop_and_pool, order: str) -> None:
+    loop, pair, _ro, _data = setup(loop_and_pool, swap_order=order)
+    kv = pair.region(8 * CHUNK, readonly=False)
+    blocks = {i: np.random.default_rng(10 + i).integers(0, 256, CHUNK, dtype=np.uint8) for i in range(6)}
+    for i in range(6):  # groups of two blocks: requests 1, 2, 3 swapped out in that order
+        loop.run_until_complete(pair.d2h(blocks[i], kv, i * CHUNK, swap_out=True, group=i // 2 + 1))
+    loop.run_until_complete(settle(2, [pair.pipeline]))
+    back = [0, 1, 2, 3, 4, 5] if order == "fifo" else [4, 5, 2, 3, 0, 1]
+    for i in back:
+        assert (fetch(loop, pair, kv, i) == blocks[i]).all()
+    c = pair.pipeline.counters
+    assert c.hits == 6 and c.misses == 0 and c.bytes_d2h == 6 * CHUNK
+
+
+def test_key_rotations_in_band_both_directions(loop_and_pool) -> None:
+    loop, pair, ro, data = setup(loop_and_pool, policy=RotationPolicy(upper=30_000, lower=10_000))
+    kv = pair.region(4 * CHUNK, readonly=False)
+    for step in range(6):
+        for j in range(4):
+            assert (fetch(loop, pair, ro, j) == data[j * CHUNK : (j + 1) * CHUNK]).all()
+        src = np.full(CHUNK, step, np.uint8)
+        loop.run_until_complete(pair.d2h(src, kv, 0, swap_out=False))
+        assert (kv.array[:CHUNK] == step).all()
+    c = pair.pipeline.counters
+    h2d_v = pair.pipeline.spec.sender.epoch.version
+    assert h2d_v >= 2 and pair.core.endpoint.h2d[0].epoch.version == h2d_v
+    assert pair.core.endpoint.d2h[0].epoch.version == pair.pipeline.d2h[0].receiver.epoch.version >= 1
+    assert c.key_rotations >= 3 and pair.pipeline.dead is None
+
+
+def test_a_killed_worker_never_gets_its_iv_reused(loop_and_pool) -> None:
+    loop, pool = loop_and_pool
+    cfg = dataclasses.replace(BASE, chunk_size=1 << 20, ahead_bytes=16 << 20, max_depth=16, h2d_slots=20)
+    pair = PipelinePair(cfg, pool)
+    data = np.random.default_rng(2).integers(0, 256, 16 << 20, dtype=np.uint8)
+    ro = pair.region(16 << 20, readonly=True, data=data)
+    pair.pipeline.predictors.intents.declare(
+        [k for j in range(16) for k in pair.keys_of(ro, j << 20, 1 << 20)], replace=True, cyclic=False
+    )
+    pair.pipeline.refill()
+    os.kill(pool.pids()[0], signal.SIGKILL)  # while it encrypts ahead
+    loop.run_until_complete(settle(2, [pair.pipeline]))
+    failed = sum(e.state == State.FAILED for e in pair.pipeline.spec.queue)
+    for j in range(16):
+        dst = np.zeros(1 << 20, np.uint8)
+        loop.run_until_complete(pair.commit([(ro, j << 20, 1 << 20, dst, False)]))
+        assert (dst == data[j << 20 : (j + 1) << 20]).all()
+    assert pool.restarts == 1
+    if failed:  # entries whose worker died can only be retired by an IV rotation
+        assert pair.pipeline.counters.iv_rotations >= 1

@@ -1,0 +1,162 @@
+"""Predictors on traces shaped like the serving systems they model."""
+
+from __future__ import annotations
+
+import random
+
+from pipellm_daemon.predictors import Combined, CyclePredictor, IntentPredictor, Key, LoraPredictor, SwapPredictor
+
+MiB = 1 << 20
+
+
+def chunks_of(region: int, offset: int, length: int, chunk: int = MiB) -> list[Key]:
+    return [Key(region, o, min(chunk, offset + length - o)) for o in range(offset, offset + length, chunk)]
+
+
+def score(pred, trace: list[Key], warmup: int) -> float:
+    """Fraction of commits after `warmup` whose chunk was the predictor's first guess."""
+    good = total = 0
+    for i, key in enumerate(trace):
+        guess = pred.upcoming(1)
+        if i >= warmup:
+            total += 1
+            good += guess[:1] == [key]
+        pred.observe(key)
+    return good / total
+
+
+def flexgen_trace(layers: int, per_layer: int, tokens: int) -> list[Key]:
+    """Each token loads every layer's weights in order (attention then MLP), one region per layer."""
+    trace = []
+    for _ in range(tokens):
+        for j in range(layers):
+            trace += chunks_of(100 + j, 0, per_layer * MiB)
+    return trace
+
+
+def test_flexgen_cycle_learned_within_two_periods() -> None:
+    layers, per_layer = 48, 3
+    trace = flexgen_trace(layers, per_layer, tokens=5)
+    period = layers * per_layer
+    c = CyclePredictor()
+    assert score(c, trace, warmup=2 * period) == 1.0
+    c2 = CyclePredictor()
+    assert score(c2, trace[: 2 * period], warmup=period + 8) >= 0.95, "learned early in the second period"
+
+
+def test_accelerate_forward_order_with_occasional_extra_transfers() -> None:
+    """accelerate's AlignDevicesHook fetches weights in forward order; sometimes an extra tensor moves."""
+    rng = random.Random(3)
+    base = [k for j in range(30) for k in chunks_of(7, j * 2 * MiB, 2 * MiB)]
+    trace = []
+    for step in range(8):
+        for i, k in enumerate(base):
+            trace.append(k)
+            if step in (3, 5) and i == rng.randrange(len(base)):
+                trace.append(Key(99, step, 4096))  # an unpredictable one-off
+    c = CyclePredictor()
+    assert score(c, trace, warmup=2 * len(base)) >= 0.97
+
+
+def test_random_order_turns_speculation_off() -> None:
+    keys = [Key(1, i * MiB, MiB) for i in range(64)]
+    rng = random.Random(0)
+    c = CyclePredictor()
+    trace = [rng.choice(keys) for _ in range(2000)]
+    speculated = 0
+    for k in trace:
+        speculated += len(c.upcoming(8))
+        c.observe(k)
+    assert c.score < 0.5
+    assert speculated / len(trace) < 0.5, "a useless predictor must mostly stay quiet"
+
+
+def test_vllm_v0_swap_in_is_fcfs_over_requests() -> None:
+    """V0 preempts the newest request first; swap-in is FCFS, so requests return in reverse swap-out order,
+    each request's blocks in their original (layer-major, K before V) order."""
+    sp = SwapPredictor("lifo")
+    per_req = {}
+    for req in (3, 2, 1):  # newest (3) preempted first
+        ks = []
+        for layer in range(4):
+            for kv in (0, 1):
+                ks.append(Key(50, (req * 100 + layer * 2 + kv) * 128 * 1024, 128 * 1024))
+        per_req[req] = ks
+        sp.swapped_out(ks, group=req)
+    expected = per_req[1] + per_req[2] + per_req[3]
+    assert sp.upcoming(100) == expected
+    for k in expected:
+        assert sp.upcoming(1) == [k]
+        sp.observe(k)
+    assert sp.upcoming(5) == []
+
+
+def test_vllm_v1_offloading_is_fifo() -> None:
+    sp = SwapPredictor("fifo")
+    stores = [Key(60, i * 2 * MiB, 2 * MiB) for i in range(10)]
+    for k in stores:
+        sp.swapped_out([k], group=0)
+    assert sp.upcoming(10) == stores
+    sp.observe(stores[0])
+    sp.observe(stores[1])
+    assert sp.upcoming(2) == stores[2:4]
+    sp.forget_region(60)
+    assert sp.upcoming(2) == []
+
+
+def test_intents_are_authoritative_and_consumed() -> None:
+    ip = IntentPredictor()
+    ks = [Key(1, i * MiB, MiB) for i in range(6)]
+    ip.declare(ks, replace=False, cyclic=False)
+    assert ip.upcoming(3) == ks[:3]
+    ip.observe(ks[2])  # skipped over 0 and 1: they are dropped
+    assert ip.upcoming(10) == ks[3:]
+    ip.observe(Key(9, 0, 1))  # something undeclared changes nothing
+    assert ip.pending == 3
+    ip.declare(ks[:2], replace=False, cyclic=True)
+    assert ip.upcoming(10)[:5] == [*ks[3:], *ks[:2]]
+    assert ip.cancel() > 0 and ip.upcoming(4) == []
+
+
+def test_lora_next_adapter_from_popularity_and_hints() -> None:
+    lp = LoraPredictor(resident=1)
+    adapters = {r: chunks_of(r, 0, 3 * MiB) for r in (10, 11, 12, 13)}
+    for r, ks in adapters.items():
+        lp.add_adapter(r, ks)
+    rng = random.Random(5)
+    popular = [10] * 6 + [11] * 3 + [12] * 2 + [13]
+    loaded = []
+    for _ in range(40):
+        r = rng.choice(popular)
+        if loaded and loaded[-1] == r:
+            continue  # still resident
+        for k in adapters[r]:
+            lp.observe(k)
+        loaded.append(r)
+    guess = lp.upcoming(1)[0].region
+    assert guess != loaded[-1] and guess in (10, 11)
+    # Mid-load, the rest of the adapter is the obvious prediction.
+    lp.observe(adapters[13][0])
+    assert lp.upcoming(5) == adapters[13][1:]
+
+
+def test_combined_priority() -> None:
+    cb = Combined("fifo")
+    cyc = [Key(1, i * MiB, MiB) for i in range(4)]
+    for _ in range(4):
+        for k in cyc:
+            cb.observe(k)
+    assert cb.upcoming(2) == cyc[:2] and cb.last_source == "cycle"
+    swapped = [Key(2, 0, MiB)]
+    cb.swap.swapped_out(swapped, group=0)
+    assert cb.upcoming(2) == swapped and cb.last_source == "swap"
+    cb.intents.declare([Key(3, 0, MiB)], replace=False, cyclic=False)
+    assert cb.upcoming(2) == [Key(3, 0, MiB)] and cb.last_source == "intents"
+    assert cb.outranks("intents", "cycle") and not cb.outranks("cycle", "swap")
+
+
+def test_history_compaction_keeps_the_cycle() -> None:
+    c = CyclePredictor(max_history=64)
+    cyc = [Key(1, i * MiB, MiB) for i in range(10)]
+    trace = cyc * 30
+    assert score(c, trace, warmup=40) == 1.0
