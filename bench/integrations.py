@@ -53,7 +53,25 @@ from pipellm_daemon.launcher import DaemonProcess  # noqa: E402
 MODES = ("plain", "naive", "pipellm")
 MIB = 1 << 20
 
-Step = Callable[[], None]
+SLACK_S = 0.02  # between swap-out and swap-in a real engine runs decode steps: the daemon's time to work ahead
+
+
+class Timer:
+    """Phases of one repetition (e.g. swap-out, swap-in); time outside any phase (slack) is not counted."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+
+
+Step = Callable[[Timer], None]
 
 
 def counters_delta(s: Session | None, before: Any) -> dict[str, int]:
@@ -70,13 +88,13 @@ def hit_rate(d: dict[str, int]) -> float | None:
 
 
 class Arm:
-    """One way of running a workload: `step()` is timed; `session` (if any) gives the counters."""
+    """One way of running a workload: `step(timer)` is timed by phase; `session` (if any) gives the counters."""
 
     def __init__(self, name: str, step: Step, session: Session | None = None) -> None:
         self.name = name
         self.step = step
         self.session = session
-        self.times: list[float] = []
+        self.reps: list[dict[str, float]] = []
         self.before: Any = None
 
 
@@ -87,28 +105,40 @@ def run_interleaved(arms: list[Arm], reps: int, warmup: int) -> dict[str, dict[s
                 a.before = a.session.status().counters if a.session is not None else None
         order = arms[i % len(arms) :] + arms[: i % len(arms)]
         for a in order:
-            t0 = time.perf_counter()
-            a.step()
-            dt = time.perf_counter() - t0
+            t = Timer()
+            a.step(t)
             if i >= warmup:
-                a.times.append(dt)
-    direct = statistics.median(next(a for a in arms if a.name == "direct").times)
+                t.phases["total"] = sum(t.phases.values())
+                a.reps.append(t.phases)
+
+    def medians(a: Arm) -> dict[str, float]:
+        return {k: statistics.median(r[k] for r in a.reps) for k in a.reps[0]}
+
+    direct = medians(next(a for a in arms if a.name == "direct"))
     out: dict[str, dict[str, Any]] = {}
     for a in arms:
-        med = statistics.median(a.times)
+        med = medians(a)
         d = counters_delta(a.session, a.before)
-        out[a.name] = {"median_ms": med * 1e3, "x_direct": med / direct, "hit_rate": hit_rate(d), "counters": d}
+        out[a.name] = {
+            "median_ms": {k: v * 1e3 for k, v in med.items()},
+            "x_direct": {k: v / direct[k] for k, v in med.items()},
+            "hit_rate": hit_rate(d),
+            "counters": d,
+        }
     return out
 
 
 def report(title: str, note: str, rows: dict[str, dict[str, Any]]) -> None:
     print(f"\n== {title}  ({note})")
-    print(f"   {'arm':<18}{'median ms':>11}{'x direct':>10}{'hit rate':>10}   counters")
+    phases = list(next(iter(rows.values()))["median_ms"])
+    head = "".join(f"{p + ' ms':>14}{'x':>7}" for p in phases)
+    print(f"   {'arm':<18}{head}{'hit rate':>10}   counters")
     for name, r in rows.items():
+        cells = "".join(f"{r['median_ms'][p]:>14.2f}{r['x_direct'][p]:>7.2f}" for p in phases)
         hr = "-" if r["hit_rate"] is None else f"{r['hit_rate'] * 100:.1f}%"
         c = r["counters"]
         cs = " ".join(f"{k}={v}" for k, v in c.items() if v) if c else ""
-        print(f"   {name:<18}{r['median_ms']:>11.2f}{r['x_direct']:>10.2f}{hr:>10}   {cs}")
+        print(f"   {name:<18}{cells}{hr:>10}   {cs}")
 
 
 @contextlib.contextmanager
@@ -152,8 +182,8 @@ def bench_accelerate(daemons: dict[str, DaemonProcess], reps: int) -> dict[str, 
             pa.enable(models[mode], s)
 
         def step_for(arm: str) -> Step:
-            def step() -> None:
-                with torch.no_grad():
+            def step(t: Timer) -> None:
+                with t.phase("forward"), torch.no_grad():
                     out = models[arm](**batch).logits
                 if not torch.equal(out, want):
                     raise SystemExit(f"accelerate/{arm}: logits differ")
@@ -211,28 +241,33 @@ def bench_vllm_v0(daemons: dict[str, DaemonProcess], reps: int) -> dict[str, dic
             ):
                 raise SystemExit(f"vllm-v0/{name}: caches differ after resume")
 
-        def direct() -> None:
-            for r in sorted(REQS, reverse=True):
-                for c, p in zip(dev["direct"], cpu_plain, strict=True):
-                    _torch_swap(c, p, out_pairs[r])
+        def direct(t: Timer) -> None:
+            with t.phase("swap-out"):
+                for r in sorted(REQS, reverse=True):
+                    for c, p in zip(dev["direct"], cpu_plain, strict=True):
+                        _torch_swap(c, p, out_pairs[r])
             for c in dev["direct"]:
                 c[:, :USED].zero_()  # the preempted requests' blocks
-            for r in sorted(REQS):
-                for c, p in zip(dev["direct"], cpu_plain, strict=True):
-                    _torch_swap(p, c, out_pairs[r])
+            time.sleep(SLACK_S)
+            with t.phase("swap-in"):
+                for r in sorted(REQS):
+                    for c, p in zip(dev["direct"], cpu_plain, strict=True):
+                        _torch_swap(p, c, out_pairs[r])
             check("direct")
 
         def step_for(name: str) -> Step:
             eng = engines[name]
 
-            def step() -> None:
-                for r in sorted(REQS, reverse=True):  # newest preempted first
-                    eng.swap_out(torch.tensor(out_pairs[r]), group=r)
+            def step(t: Timer) -> None:
+                with t.phase("swap-out"):
+                    for r in sorted(REQS, reverse=True):  # newest preempted first
+                        eng.swap_out(torch.tensor(out_pairs[r]), group=r)
                 for c in dev[name]:
                     c[:, :USED].zero_()  # the preempted requests' blocks
-                eng.session.wait_all()
-                for r in sorted(REQS):  # FCFS swap-in
-                    eng.swap_in(torch.tensor(out_pairs[r]))
+                time.sleep(SLACK_S)
+                with t.phase("swap-in"):
+                    for r in sorted(REQS):  # FCFS swap-in
+                        eng.swap_in(torch.tensor(out_pairs[r]))
                 check(name)
 
             return step
@@ -266,31 +301,37 @@ def bench_vllm_v1(daemons: dict[str, DaemonProcess], reps: int) -> dict[str, dic
             ):
                 raise SystemExit(f"vllm-v1/{name}: caches differ after load")
 
-        def direct() -> None:
-            for c, p in zip(dev["direct"], cpu_plain, strict=True):
-                _torch_swap(c, p, [(b, b) for b in blocks])
+        def direct(t: Timer) -> None:
+            with t.phase("store"):
+                for c, p in zip(dev["direct"], cpu_plain, strict=True):
+                    _torch_swap(c, p, [(b, b) for b in blocks])
             for c in dev["direct"]:
-                c[:, :USED].zero_()  # the preempted requests' blocks
-            for c, p in zip(dev["direct"], cpu_plain, strict=True):
-                _torch_swap(p, c, [(b, b) for b in blocks])
+                c[:, :USED].zero_()  # the stored blocks, reused by other requests
+            time.sleep(SLACK_S)
+            with t.phase("load"):
+                for c, p in zip(dev["direct"], cpu_plain, strict=True):
+                    _torch_swap(p, c, [(b, b) for b in blocks])
             check("direct")
 
         def step_for(name: str) -> Step:
             h = handlers[name]
 
-            def step() -> None:
-                for r in REQS:  # one store job per request
-                    ids = list(range((r - 1) * 4, r * 4))
-                    h.gpu_to_cpu_handler.transfer_async(next(jobs), (BlockIDs.gpu(ids), BlockIDs.cpu(ids)))
-                pending = len(REQS)
-                while pending:
-                    pending -= len(h.gpu_to_cpu_handler.get_finished())
+            def step(t: Timer) -> None:
+                with t.phase("store"):
+                    for r in REQS:  # one store job per request
+                        ids = list(range((r - 1) * 4, r * 4))
+                        h.gpu_to_cpu_handler.transfer_async(next(jobs), (BlockIDs.gpu(ids), BlockIDs.cpu(ids)))
+                    pending = len(REQS)
+                    while pending:
+                        pending -= len(h.gpu_to_cpu_handler.get_finished())
                 for c in dev[name]:
-                    c[:, :USED].zero_()  # the preempted requests' blocks
-                for r in REQS:  # prefix hits load them back, FIFO
-                    ids = list(range((r - 1) * 4, r * 4))
-                    h.cpu_to_gpu_handler.transfer_async(next(jobs), (BlockIDs.cpu(ids), BlockIDs.gpu(ids)))
-                h.cpu_to_gpu_handler.get_finished()
+                    c[:, :USED].zero_()  # the stored blocks, reused by other requests
+                time.sleep(SLACK_S)
+                with t.phase("load"):
+                    for r in REQS:  # prefix hits load them back, FIFO
+                        ids = list(range((r - 1) * 4, r * 4))
+                        h.cpu_to_gpu_handler.transfer_async(next(jobs), (BlockIDs.cpu(ids), BlockIDs.gpu(ids)))
+                    h.cpu_to_gpu_handler.get_finished()
                 check(name)
 
             return step
@@ -352,29 +393,31 @@ def bench_peft(daemons: dict[str, DaemonProcess], reps: int) -> dict[str, dict[s
                 mgr.register(n, str(root / n))
         cursor = {arm: 0 for arm in models}
 
-        def forward(arm: str, n: str) -> None:
-            with torch.no_grad():
+        def forward(t: Timer, arm: str, n: str) -> None:
+            with t.phase("forward"), torch.no_grad():
                 out = models[arm](**batch).logits
             if not torch.equal(out, want[n]):
                 raise SystemExit(f"peft/{arm}: logits differ for adapter {n}")
 
-        def direct() -> None:
+        def direct(t: Timer) -> None:
             n = names[cursor["direct"] % 3]
             cursor["direct"] += 1
-            sd = _insert_adapter_name_into_state_dict(states[n], adapter_name="default", parameter_prefix="lora_")
-            hotswap_adapter_from_state_dict(models["direct"], sd, "default", configs[n])
-            forward("direct", n)
+            with t.phase("load"):  # peft's own hot-swap from the host copy
+                sd = _insert_adapter_name_into_state_dict(states[n], adapter_name="default", parameter_prefix="lora_")
+                hotswap_adapter_from_state_dict(models["direct"], sd, "default", configs[n])
+            forward(t, "direct", n)
 
         def step_for(arm: str) -> Step:
             mgr = mgrs[arm]
 
-            def step() -> None:
+            def step(t: Timer) -> None:
                 i = cursor[arm]
                 cursor[arm] += 1
                 n = names[i % 3]
-                mgr.load(n)
-                mgr.hint([names[(i + 1) % 3]])  # the next batch's adapter
-                forward(arm, n)
+                with t.phase("load"):
+                    mgr.load(n)
+                mgr.hint([names[(i + 1) % 3]])  # the next batch's adapter, known mid-decode
+                forward(t, arm, n)
 
             return step
 
@@ -398,21 +441,23 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(BENCHES))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a pipellmd setting for all three daemons"
+    )
     args = ap.parse_args()
+    settings: dict[str, Any] = {"workers": args.workers, "pool_bytes": 1 << 30, "small_transfer_threshold": 0}
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        settings[k] = v
     torch.set_num_threads(1)  # the daemon's workers get the other cores
     chosen = [b.strip() for b in args.only.split(",") if b.strip()]
     print(
         f"pipellm integrations bench: {os.cpu_count()} CPUs, daemon workers={args.workers}, reps={args.reps}, "
-        "torch threads=1, every message verified, small_transfer_threshold=0 (all copies speculated)"
+        f"torch threads=1, every message verified; pipellmd settings {settings}"
     )
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        daemons = {
-            mode: stack.enter_context(
-                DaemonProcess(mode=mode, workers=args.workers, pool_bytes=1 << 30, small_transfer_threshold=0)
-            )
-            for mode in MODES
-        }
+        daemons = {mode: stack.enter_context(DaemonProcess(mode=mode, **settings)) for mode in MODES}
         for name in chosen:
             results[name] = BENCHES[name](daemons, args.reps)
     if args.json:

@@ -325,7 +325,8 @@ class Pipeline:
                 ce = self._route(t)
                 if ce == 1:
                     self.counters.small_transfers += 1
-                for c in chunks.split(t.offset, t.length, self.cfg.chunk_size):
+                parts = list(chunks.split(t.offset, t.length, self.cfg.chunk_size))
+                for ci, c in enumerate(parts):
                     self.counters.chunks += 1
                     await self._maybe_rotate(out)
                     key = Key(region.id, c.offset, c.length)
@@ -333,8 +334,9 @@ class Pipeline:
                         await self._commit_speculative(out, region, key, ti, c.dst_offset)
                     else:
                         await self._on_demand(out, self.h2d[ce], region, key, ti, c.dst_offset)
-                    if ce == 0 and self.mode == "pipellm":
-                        self.refill()  # keep the queue ahead of this commit's own later chunks
+                    more = ci + 1 < len(parts) or ti + 1 < len(transfers)
+                    if more and ce == 0 and self.mode == "pipellm" and len(self.spec.queue) <= self.depth // 2:
+                        self.refill()  # a long commit drains the queue: keep it ahead of this commit's later chunks
                     if len(out) >= 8:
                         await out.flush(wait=False)
             await out.flush(wait=True, final=True)
@@ -615,6 +617,8 @@ class Pipeline:
 
     def _dispatch(self) -> None:
         s = self.spec
+        if not any(e.state == State.RESERVED for e in s.queue):
+            return
         ahead = sum(e.nbytes for e in s.queue if e.state in (State.ENCRYPTING, State.READY))
         for e in s.queue:
             if e.state != State.RESERVED:
@@ -668,7 +672,8 @@ class Pipeline:
                 raise ProtocolViolation(f"release of NOP cell {c}, which was not delivered to this session")
             self.delivered_nops.discard(c)
             self.arena.nops.release(c)
-        self.refill()
+        if self.mode == "pipellm" and self.dead is None:
+            self._dispatch()  # freed slots can take queued entries; the queue itself changes at commit end
 
     # -- D2H -------------------------------------------------------------------------------------
     async def landed(self, msg: pb.Landed, region: Region) -> list[pb.Delivery]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 from .base import Key
@@ -61,7 +62,7 @@ class IntentPredictor:
 
     def upcoming(self, limit: int) -> list[Key]:
         self._top_up(limit)
-        return [self._pending[i] for i in range(min(limit, len(self._pending)))]
+        return list(itertools.islice(self._pending, limit))
 
     def forget_region(self, region: int) -> None:
         keep = [k for k in self._pending if k.region != region]

@@ -1,0 +1,906 @@
+"""Seeded serving workloads, replayed as traces of transfers and device work.
+
+A `Trace` is what a serving system does to the CPU-GPU link, step by step: H2D copies out of host regions
+(weights, adapters, swapped KV blocks), D2H copies into them (KV swap-outs, offloaded blocks), GPU compute
+and synchronisation, and the intents a PipeLLM integration of that system would declare. The harness
+replays a trace through the real daemon and SDK against the device model (bench/devicemodel.py); the same
+trace runs in every mode, so the modes differ only in how the bytes are protected.
+
+The shapes come from the systems' own code (see /work/shared/REFERENCE.md):
+
+* **FlexGen** weight offloading of OPT-30B/66B/175B: per layer 4h^2 attention + 8h^2 MLP fp16 weights, a
+  GPU-resident fraction stays on the GPU, the rest crosses once per token; layer j+1 loads while layer j
+  computes (`flex_opt.py` `generation_loop_overlap_single_batch`).
+* **vLLM V0** KV swapping: newest request preempted first, swapped back first-come-first-served, one copy
+  per block per layer for K and for V (`scheduler.py`, `cache_engine.py`), ShareGPT-like request lengths.
+* **vLLM V1** CPU offloading: every newly full block stored (FIFO), blocks loaded on prefix hits when a
+  request is admitted (`vllm/v1/kv_offload/`), multi-turn conversations.
+* **multi-LoRA**: Zipf adapter popularity, ranks 8-64 at about 2 MiB x rank (q/k/v/o of a 7B model), an
+  LRU of GPU adapter slots, next-batch prefetch in the middle of the current batch's decode (S-LoRA).
+* **accelerate** `cpu_offload`: every layer's weights moved synchronously in forward order, no prefetch.
+* **adversarial**: random ranges in random order; prediction cannot help.
+
+Host RAM here is 24 GiB, so model weights and adapters are scaled by a `byte_scale` factor (the device
+time of a scaled layer, compute and link alike, shrinks by the same factor, so a layer keeps its shape:
+layers x per-layer bytes, compute:link ratio unchanged). KV copies keep their real per-block sizes; the
+KV workloads are scaled by a `token_scale` on request lengths instead. Every trace records its scales.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+
+from .devicemodel import TESTBED, DeviceModel, Testbed, TimeScale, VirtualClock
+
+KiB: Final = 1 << 10
+MiB: Final = 1 << 20
+GiB: Final = 1 << 30
+PAGE: Final = 4096
+BLOCK_TOKENS: Final = 16  # vLLM's default KV block size
+
+
+# -- trace vocabulary -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RegionSpec:
+    """A host region the workload moves bytes out of or into (read-only: weights, adapters; else KV)."""
+
+    name: str
+    nbytes: int
+    readonly: bool = True
+    adapter: bool = False
+
+
+@dataclass(frozen=True)
+class Range:
+    region: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class H2D:
+    """One commit: these ranges, in this order, host to device (one round trip through the SDK)."""
+
+    ranges: tuple[Range, ...]
+    label: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.length for r in self.ranges)
+
+
+@dataclass(frozen=True)
+class D2H:
+    """One device-to-host copy into a mutable region; `swap_out`: the block will come back (KV swap)."""
+
+    range: Range
+    group: int = 0
+    swap_out: bool = True
+    label: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return self.range.length
+
+
+@dataclass(frozen=True)
+class Compute:
+    """GPU work of `seconds` on the testbed; `after_copies`: it needs every H2D copy issued before it."""
+
+    seconds: float
+    after_copies: bool = True
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class Sync:
+    """The host waits for the device (end of a layer, of an engine step)."""
+
+
+@dataclass(frozen=True)
+class Declare:
+    """Intents a PipeLLM integration of this serving system would declare (replayed in pipellm mode only)."""
+
+    ranges: tuple[Range, ...]
+    cyclic: bool = False
+    replace: bool = False
+
+
+Op = H2D | D2H | Compute | Sync | Declare
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of progress (a token of a FlexGen pass, an engine step); `tokens` it produces."""
+
+    ops: tuple[Op, ...]
+    tokens: int = 0
+
+
+@dataclass
+class Trace:
+    name: str
+    kind: str
+    description: str
+    regions: tuple[RegionSpec, ...]
+    steps: tuple[Step, ...]
+    warmup: int  # leading steps that are replayed but not measured (predictors learn, pipelines fill)
+    swap_order: str = "fifo"
+    unit: str = "tokens"
+    scale: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def measured(self) -> tuple[Step, ...]:
+        return self.steps[self.warmup :]
+
+    def ops(self, measured: bool = True) -> list[Op]:
+        return [op for st in (self.measured if measured else self.steps) for op in st.ops]
+
+    def h2d_bytes(self, measured: bool = True) -> int:
+        return sum(op.nbytes for op in self.ops(measured) if isinstance(op, H2D))
+
+    def d2h_bytes(self, measured: bool = True) -> int:
+        return sum(op.nbytes for op in self.ops(measured) if isinstance(op, D2H))
+
+    def crypto_bytes(self, measured: bool = True) -> int:
+        """B: every byte a CC system must encrypt (H2D) or decrypt (D2H) on the host."""
+        return self.h2d_bytes(measured) + self.d2h_bytes(measured)
+
+    def tokens(self, measured: bool = True) -> int:
+        return sum(st.tokens for st in (self.measured if measured else self.steps))
+
+    def region_bytes(self) -> int:
+        return sum(r.nbytes for r in self.regions)
+
+    def max_h2d_op(self) -> int:
+        return max((op.nbytes for op in self.ops(False) if isinstance(op, H2D)), default=0)
+
+    def max_d2h_op(self) -> int:
+        return max((op.nbytes for op in self.ops(False) if isinstance(op, D2H)), default=0)
+
+    def ideal_seconds(self, testbed: Testbed = TESTBED) -> float:
+        """Testbed seconds of the measured steps with zero host cost: what the device model alone dictates."""
+        dev = DeviceModel(TimeScale(1.0, "ideal", testbed), clock=VirtualClock())
+        for i, st in enumerate(self.steps):
+            if i == self.warmup:
+                dev.sync()
+                dev.reset()
+            for op in st.ops:
+                if isinstance(op, H2D):
+                    dev.h2d(op.nbytes, dev.now(), dev.now())
+                elif isinstance(op, D2H):
+                    dev.d2h(op.nbytes, dev.now(), dev.now())
+                elif isinstance(op, Compute):
+                    dev.compute(op.seconds, after_copies=op.after_copies)
+                elif isinstance(op, Sync):
+                    dev.sync()
+        dev.sync()
+        return dev.now()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "description": self.description,
+            "steps": len(self.steps),
+            "warmup_steps": self.warmup,
+            "unit": self.unit,
+            "work": self.tokens(),
+            "h2d_bytes": self.h2d_bytes(),
+            "d2h_bytes": self.d2h_bytes(),
+            "region_bytes": self.region_bytes(),
+            "ideal_testbed_s": self.ideal_seconds(),
+            "scale": self.scale,
+            "params": self.params,
+        }
+
+
+def _pages(n: float) -> int:
+    """Round a byte count to whole 4 KiB pages (at least one)."""
+    return max(PAGE, int(round(n / PAGE)) * PAGE)
+
+
+def sharegpt_lengths(rng: np.random.Generator, n: int, token_scale: float = 1.0) -> list[tuple[int, int]]:
+    """(prompt, output) token counts shaped like ShareGPT as vLLM's paper reports it (means 161 and 338).
+
+    Log-normal with sigma 1.0 (a heavy right tail, as in the data set), clipped to [4, 1024] each, then
+    multiplied by `token_scale` (at least 1 token).
+    """
+    sigma = 1.0
+    out = []
+    for _ in range(n):
+        p = rng.lognormal(math.log(161) - sigma**2 / 2, sigma)
+        o = rng.lognormal(math.log(338) - sigma**2 / 2, sigma)
+        p, o = min(max(p, 4), 1024), min(max(o, 4), 1024)
+        out.append((max(1, round(p * token_scale)), max(1, round(o * token_scale))))
+    return out
+
+
+# -- FlexGen weight offloading --------------------------------------------------------------------------
+OPT: Final = {"opt-30b": (7168, 48), "opt-66b": (9216, 64), "opt-175b": (12288, 96)}
+
+
+def flexgen(
+    model: str,
+    *,
+    byte_scale: float,
+    tokens: int = 4,
+    warmup: int = 2,
+    gpu_fraction: float = 0.2,
+    gpu_batch: int = 48,
+    num_gpu_batches: int = 3,
+    context: int = 512 + 16,
+    seed: int = 0,
+    testbed: Testbed = TESTBED,
+) -> Trace:
+    """FlexGen decode with weights offloaded: per token, layer (j+1) mod L loads while layer j computes.
+
+    Defaults follow FlexGen's OPT-30B benchmark (`--percent 20 80 ...`, GPU batch 48 x 3 batches). The KV
+    cache and activations stay where that setting keeps them (CPU, attention computed there) and are not
+    modelled: the trace is the weight stream. Per layer compute is the roofline of the dense matmuls over
+    the 144-token batch (weights read once per GPU batch) plus attention over `context` tokens.
+    """
+    h, layers = OPT[model]
+    full_layer = 12 * h * h * 2  # 4h^2 attention + 8h^2 MLP, fp16
+    layer_bytes = _pages((1 - gpu_fraction) * full_layer * byte_scale)
+    batch = gpu_batch * num_gpu_batches
+    flops = 2 * 12 * h * h * batch + 4 * context * h * batch
+    hbm = full_layer * num_gpu_batches + batch * context * 2 * h * 2
+    compute_s = testbed.compute_s(flops, hbm) * byte_scale
+    region = RegionSpec("weights", layers * layer_bytes)
+
+    def load(j: int) -> H2D:
+        return H2D((Range("weights", j * layer_bytes, layer_bytes),), label=f"w{j}")
+
+    steps = []
+    for t in range(warmup + tokens):
+        ops: list[Op] = [load(0), Sync()] if t == 0 else []
+        for j in range(layers):
+            ops += [load((j + 1) % layers), Compute(compute_s, after_copies=False, label=f"L{j}"), Sync()]
+        steps.append(Step(tuple(ops), tokens=batch))
+    return Trace(
+        name=f"flexgen-{model.replace('-', '')}",
+        kind="flexgen",
+        description=f"FlexGen {model.upper()} decode, {1 - gpu_fraction:.0%} of weights offloaded, batch {batch}",
+        regions=(region,),
+        steps=tuple(steps),
+        warmup=warmup,
+        scale={"byte_scale": byte_scale},
+        params={
+            "model": model,
+            "hidden": h,
+            "layers": layers,
+            "layer_bytes_full": full_layer,
+            "layer_bytes_offloaded": layer_bytes,
+            "gpu_fraction": gpu_fraction,
+            "batch_tokens": batch,
+            "compute_per_layer_testbed_s": compute_s,
+            "link_per_layer_testbed_s": testbed.link_s(layer_bytes),
+            "seed": seed,
+        },
+    )
+
+
+# -- vLLM V0 KV swapping ---------------------------------------------------------------------------------
+# layers, bytes of one K (or V) copy of one block at block size 16 fp16, parameters, hidden size
+KV_MODELS: Final = {
+    "llama-2-7b": (32, 128 * KiB, 6.74e9, 4096),
+    "opt-30b": (48, 224 * KiB, 30.0e9, 7168),
+    "opt-66b": (64, 288 * KiB, 66.0e9, 9216),
+}
+
+
+def _decode_s(params: float, batch: int, ctx_tokens: int, kv_token_bytes: int, testbed: Testbed) -> float:
+    """One decode step of a dense model: weights read once, KV of every running token read once."""
+    flops = 2 * params * batch + 2 * ctx_tokens * kv_token_bytes  # attention: ~1 FLOP per KV byte each way
+    return testbed.compute_s(flops, params * 2 + ctx_tokens * kv_token_bytes)
+
+
+def _prefill_s(params: float, tokens: int, testbed: Testbed) -> float:
+    return testbed.compute_s(2 * params * tokens, params * 2) if tokens else 0.0
+
+
+@dataclass
+class _Req:
+    rid: int
+    prompt: int
+    output: int
+    done: int = 0  # tokens generated
+    blocks: int = 0  # GPU blocks held
+    cpu: tuple[int, int] | None = None  # (first CPU block, count) while swapped out
+    swaps: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.prompt + self.done
+
+    def need_blocks(self, extra: int = 0) -> int:
+        return -(-(self.length + extra) // BLOCK_TOKENS)
+
+
+class _Extents:
+    """First-fit allocation of contiguous runs of CPU blocks (a fresh swap space hands out runs)."""
+
+    def __init__(self, n: int) -> None:
+        self.free = [(0, n)]
+
+    def take(self, k: int) -> int | None:
+        for i, (s, n) in enumerate(self.free):
+            if n >= k:
+                self.free[i] = (s + k, n - k)
+                if self.free[i][1] == 0:
+                    del self.free[i]
+                return s
+        return None
+
+    def give(self, s: int, k: int) -> None:
+        self.free.append((s, k))
+        self.free.sort()
+        merged: list[tuple[int, int]] = []
+        for a, n in self.free:
+            if merged and merged[-1][0] + merged[-1][1] == a:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((a, n))
+        self.free = merged
+
+
+def vllm_v0(
+    model: str,
+    *,
+    requests: int,
+    gpu_blocks: int,
+    cpu_blocks: int,
+    max_running: int = 256,
+    token_scale: float = 1.0,
+    max_steps: int = 100_000,
+    warmup: int = 2,
+    seed: int = 0,
+    testbed: Testbed = TESTBED,
+) -> Trace:
+    """vLLM V0 continuous batching with swap preemption, as `Scheduler._schedule_default` does it.
+
+    Each step: swapped requests come back first-come-first-served while blocks allow; otherwise waiting
+    requests are admitted (prefill); every running request that needs a new block gets one, preempting the
+    newest running request (swap out) when none is free. Copies are issued the way `CacheEngine` does:
+    per layer, K then V, for every block of the mapping, swap-ins before swap-outs, then the forward pass.
+    A request's CPU blocks are one contiguous run (first fit), so the copies of one request in one layer
+    are adjacent; the replay sends each such run as one range (what an integration packing adjacent copies
+    does) and each request's swap-out as its own group. Request lengths are ShareGPT-like (seeded).
+    """
+    layers, copy, params, hidden = KV_MODELS[model]
+    kv_token = layers * 2 * hidden * 2
+    rng = np.random.default_rng(seed)
+    queue = deque(_Req(i, p, o) for i, (p, o) in enumerate(sharegpt_lengths(rng, requests, token_scale)))
+    running: list[_Req] = []
+    swapped: list[_Req] = []  # in swap-out order
+    free = gpu_blocks
+    extents = _Extents(cpu_blocks)
+    group = 0
+    steps: list[Step] = []
+    stats = {"swap_outs": 0, "swap_ins": 0, "recomputes": 0, "preempted_blocks": 0}
+
+    def rng_of(r: _Req, layer: int, kv: int) -> Range:
+        assert r.cpu is not None
+        first, n = r.cpu
+        return Range("kv", ((layer * 2 + kv) * cpu_blocks + first) * copy, n * copy)
+
+    while (queue or running or swapped) and len(steps) < max_steps:
+        ins: list[_Req] = []
+        outs: list[tuple[_Req, int]] = []
+        prefill = 0
+        # 1. swap in, FCFS (oldest request first), only when nothing was preempted this step
+        swapped.sort(key=lambda r: r.rid)
+        while swapped and free >= swapped[0].need_blocks(1) and len(running) < max_running:
+            r = swapped.pop(0)
+            free -= r.need_blocks()
+            r.blocks = r.need_blocks()
+            ins.append(r)
+        # 2. admit waiting requests when nothing is swapped out
+        if not swapped and not ins:
+            while queue and free >= queue[0].need_blocks(1) + len(running) // 8 and len(running) < max_running:
+                r = queue.popleft()
+                r.blocks = r.need_blocks()
+                free -= r.blocks
+                prefill += r.prompt
+                running.append(r)
+        running.sort(key=lambda r: r.rid)
+        for r in ins:
+            running.append(r)
+        running.sort(key=lambda r: r.rid)
+        # 3. every running request appends one token; preempt the newest when a block is missing
+        i = 0
+        while i < len(running):
+            r = running[i]
+            grow = r.need_blocks(1) - r.blocks
+            while grow > free and running:
+                victim = running[-1]
+                running.pop()
+                free += victim.blocks
+                start = extents.take(victim.blocks)
+                if start is None:  # swap space full: vLLM falls back to recomputation
+                    stats["recomputes"] += 1
+                    victim.done, victim.blocks = 0, 0
+                    queue.appendleft(victim)
+                else:
+                    group += 1
+                    victim.cpu = (start, victim.blocks)
+                    victim.swaps += 1
+                    outs.append((victim, group))
+                    swapped.append(victim)
+                    stats["preempted_blocks"] += victim.blocks
+                    victim.blocks = 0
+                if victim is r:
+                    break
+            else:
+                free -= grow
+                r.blocks += grow
+                i += 1
+                continue
+            # r itself was preempted; do not advance i (the list shrank past it)
+        ops: list[Op] = []
+        if ins:
+            stats["swap_ins"] += len(ins)
+            ranges = tuple(rng_of(r, layer, kv) for layer in range(layers) for kv in (0, 1) for r in ins)
+            ops.append(H2D(ranges, label=f"swap-in x{len(ins)}"))
+            for r in ins:
+                assert r.cpu is not None
+                extents.give(*r.cpu)
+                r.cpu = None
+        for layer in range(layers):
+            for kv in (0, 1):
+                for r, g in outs:
+                    ops.append(D2H(rng_of(r, layer, kv), group=g, swap_out=True, label=f"swap-out r{r.rid}"))
+        stats["swap_outs"] += len(outs)
+        batch = len(running)
+        ctx = sum(r.length for r in running)
+        if batch or prefill:
+            ops.append(
+                Compute(
+                    _decode_s(params, max(batch, 1), ctx, kv_token, testbed) + _prefill_s(params, prefill, testbed),
+                    after_copies=True,
+                    label=f"step b={batch}",
+                )
+            )
+        ops.append(Sync())
+        finished = []
+        for r in running:
+            r.done += 1
+            if r.done >= r.output:
+                finished.append(r)
+        for r in finished:
+            running.remove(r)
+            free += r.blocks
+        steps.append(Step(tuple(ops), tokens=batch))
+    return Trace(
+        name=f"vllm-v0-{model.replace('-', '').replace('llama2', 'llama2-')}",
+        kind="vllm-v0",
+        description=f"vLLM V0 {model} swap preemption, {requests} ShareGPT-like requests, {gpu_blocks} GPU blocks",
+        regions=(RegionSpec("kv", layers * 2 * cpu_blocks * copy, readonly=False),),
+        steps=tuple(steps),
+        warmup=warmup,
+        swap_order="lifo",
+        scale={"token_scale": token_scale, "byte_scale": 1.0},
+        params={
+            "model": model,
+            "layers": layers,
+            "copy_bytes": copy,
+            "requests": requests,
+            "gpu_blocks": gpu_blocks,
+            "cpu_blocks": cpu_blocks,
+            "seed": seed,
+            **stats,
+        },
+    )
+
+
+# -- vLLM V1 CPU offloading ------------------------------------------------------------------------------
+def vllm_v1(
+    model: str = "llama-2-7b",
+    *,
+    conversations: int,
+    turns: int,
+    concurrency: int,
+    cpu_blocks: int,
+    token_scale: float = 1.0,
+    warmup: int = 2,
+    seed: int = 0,
+    testbed: Testbed = TESTBED,
+) -> Trace:
+    """vLLM V1 with CPU KV offloading over multi-turn chats: store every full block, load prefix hits.
+
+    `concurrency` requests run at once; when one finishes, the next turn (of the conversation that waited
+    longest) is admitted. Its prompt is the whole conversation so far plus a new user message; the blocks of
+    that history that sit in the CPU cache (LRU over `cpu_blocks`) are loaded (H2D) asynchronously while
+    the batch keeps decoding, and the request prefills in the next step. The GPU prefix cache is assumed
+    too small to still hold a conversation between turns. Every newly full block is stored (D2H, FIFO)
+    unless the CPU cache already has it. The CPU cache holds a block's layers contiguously (one block, one
+    transfer; the offloading spec is pluggable), and a PipeLLM integration declares each load as an intent
+    when the scheduler finds the prefix hit.
+    """
+    layers, copy, params, hidden = KV_MODELS[model]
+    block_bytes = layers * 2 * copy
+    kv_token = layers * 2 * hidden * 2
+    rng = np.random.default_rng(seed)
+    convs = []
+    for _ in range(conversations):
+        convs.append(deque(sharegpt_lengths(rng, turns, token_scale)))
+    history = [0] * conversations  # tokens in each conversation so far
+    cpu: dict[tuple[int, int], int] = {}  # (conversation, block index) -> CPU slot, insertion = LRU order
+    free_slots = deque(range(cpu_blocks))
+    waiting = deque(range(conversations))
+    running: list[dict[str, int]] = []
+    stats = {"loads": 0, "stores": 0, "load_blocks": 0, "evictions": 0}
+    steps: list[Step] = []
+    pending_prefill = 0
+
+    def slot_range(slot: int) -> Range:
+        return Range("kv", slot * block_bytes, block_bytes)
+
+    def store(conv: int, idx: int, out: list[Op]) -> None:
+        if (conv, idx) in cpu:
+            cpu[(conv, idx)] = cpu.pop((conv, idx))  # refresh LRU
+            return
+        if not free_slots:
+            victim = next(iter(cpu))
+            free_slots.append(cpu.pop(victim))
+            stats["evictions"] += 1
+        slot = free_slots.popleft()
+        cpu[(conv, idx)] = slot
+        stats["stores"] += 1
+        out.append(D2H(slot_range(slot), group=0, swap_out=False, label=f"store c{conv}b{idx}"))
+
+    while waiting or running:
+        ops: list[Op] = []
+        loads: list[Range] = []
+        prefill = pending_prefill
+        pending_prefill = 0
+        while len(running) < concurrency and waiting:
+            conv = waiting.popleft()
+            if not convs[conv]:
+                continue
+            user, reply = convs[conv].popleft()
+            cached = 0
+            for idx in range(history[conv] // BLOCK_TOKENS):
+                if (conv, idx) not in cpu:
+                    break
+                cached += 1
+                loads.append(slot_range(cpu[(conv, idx)]))
+                cpu[(conv, idx)] = cpu.pop((conv, idx))
+            history[conv] += user
+            pending_prefill += history[conv] - cached * BLOCK_TOKENS
+            running.append({"conv": conv, "left": reply, "len": history[conv]})
+            stats["loads"] += bool(cached)
+            stats["load_blocks"] += cached
+        if loads:
+            ops.append(Declare(tuple(loads)))
+            ops.append(H2D(tuple(loads), label=f"load x{len(loads)}"))
+        active = [r for r in running if r["len"] > 0]
+        batch = len(active)
+        ctx = sum(r["len"] for r in active)
+        ops.append(
+            Compute(
+                _decode_s(params, max(batch, 1), ctx, kv_token, testbed) + _prefill_s(params, prefill, testbed),
+                after_copies=False,
+                label=f"step b={batch}",
+            )
+        )
+        stores: list[Op] = []
+        done = []
+        for r in running:
+            before = r["len"]
+            r["len"] += 1
+            r["left"] -= 1
+            if r["len"] // BLOCK_TOKENS > before // BLOCK_TOKENS or before == 0:
+                for idx in range(before // BLOCK_TOKENS, r["len"] // BLOCK_TOKENS):
+                    store(r["conv"], idx, stores)
+            if r["left"] <= 0:
+                done.append(r)
+        for r in done:
+            running.remove(r)
+            history[r["conv"]] = r["len"]
+            waiting.append(r["conv"])
+        ops += stores
+        ops.append(Sync())
+        steps.append(Step(tuple(ops), tokens=batch))
+    return Trace(
+        name=f"vllm-v1-{model.replace('-', '').replace('llama2', 'llama2-')}",
+        kind="vllm-v1",
+        description=f"vLLM V1 CPU offloading, {conversations} chats x {turns} turns, {concurrency} concurrent",
+        regions=(RegionSpec("kv", cpu_blocks * block_bytes, readonly=False),),
+        steps=tuple(steps),
+        warmup=warmup,
+        swap_order="fifo",
+        scale={"token_scale": token_scale, "byte_scale": 1.0},
+        params={
+            "model": model,
+            "block_bytes": block_bytes,
+            "cpu_blocks": cpu_blocks,
+            "conversations": conversations,
+            "turns": turns,
+            "concurrency": concurrency,
+            "seed": seed,
+            **stats,
+        },
+    )
+
+
+# -- multi-LoRA ----------------------------------------------------------------------------------------
+def zipf_weights(n: int, a: float) -> np.ndarray[Any, np.dtype[np.float64]]:
+    w = 1.0 / np.arange(1, n + 1) ** a
+    return np.asarray(w / w.sum(), dtype=np.float64)
+
+
+def lora(
+    *,
+    adapters: int = 32,
+    ranks: tuple[int, ...] = (8, 16, 32, 64),
+    zipf_a: float = 1.0,
+    batch: int = 32,
+    max_loras: int = 4,
+    gpu_slots: int = 8,
+    batches: int = 12,
+    decode_steps: int = 8,
+    byte_scale: float = 1.0,
+    warmup_batches: int = 1,
+    seed: int = 0,
+    testbed: Testbed = TESTBED,
+) -> Trace:
+    """Multi-LoRA serving on Llama-2-7B: batches of `batch` requests, Zipf adapter popularity.
+
+    Adapter i has a seeded rank from `ranks` and about 2 MiB x rank of q/k/v/o weights (x `byte_scale`).
+    Each batch serves up to `max_loras` distinct adapters; the GPU keeps `gpu_slots` adapters (LRU). While
+    batch i decodes, the scheduler knows batch i+1: it declares the adapters that are not resident as
+    intents at the start of batch i and loads them in the middle of its decode steps (S-LoRA's prefetch),
+    so the loads overlap compute. Base-model compute is scaled with the adapters (same `byte_scale`) so the
+    load:compute ratio stays that of the full-size model.
+    """
+    rng = np.random.default_rng(seed)
+    layers, _copy, params, hidden = KV_MODELS["llama-2-7b"]
+    rank_of = [int(rng.choice(ranks)) for _ in range(adapters)]
+    sizes = [_pages(2 * MiB * r * byte_scale) for r in rank_of]
+    popularity = zipf_weights(adapters, zipf_a)
+    order = rng.permutation(adapters)  # which adapter is the most popular is itself random
+    batch_sets: list[list[int]] = []
+    for _ in range(warmup_batches + batches + 1):
+        picks = [int(order[k]) for k in rng.choice(adapters, size=batch, p=popularity)]
+        distinct: list[int] = []
+        for a in picks:
+            if a not in distinct and len(distinct) < max_loras:
+                distinct.append(a)
+        batch_sets.append(distinct)
+    resident: list[int] = []  # LRU, most recent last
+
+    def need(adapter_set: list[int], protect: list[int]) -> list[int]:
+        missing = [a for a in adapter_set if a not in resident]
+        for a in adapter_set:
+            if a in resident:
+                resident.remove(a)
+            resident.append(a)
+        while len(resident) > gpu_slots:
+            victim = next(a for a in resident if a not in adapter_set and a not in protect)
+            resident.remove(victim)
+        return missing
+
+    def load(ids: list[int]) -> H2D:
+        return H2D(tuple(Range(f"lora{a}", 0, sizes[a]) for a in ids), label="lora " + ",".join(map(str, ids)))
+
+    kv_token = layers * 2 * hidden * 2
+    lora_flops = sum(2 * 4 * 2 * hidden * rank_of[a] * layers for a in range(adapters)) / adapters
+    steps: list[Step] = []
+    first = need(batch_sets[0], [])
+    ctx = batch * 400
+    for b in range(warmup_batches + batches):
+        nxt = need(batch_sets[b + 1], batch_sets[b])
+        for d in range(decode_steps):
+            ops: list[Op] = []
+            if b == 0 and d == 0 and first:
+                ops += [load(first), Sync()]
+            if d == 0 and nxt:
+                ops.append(Declare(load(nxt).ranges))
+            if d == decode_steps // 2 and nxt:
+                ops.append(load(nxt))
+            secs = _decode_s(params, batch, ctx, kv_token, testbed) + testbed.compute_s(lora_flops * batch)
+            ops += [Compute(secs * byte_scale, after_copies=False, label=f"batch {b} step {d}"), Sync()]
+            steps.append(Step(tuple(ops), tokens=batch))
+    regions = tuple(RegionSpec(f"lora{a}", sizes[a], readonly=True, adapter=True) for a in range(adapters))
+    return Trace(
+        name="lora-llama2-7b",
+        kind="lora",
+        description=f"multi-LoRA Llama-2-7B, {adapters} adapters (Zipf a={zipf_a}), {gpu_slots} GPU slots",
+        regions=regions,
+        steps=tuple(steps),
+        warmup=warmup_batches * decode_steps,
+        scale={"byte_scale": byte_scale},
+        params={
+            "adapters": adapters,
+            "ranks": rank_of,
+            "adapter_bytes": sizes,
+            "max_loras": max_loras,
+            "gpu_slots": gpu_slots,
+            "batch": batch,
+            "decode_steps_per_batch": decode_steps,
+            "seed": seed,
+        },
+    )
+
+
+# -- accelerate ------------------------------------------------------------------------------------------
+def accelerate(
+    *,
+    byte_scale: float,
+    tokens: int = 3,
+    warmup: int = 2,
+    batch: int = 1,
+    context: int = 512,
+    declare: bool = True,
+    seed: int = 0,
+    testbed: Testbed = TESTBED,
+) -> Trace:
+    """accelerate `cpu_offload` of Llama-2-7B: every layer's weights moved synchronously before it runs.
+
+    The `AlignDevicesHook` moves each offloaded module's weights in forward order, waits, then runs it: no
+    prefetch, so plain serving is link-bound. The PipeLLM integration (pipellm_client.integrations.
+    accelerate) declares the first forward's order as a cyclic intent; `declare=False` leaves it to the
+    cycle predictor.
+    """
+    layers, _copy, params, hidden = KV_MODELS["llama-2-7b"]
+    per_layer_params = 4 * hidden * hidden + 3 * hidden * 11008
+    layer_bytes = _pages(per_layer_params * 2 * byte_scale)
+    kv_token = layers * 2 * hidden * 2
+    compute = _decode_s(per_layer_params, batch, batch * context, kv_token // layers, testbed) * byte_scale
+    ranges = [Range("weights", j * layer_bytes, layer_bytes) for j in range(layers)]
+    steps = []
+    for t in range(warmup + tokens):
+        ops: list[Op] = []
+        if t == 0 and declare:
+            ops.append(Declare(tuple(ranges), cyclic=True))
+        for j in range(layers):
+            ops += [H2D((ranges[j],), label=f"w{j}"), Compute(compute, after_copies=True, label=f"L{j}"), Sync()]
+        steps.append(Step(tuple(ops), tokens=batch))
+    return Trace(
+        name="accelerate-llama2-7b",
+        kind="accelerate",
+        description=f"accelerate cpu_offload Llama-2-7B, batch {batch}, forward-order synchronous loads",
+        regions=(RegionSpec("weights", layers * layer_bytes),),
+        steps=tuple(steps),
+        warmup=warmup,
+        scale={"byte_scale": byte_scale},
+        params={"layers": layers, "layer_bytes": layer_bytes, "declare": declare, "seed": seed},
+    )
+
+
+# -- adversarial -----------------------------------------------------------------------------------------
+def adversarial(
+    *,
+    region_bytes: int,
+    steps: int,
+    transfers: int = 4,
+    min_bytes: int = 1 * MiB,
+    max_bytes: int = 4 * MiB,
+    compute_ratio: float = 1.0,
+    warmup: int = 2,
+    seed: int = 0,
+    testbed: Testbed = TESTBED,
+) -> Trace:
+    """Random page-aligned ranges in random order: no cycle, no swap pattern, no intents.
+
+    Each step commits `transfers` random ranges, then computes for `compute_ratio` x their link time (so
+    there is idle time in which a predictor could waste work), then syncs. Whatever PipeLLM speculates
+    is wrong; the target is to cost no more than encrypting on demand.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(warmup + steps):
+        ranges = []
+        for _ in range(transfers):
+            n = _pages(rng.integers(min_bytes, max_bytes + 1))
+            off = int(rng.integers(0, (region_bytes - n) // PAGE + 1)) * PAGE
+            ranges.append(Range("data", off, n))
+        nbytes = sum(r.length for r in ranges)
+        out.append(
+            Step(
+                (
+                    H2D(tuple(ranges), label="random"),
+                    Compute(testbed.link_s(nbytes) * compute_ratio, after_copies=True),
+                    Sync(),
+                ),
+                tokens=1,
+            )
+        )
+    return Trace(
+        name="adversarial",
+        kind="adversarial",
+        description=f"random {min_bytes // MiB}-{max_bytes // MiB} MiB ranges x{transfers} per step, random order",
+        regions=(RegionSpec("data", region_bytes),),
+        steps=tuple(out),
+        warmup=warmup,
+        unit="steps",
+        scale={"byte_scale": 1.0},
+        params={"transfers": transfers, "compute_ratio": compute_ratio, "seed": seed},
+    )
+
+
+# -- suites ----------------------------------------------------------------------------------------------
+SIZES: Final = ("quick", "full")
+
+
+def suite(size: str = "quick", seed: int = 0) -> list[Trace]:
+    """Every workload, sized for `make bench-quick` (seconds each) or `make bench` (tens of seconds)."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}")
+    q = size == "quick"
+    return [
+        flexgen("opt-30b", byte_scale=1 / 256 if q else 1 / 32, tokens=3 if q else 8, seed=seed),
+        flexgen("opt-66b", byte_scale=1 / 512 if q else 1 / 64, tokens=3 if q else 8, seed=seed),
+        flexgen("opt-175b", byte_scale=1 / 1024 if q else 1 / 128, tokens=3 if q else 8, seed=seed),
+        vllm_v0(
+            "llama-2-7b",
+            requests=24 if q else 96,
+            gpu_blocks=48 if q else 160,
+            cpu_blocks=128 if q else 512,
+            token_scale=0.25 if q else 0.5,
+            max_steps=60 if q else 400,
+            seed=seed,
+        ),
+        vllm_v0(
+            "opt-30b",
+            requests=16 if q else 64,
+            gpu_blocks=32 if q else 120,
+            cpu_blocks=64 if q else 256,
+            token_scale=0.25 if q else 0.5,
+            max_steps=40 if q else 300,
+            seed=seed,
+        ),
+        vllm_v0(
+            "opt-66b",
+            requests=12 if q else 48,
+            gpu_blocks=24 if q else 90,
+            cpu_blocks=48 if q else 160,
+            token_scale=0.25 if q else 0.5,
+            max_steps=40 if q else 300,
+            seed=seed,
+        ),
+        vllm_v1(
+            "llama-2-7b",
+            conversations=12 if q else 48,
+            turns=3 if q else 4,
+            concurrency=6 if q else 16,
+            cpu_blocks=64 if q else 256,
+            token_scale=0.15 if q else 0.3,
+            seed=seed,
+        ),
+        lora(byte_scale=1 / 16 if q else 1 / 4, batches=6 if q else 24, seed=seed),
+        accelerate(byte_scale=1 / 64 if q else 1 / 8, tokens=3 if q else 8, seed=seed),
+        adversarial(region_bytes=(256 if q else 1024) * MiB, steps=24 if q else 160, seed=seed),
+    ]
+
+
+__all__ = [
+    "D2H",
+    "H2D",
+    "KV_MODELS",
+    "OPT",
+    "Compute",
+    "Declare",
+    "Op",
+    "Range",
+    "RegionSpec",
+    "Step",
+    "Sync",
+    "Trace",
+    "accelerate",
+    "adversarial",
+    "flexgen",
+    "lora",
+    "sharegpt_lengths",
+    "suite",
+    "vllm_v0",
+    "vllm_v1",
+    "zipf_weights",
+]
