@@ -172,6 +172,7 @@ class DeviceModel:
     compute_free: float = 0.0
     slept: float = 0.0
     spans: list[Span] = field(default_factory=list)
+    debt_log: list[tuple[float, float]] = field(default_factory=list)  # (wall since reset, debt), if record
 
     def reset(self) -> None:
         """Start a new timeline at model time 0 (now)."""
@@ -180,6 +181,7 @@ class DeviceModel:
         self.h2d_free = self.d2h_free = self.compute_free = 0.0
         self.slept = 0.0
         self.spans = []
+        self.debt_log = []
 
     def now(self) -> float:
         """Model time: wall time since `reset`, less the emulation debt."""
@@ -188,6 +190,17 @@ class DeviceModel:
     def emulated(self, seconds: float) -> None:
         """The CPU spent `seconds` doing what the GPU would do (endpoint crypto, plain-mode DMA copy)."""
         self.debt += max(0.0, seconds)
+        if self.record:
+            self.debt_log.append((self.clock.now() - self.origin, self.debt))
+
+    def to_model(self, wall_since_reset: float) -> float:
+        """Model time of a wall-clock instant (seconds since `reset`), using the recorded debt (record=True)."""
+        debt = 0.0
+        for w, d in self.debt_log:
+            if w > wall_since_reset:
+                break
+            debt = d
+        return wall_since_reset - debt
 
     def _span(self, lane: str, start: float, end: float, label: str) -> None:
         if self.record:
@@ -202,9 +215,12 @@ class DeviceModel:
         self._span("link H2D", start, end, label)
         return end
 
-    def d2h(self, nbytes: int, issued: float, host_done: float, label: str = "") -> float:
-        """A device-to-host copy (the GPU encrypts at link speed; the host's part ends at `host_done`)."""
-        start = max(issued, self.d2h_free)
+    def d2h(self, nbytes: int, issued: float, host_done: float, *, after_compute: bool = False, label: str = "") -> float:
+        """A device-to-host copy (the GPU encrypts at link speed; the host's part ends at `host_done`).
+
+        With `after_compute` it starts only when the compute issued before it has produced the data.
+        """
+        start = max(issued, self.d2h_free, self.compute_free if after_compute else 0.0)
         end = max(start + self.scale.link_wall_s(nbytes), host_done)
         self.d2h_free = end
         self._span("host", issued, host_done, label)

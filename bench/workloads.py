@@ -81,6 +81,7 @@ class D2H:
     range: Range
     group: int = 0
     swap_out: bool = True
+    after_compute: bool = False  # the data is produced by the compute launched before it
     label: str = ""
 
     @property
@@ -175,7 +176,7 @@ class Trace:
                 if isinstance(op, H2D):
                     dev.h2d(op.nbytes, dev.now(), dev.now())
                 elif isinstance(op, D2H):
-                    dev.d2h(op.nbytes, dev.now(), dev.now())
+                    dev.d2h(op.nbytes, dev.now(), dev.now(), after_compute=op.after_compute)
                 elif isinstance(op, Compute):
                     dev.compute(op.seconds, after_copies=op.after_copies)
                 elif isinstance(op, Sync):
@@ -234,7 +235,6 @@ def flexgen(
     gpu_fraction: float = 0.2,
     gpu_batch: int = 48,
     num_gpu_batches: int = 3,
-    context: int = 512 + 16,
     seed: int = 0,
     testbed: Testbed = TESTBED,
 ) -> Trace:
@@ -249,8 +249,8 @@ def flexgen(
     full_layer = 12 * h * h * 2  # 4h^2 attention + 8h^2 MLP, fp16
     layer_bytes = _pages((1 - gpu_fraction) * full_layer * byte_scale)
     batch = gpu_batch * num_gpu_batches
-    flops = 2 * 12 * h * h * batch + 4 * context * h * batch
-    hbm = full_layer * num_gpu_batches + batch * context * 2 * h * 2
+    flops = 2 * 12 * h * h * batch
+    hbm = full_layer * num_gpu_batches
     compute_s = testbed.compute_s(flops, hbm) * byte_scale
     region = RegionSpec("weights", layers * layer_bytes)
 
@@ -356,117 +356,132 @@ def vllm_v0(
     requests: int,
     gpu_blocks: int,
     cpu_blocks: int,
+    steps: int,
+    skip: int = 0,
+    warmup: int = 2,
     max_running: int = 256,
     token_scale: float = 1.0,
-    max_steps: int = 100_000,
-    warmup: int = 2,
     seed: int = 0,
     testbed: Testbed = TESTBED,
 ) -> Trace:
     """vLLM V0 continuous batching with swap preemption, as `Scheduler._schedule_default` does it.
 
-    Each step: swapped requests come back first-come-first-served while blocks allow; otherwise waiting
-    requests are admitted (prefill); every running request that needs a new block gets one, preempting the
-    newest running request (swap out) when none is free. Copies are issued the way `CacheEngine` does:
+    Each step: swapped requests come back first-come-first-served while the blocks for this step's tokens
+    remain; only when none is swapped out are waiting requests admitted (prefill, with a watermark); every
+    running request that needs a new block gets one, preempting the newest running request (swap out) when
+    none is free. (V0 swaps in this way for parallel sampling and beam search, or with
+    `preemption_mode="swap"`; the trace assumes the latter.) Copies are issued the way `CacheEngine` does:
     per layer, K then V, for every block of the mapping, swap-ins before swap-outs, then the forward pass.
+
     A request's CPU blocks are one contiguous run (first fit), so the copies of one request in one layer
     are adjacent; the replay sends each such run as one range (what an integration packing adjacent copies
     does) and each request's swap-out as its own group. Request lengths are ShareGPT-like (seeded).
+
+    The simulation runs `skip` steps first (the ramp-up, not replayed) and emits the next `steps`: a
+    prologue step re-creates the swap space as it is at that point (the D2H copies of every request still
+    swapped out, in their original order), then `warmup` replayed but unmeasured steps, then the rest.
     """
     layers, copy, params, hidden = KV_MODELS[model]
     kv_token = layers * 2 * hidden * 2
     rng = np.random.default_rng(seed)
     queue = deque(_Req(i, p, o) for i, (p, o) in enumerate(sharegpt_lengths(rng, requests, token_scale)))
     running: list[_Req] = []
-    swapped: list[_Req] = []  # in swap-out order
+    swapped: list[_Req] = []
     free = gpu_blocks
     extents = _Extents(cpu_blocks)
     group = 0
-    steps: list[Step] = []
-    stats = {"swap_outs": 0, "swap_ins": 0, "recomputes": 0, "preempted_blocks": 0}
+    out_ops: dict[int, list[D2H]] = {}  # request -> the D2H copies of its current swap-out
+    emitted: list[Step] = []
+    stats = {"swap_outs": 0, "swap_ins": 0, "recomputes": 0, "swap_out_bytes": 0, "swap_in_bytes": 0}
 
     def rng_of(r: _Req, layer: int, kv: int) -> Range:
         assert r.cpu is not None
         first, n = r.cpu
         return Range("kv", ((layer * 2 + kv) * cpu_blocks + first) * copy, n * copy)
 
-    while (queue or running or swapped) and len(steps) < max_steps:
+    for step in range(skip + steps):
+        if not (queue or running or swapped):
+            break
         ins: list[_Req] = []
         outs: list[tuple[_Req, int]] = []
         prefill = 0
-        # 1. swap in, FCFS (oldest request first), only when nothing was preempted this step
+        growth = sum(max(0, r.need_blocks(1) - r.blocks) for r in running)
+        # 1. swap in, FCFS (oldest request first), while the blocks for this step's tokens remain
         swapped.sort(key=lambda r: r.rid)
-        while swapped and free >= swapped[0].need_blocks(1) and len(running) < max_running:
+        while swapped and free - growth >= swapped[0].need_blocks(1) and len(running) < max_running:
             r = swapped.pop(0)
-            free -= r.need_blocks()
-            r.blocks = r.need_blocks()
+            r.blocks = r.need_blocks(1)
+            free -= r.blocks
             ins.append(r)
-        # 2. admit waiting requests when nothing is swapped out
+            running.append(r)
+        # 2. admit waiting requests (prefill) only when nothing is swapped out; keep a watermark
         if not swapped and not ins:
-            while queue and free >= queue[0].need_blocks(1) + len(running) // 8 and len(running) < max_running:
+            while (
+                queue
+                and free - growth >= queue[0].need_blocks(1) + max(1, gpu_blocks // 32)
+                and len(running) < max_running
+            ):
                 r = queue.popleft()
-                r.blocks = r.need_blocks()
+                r.blocks = r.need_blocks(1)
                 free -= r.blocks
                 prefill += r.prompt
                 running.append(r)
-        running.sort(key=lambda r: r.rid)
-        for r in ins:
-            running.append(r)
         running.sort(key=lambda r: r.rid)
         # 3. every running request appends one token; preempt the newest when a block is missing
         i = 0
         while i < len(running):
             r = running[i]
             grow = r.need_blocks(1) - r.blocks
+            preempted_self = False
             while grow > free and running:
-                victim = running[-1]
-                running.pop()
+                victim = running.pop()
                 free += victim.blocks
-                start = extents.take(victim.blocks)
-                if start is None:  # swap space full: vLLM falls back to recomputation
+                start = None if victim in ins else extents.take(victim.blocks)
+                if start is None:  # swap space full (or just swapped in): vLLM recomputes instead
                     stats["recomputes"] += 1
+                    if victim in ins:
+                        ins.remove(victim)
+                        assert victim.cpu is not None
+                        extents.give(*victim.cpu)
+                        victim.cpu = None
                     victim.done, victim.blocks = 0, 0
                     queue.appendleft(victim)
                 else:
                     group += 1
                     victim.cpu = (start, victim.blocks)
-                    victim.swaps += 1
                     outs.append((victim, group))
                     swapped.append(victim)
-                    stats["preempted_blocks"] += victim.blocks
                     victim.blocks = 0
                 if victim is r:
+                    preempted_self = True
                     break
-            else:
-                free -= grow
-                r.blocks += grow
-                i += 1
-                continue
-            # r itself was preempted; do not advance i (the list shrank past it)
+            if preempted_self:
+                continue  # r was the newest and is gone; the loop ends at the shorter list
+            free -= grow
+            r.blocks += grow
+            i += 1
         ops: list[Op] = []
         if ins:
-            stats["swap_ins"] += len(ins)
             ranges = tuple(rng_of(r, layer, kv) for layer in range(layers) for kv in (0, 1) for r in ins)
             ops.append(H2D(ranges, label=f"swap-in x{len(ins)}"))
             for r in ins:
                 assert r.cpu is not None
                 extents.give(*r.cpu)
                 r.cpu = None
+                out_ops.pop(r.rid, None)
+        d2h: list[D2H] = []
         for layer in range(layers):
             for kv in (0, 1):
                 for r, g in outs:
-                    ops.append(D2H(rng_of(r, layer, kv), group=g, swap_out=True, label=f"swap-out r{r.rid}"))
-        stats["swap_outs"] += len(outs)
+                    op = D2H(rng_of(r, layer, kv), group=g, swap_out=True, label=f"swap-out r{r.rid}")
+                    d2h.append(op)
+                    out_ops.setdefault(r.rid, []).append(op)
+        ops += d2h
         batch = len(running)
         ctx = sum(r.length for r in running)
         if batch or prefill:
-            ops.append(
-                Compute(
-                    _decode_s(params, max(batch, 1), ctx, kv_token, testbed) + _prefill_s(params, prefill, testbed),
-                    after_copies=True,
-                    label=f"step b={batch}",
-                )
-            )
+            secs = _decode_s(params, max(batch, 1), ctx, kv_token, testbed) + _prefill_s(params, prefill, testbed)
+            ops.append(Compute(secs, after_copies=True, label=f"step b={batch}"))
         ops.append(Sync())
         finished = []
         for r in running:
@@ -476,14 +491,24 @@ def vllm_v0(
         for r in finished:
             running.remove(r)
             free += r.blocks
-        steps.append(Step(tuple(ops), tokens=batch))
+        if step == skip:
+            # the swap space as the skipped ramp-up left it, in swap-out order
+            still = sorted(out_ops.items(), key=lambda kv: min(o.group for o in kv[1]))
+            before = [op for rid, lst in still for op in lst if op not in d2h]
+            emitted.append(Step((*before, Sync()), tokens=0))
+        if step >= skip:
+            stats["swap_ins"] += len(ins)
+            stats["swap_outs"] += len(outs)
+            stats["swap_in_bytes"] += sum(op.nbytes for op in ops if isinstance(op, H2D))
+            stats["swap_out_bytes"] += sum(op.nbytes for op in d2h)
+            emitted.append(Step(tuple(ops), tokens=batch))
     return Trace(
         name=f"vllm-v0-{model.replace('-', '').replace('llama2', 'llama2-')}",
         kind="vllm-v0",
-        description=f"vLLM V0 {model} swap preemption, {requests} ShareGPT-like requests, {gpu_blocks} GPU blocks",
+        description=f"vLLM V0 {model} swap preemption, ShareGPT-like requests x{token_scale}, {gpu_blocks} GPU blocks",
         regions=(RegionSpec("kv", layers * 2 * cpu_blocks * copy, readonly=False),),
-        steps=tuple(steps),
-        warmup=warmup,
+        steps=tuple(emitted),
+        warmup=1 + warmup,
         swap_order="lifo",
         scale={"token_scale": token_scale, "byte_scale": 1.0},
         params={
@@ -493,6 +518,7 @@ def vllm_v0(
             "requests": requests,
             "gpu_blocks": gpu_blocks,
             "cpu_blocks": cpu_blocks,
+            "skipped_steps": skip,
             "seed": seed,
             **stats,
         },
@@ -507,6 +533,8 @@ def vllm_v1(
     turns: int,
     concurrency: int,
     cpu_blocks: int,
+    steps: int,
+    skip: int = 0,
     token_scale: float = 1.0,
     warmup: int = 2,
     seed: int = 0,
@@ -522,6 +550,10 @@ def vllm_v1(
     unless the CPU cache already has it. The CPU cache holds a block's layers contiguously (one block, one
     transfer; the offloading spec is pluggable), and a PipeLLM integration declares each load as an intent
     when the scheduler finds the prefix hit.
+
+    The simulation runs `skip` steps (the ramp-up, not replayed) and emits the next `steps`; blocks stored
+    during the ramp-up are loaded from whatever the region holds (the intents, not the stores, tell the
+    daemon what is coming, so the ramp-up need not be replayed).
     """
     layers, copy, params, hidden = KV_MODELS[model]
     block_bytes = layers * 2 * copy
@@ -536,8 +568,7 @@ def vllm_v1(
     waiting = deque(range(conversations))
     running: list[dict[str, int]] = []
     stats = {"loads": 0, "stores": 0, "load_blocks": 0, "evictions": 0}
-    steps: list[Step] = []
-    pending_prefill = 0
+    emitted: list[Step] = []
 
     def slot_range(slot: int) -> Range:
         return Range("kv", slot * block_bytes, block_bytes)
@@ -553,14 +584,20 @@ def vllm_v1(
         slot = free_slots.popleft()
         cpu[(conv, idx)] = slot
         stats["stores"] += 1
-        out.append(D2H(slot_range(slot), group=0, swap_out=False, label=f"store c{conv}b{idx}"))
+        out.append(D2H(slot_range(slot), swap_out=False, after_compute=True, label=f"store c{conv}b{idx}"))
 
-    while waiting or running:
+    joining: list[dict[str, int]] = []
+    for step in range(skip + steps):
+        if not (waiting or running or joining):
+            break
+        if step == skip:
+            stats = dict.fromkeys(stats, 0)
         ops: list[Op] = []
         loads: list[Range] = []
-        prefill = pending_prefill
-        pending_prefill = 0
-        while len(running) < concurrency and waiting:
+        prefill = sum(r["len"] - r["stored"] * BLOCK_TOKENS for r in joining)  # loaded last step, prefill now
+        running += joining
+        joining = []
+        while len(running) + len(joining) < concurrency and waiting:
             conv = waiting.popleft()
             if not convs[conv]:
                 continue
@@ -571,18 +608,16 @@ def vllm_v1(
                     break
                 cached += 1
                 loads.append(slot_range(cpu[(conv, idx)]))
-                cpu[(conv, idx)] = cpu.pop((conv, idx))
+                cpu[(conv, idx)] = cpu.pop((conv, idx))  # a hit refreshes the LRU
             history[conv] += user
-            pending_prefill += history[conv] - cached * BLOCK_TOKENS
-            running.append({"conv": conv, "left": reply, "len": history[conv]})
+            joining.append({"conv": conv, "left": reply, "len": history[conv], "stored": cached})
             stats["loads"] += bool(cached)
             stats["load_blocks"] += cached
         if loads:
             ops.append(Declare(tuple(loads)))
             ops.append(H2D(tuple(loads), label=f"load x{len(loads)}"))
-        active = [r for r in running if r["len"] > 0]
-        batch = len(active)
-        ctx = sum(r["len"] for r in active)
+        batch = len(running)
+        ctx = sum(r["len"] for r in running)
         ops.append(
             Compute(
                 _decode_s(params, max(batch, 1), ctx, kv_token, testbed) + _prefill_s(params, prefill, testbed),
@@ -590,30 +625,28 @@ def vllm_v1(
                 label=f"step b={batch}",
             )
         )
-        stores: list[Op] = []
         done = []
         for r in running:
-            before = r["len"]
             r["len"] += 1
             r["left"] -= 1
-            if r["len"] // BLOCK_TOKENS > before // BLOCK_TOKENS or before == 0:
-                for idx in range(before // BLOCK_TOKENS, r["len"] // BLOCK_TOKENS):
-                    store(r["conv"], idx, stores)
+            for idx in range(r["stored"], r["len"] // BLOCK_TOKENS):
+                store(r["conv"], idx, ops)
+            r["stored"] = max(r["stored"], r["len"] // BLOCK_TOKENS)
             if r["left"] <= 0:
                 done.append(r)
         for r in done:
             running.remove(r)
             history[r["conv"]] = r["len"]
             waiting.append(r["conv"])
-        ops += stores
         ops.append(Sync())
-        steps.append(Step(tuple(ops), tokens=batch))
+        if step >= skip:
+            emitted.append(Step(tuple(ops), tokens=batch))
     return Trace(
         name=f"vllm-v1-{model.replace('-', '').replace('llama2', 'llama2-')}",
         kind="vllm-v1",
         description=f"vLLM V1 CPU offloading, {conversations} chats x {turns} turns, {concurrency} concurrent",
         regions=(RegionSpec("kv", cpu_blocks * block_bytes, readonly=False),),
-        steps=tuple(steps),
+        steps=tuple(emitted),
         warmup=warmup,
         swap_order="fifo",
         scale={"token_scale": token_scale, "byte_scale": 1.0},
@@ -624,6 +657,7 @@ def vllm_v1(
             "conversations": conversations,
             "turns": turns,
             "concurrency": concurrency,
+            "skipped_steps": skip,
             "seed": seed,
             **stats,
         },

@@ -77,6 +77,7 @@ class Counters:
     d2h_messages: int = 0
     late: int = 0
     detours: int = 0
+    staged: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -260,6 +261,7 @@ class Pipeline:
         self.last_commit_end = 0.0
         self.slack_s = 0.0
         self._directives: list[pb.Delivery] = []  # in-band rotations decided between commits
+        self.staging: Any = None  # cuda_staging.DeviceStaging for CUDA sessions that attached one
         self._committing = False
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -453,8 +455,18 @@ class Pipeline:
     def _deliver_entry(self, out: Outbox, e: Entry, ti: int, dst_off: int) -> None:
         self.spec.sender.submit(e.iv)
         self.delivered_slots.add(e.slot)
+        staged = self.staging is not None and self.staging.ready(e.slot)
+        self.counters.staged += staged
         out.add(
-            pb.Delivery(ce=0, kind=pb.MSG_KIND_DATA, slot=e.slot, length=e.nbytes, transfer=ti, dst_offset=dst_off),
+            pb.Delivery(
+                ce=0,
+                kind=pb.MSG_KIND_DATA,
+                slot=e.slot,
+                length=e.nbytes,
+                transfer=ti,
+                dst_offset=dst_off,
+                staged=staged,
+            ),
             e.fut,
         )
 
@@ -659,6 +671,8 @@ class Pipeline:
         if e.state != State.ENCRYPTING:
             return
         e.state = State.FAILED if fut.cancelled() or fut.exception() is not None else State.READY
+        if e.state == State.READY and self.staging is not None:
+            self.staging.prefetch(e.slot, self.arena.layout.h2d_slot(e.slot), e.nbytes + 16)
 
     # -- releases from the endpoint ----------------------------------------------------------------
     def release(self, slots: list[int], nop_cells: list[int]) -> None:
@@ -742,6 +756,9 @@ class Pipeline:
         }
 
     def close(self) -> None:
+        if self.staging is not None:
+            self.staging.close()
+            self.staging = None
         self.arena.h2d.cancel_waiters(ChannelDead("session closed"))
         self.arena.nops.cancel_waiters(ChannelDead("session closed"))
         for s in self.h2d:

@@ -104,6 +104,17 @@ class PipeLLMServicer(pb_grpc.PipeLLMServicer):
             await self._fail(context, exc)
             raise
 
+    async def AttachDeviceStaging(
+        self, request: pb.AttachDeviceStagingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AttachDeviceStagingResponse:
+        try:
+            self._live()
+            self._session(context, request.session_id).attach_staging(request)
+            return pb.AttachDeviceStagingResponse()
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise
+
     async def UnregisterRegion(
         self, request: pb.UnregisterRegionRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnregisterRegionResponse:

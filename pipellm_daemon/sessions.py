@@ -207,6 +207,19 @@ class Session:
             self.pipeline.predictors.lora.add_adapter(region.id, keys)
         return region
 
+    def attach_staging(self, req: pb.AttachDeviceStagingRequest) -> None:
+        if self.endpoint != pb.ENDPOINT_KIND_CUDA:
+            raise R.precondition("device staging is for sessions with a CUDA endpoint")
+        if self.pipeline.staging is not None:
+            raise R.precondition("this session already has device staging")
+        if req.stride < self.cfg.chunk_size + 16:
+            raise R.invalid(f"staging stride {req.stride} is smaller than a chunk plus its tag")
+        from .cuda_staging import DeviceStaging
+
+        self.pipeline.staging = DeviceStaging(
+            bytes(req.ipc_handle), req.size, req.stride, self.arena.layout.h2d_slots, req.device, self.arena.shm.view
+        )
+
     def unregister_region(self, region_id: int) -> None:
         r = self.region(region_id)
         if r.pending_writes:
@@ -256,6 +269,7 @@ class Session:
             counters=self.pipeline.counters.to_proto(),
             depth=len(self.pipeline.spec.queue),
             intents_pending=self.pipeline.predictors.intents.pending,
+            device_staging=self.pipeline.staging is not None,
             endpoint=self.endpoint,  # type: ignore[arg-type]
         )
 

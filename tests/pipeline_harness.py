@@ -36,7 +36,12 @@ class PipelinePair:
     _ids = 0
 
     def __init__(
-        self, cfg: Config, workers: WorkerPool, policy: RotationPolicy | None = None, swap_order: str = "fifo"
+        self,
+        cfg: Config,
+        workers: WorkerPool,
+        policy: RotationPolicy | None = None,
+        swap_order: str = "fifo",
+        endpoint: str = "cpu",
     ):
         self.cfg = cfg
         self.workers = workers
@@ -80,8 +85,11 @@ class PipelinePair:
             rotation=pb.RotationPolicy(key_usage_lower=self.policy.lower, key_usage_upper=self.policy.upper,
                                        iv_rotation_remaining=self.policy.iv_rotation_remaining),
         )  # fmt: skip
-        self.core = SessionCore(resp, secrets)
+        if endpoint == "cuda":
+            resp.mode = pb.MODE_PIPELLM
+        self.core = SessionCore(resp, secrets, endpoint=endpoint)
         self.core.arena = SharedMemory.attach(os.dup(shm.fd), layout.size, writable=True)
+        self.core.endpoint.attach_arena(self.core.arena)
         self.seq = 0
 
     def region(self, size: int, *, readonly: bool, data: np.ndarray[Any, Any] | None = None) -> ClientRegion:
@@ -122,9 +130,7 @@ class PipelinePair:
     async def d2h(
         self, src: np.ndarray[Any, Any], region: ClientRegion, offset: int, *, swap_out: bool, group: int = 0
     ):
-        gen = self.core.landed_frames(
-            memoryview(src.reshape(-1).view(np.uint8)), region, offset, swap_out=swap_out, group=group
-        )
+        gen = self.core.landed_frames(src, region, offset, swap_out=swap_out, group=group)
         for frame, _landing in gen:
             directives = await self.pipeline.landed(frame.landed, self.regions[region.id])
             self.core.landed_done(pb.LandedDone(seq=frame.landed.seq, directives=directives))

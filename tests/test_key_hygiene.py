@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pipellm_client import Client, DaemonError, PipeLLMError, keymem
+from pipellm_client import Client, PipeLLMError, keymem
 from pipellm_client._core import Handshake
 from pipellm_client._dataplane import FrameSocket
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client.keys import KeyAgreement, channel_label, hkdf_expand, rotate_key
+
 from pipellm_daemon.launcher import DaemonProcess
 
 pytestmark = pytest.mark.integration

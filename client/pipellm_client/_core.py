@@ -19,7 +19,7 @@ from ._gen.pipellm.v1 import pipellm_pb2 as pb
 from .arena import ArenaLayout
 from .channel import RotationPolicy
 from .crypto import TAG_LEN
-from .endpoint import NOP_MESSAGE_LEN, ChannelSecrets, CpuEndpoint, MsgKind
+from .endpoint import NOP_MESSAGE_LEN, ChannelSecrets, CpuEndpoint, Endpoint, MsgKind, host_source_view
 from .errors import ChannelDead, InvalidArgument, PipeLLMError, TagMismatch
 from .regions import Region, generation_table_bytes
 from .shm import SharedMemory
@@ -80,12 +80,12 @@ class Handshake:
         self.channels = channels
         self.masks = [keys.new_mask() for _ in range(2 * channels)]
 
-    def request(self, *, client_name: str, endpoint: int, swap_order: int) -> pb.OpenSessionRequest:
+    def request(self, *, client_name: str, endpoint: str, swap_order: int) -> pb.OpenSessionRequest:
         return pb.OpenSessionRequest(
             endpoint_public_key=self.agreement.public_bytes,
             sealed_masks=keys.seal_masks(self.master, self.transcript, self.masks),
             channels=self.channels,
-            endpoint=endpoint,  # type: ignore[arg-type]
+            endpoint=pb.ENDPOINT_KIND_CUDA if endpoint == "cuda" else pb.ENDPOINT_KIND_CPU,
             client_name=client_name,
             swap_order=swap_order,  # type: ignore[arg-type]
         )
@@ -148,25 +148,7 @@ class EndpointStats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-def as_bytes_view(dst: Any) -> memoryview:
-    """A writable byte view of a numpy array or CPU torch tensor (C-contiguous)."""
-    if hasattr(dst, "numpy") and hasattr(dst, "is_contiguous"):  # torch.Tensor
-        if dst.device.type != "cpu":
-            raise InvalidArgument("the CPU endpoint needs a CPU tensor; use the CUDA endpoint for GPU tensors")
-        dst = dst.detach().numpy()
-    arr = np.asarray(dst)
-    if not arr.flags.c_contiguous:
-        raise InvalidArgument("destination must be C-contiguous")
-    if not arr.flags.writeable:
-        raise InvalidArgument("destination is read-only")
-    return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-
-
-def as_source_view(src: Any) -> memoryview:
-    if hasattr(src, "numpy") and hasattr(src, "is_contiguous"):
-        src = src.detach().cpu().numpy()
-    arr = np.ascontiguousarray(src)
-    return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+as_source_view = host_source_view
 
 
 class SessionCore:
@@ -176,7 +158,14 @@ class SessionCore:
     in which only every N-th DATA message is decrypted, the rest only advance the endpoint's counter.
     """
 
-    def __init__(self, resp: pb.OpenSessionResponse, secrets: list[ChannelSecrets], verify: str | int = "all") -> None:
+    def __init__(
+        self,
+        resp: pb.OpenSessionResponse,
+        secrets: list[ChannelSecrets],
+        verify: str | int = "all",
+        endpoint: str = "cpu",
+        device: int | None = None,
+    ) -> None:
         self.id = resp.session_id
         self.mode = resp.mode
         self.channels = resp.channels
@@ -190,7 +179,15 @@ class SessionCore:
         policy = RotationPolicy(
             resp.rotation.key_usage_upper, resp.rotation.key_usage_lower, resp.rotation.iv_rotation_remaining
         )
-        self.endpoint = CpuEndpoint(secrets[: self.channels], policy)
+        self.endpoint: Endpoint
+        if endpoint == "cuda":
+            from .gpu.endpoint import CudaEndpoint
+
+            self.endpoint = CudaEndpoint(secrets[: self.channels], policy, self.layout, device=device)
+        elif endpoint == "cpu":
+            self.endpoint = CpuEndpoint(secrets[: self.channels], policy)
+        else:
+            raise InvalidArgument(f"endpoint must be 'cpu' or 'cuda', got {endpoint!r}")
         self.arena: SharedMemory | None = None
         self.regions: dict[int, Region] = {}
         self.seq = itertools.count(1)
@@ -215,6 +212,7 @@ class SessionCore:
                 os.close(fd)
             raise PipeLLMError("bad Attach frame from the daemon")
         self.arena = SharedMemory.attach(fds[0], frame.size, writable=True)
+        self.endpoint.attach_arena(self.arena)
 
     def _arena_view(self, off: int, n: int) -> memoryview:
         assert self.arena is not None
@@ -235,9 +233,9 @@ class SessionCore:
             if region.id not in self.regions or self.regions[region.id] is not region:
                 raise InvalidArgument(f"{region!r} does not belong to this session")
             region.check_range(offset, length)
-            view = as_bytes_view(dst)
-            if len(view) < length:
-                raise InvalidArgument(f"destination holds {len(view)} bytes, the transfer is {length}")
+            view = self.endpoint.dest_view(dst)
+            if view.nbytes < length:
+                raise InvalidArgument(f"destination holds {view.nbytes} bytes, the transfer is {length}")
             targets.append((region, view))
             commit.transfers.append(
                 pb.Transfer(
@@ -280,10 +278,13 @@ class SessionCore:
             region, dst = p.targets[d.transfer]
             out = dst[d.dst_offset : d.dst_offset + d.length]
             self._data_seen += 1
+            if d.staged:
+                ep.next_staged = d.slot
             if self._data_seen % self.verify_every == 0:
                 ep.receive(d.ce, MsgKind.DATA, msg, out)
                 st.verified += 1
             else:
+                ep.next_staged = None
                 ep.h2d[d.ce].account_unverified(d.length)
                 st.unverified += 1
             st.bytes += d.length
@@ -305,7 +306,9 @@ class SessionCore:
             st.rotations += 1
         elif d.kind == pb.MSG_KIND_PLAIN:
             region, dst = p.targets[d.transfer]
-            dst[d.dst_offset : d.dst_offset + d.length] = region.array[d.src_offset : d.src_offset + d.length].data
+            ep.copy_plain(
+                region.array[d.src_offset : d.src_offset + d.length].data, dst[d.dst_offset : d.dst_offset + d.length]
+            )
             st.bytes += d.length
         else:
             raise PipeLLMError(f"unknown delivery kind {d.kind}")
@@ -328,13 +331,13 @@ class SessionCore:
         self.check_alive()
         if region.readonly:
             raise InvalidArgument(f"{region!r} is read-only; D2H needs a mutable region")
-        data = as_source_view(src)
-        region.check_range(offset, len(data))
-        ce = self.route_ce(len(data), False)
+        data = self.endpoint.source_view(src)
+        region.check_range(offset, data.nbytes)
+        ce = self.route_ce(data.nbytes, False)
         msgs: list[pb.D2HMessage] = []
         start = 0
         slots: list[int] = []
-        for c in chunks.split(0, len(data), self.chunk_size):
+        for c in chunks.split(0, data.nbytes, self.chunk_size):
             if not self.d2h_free:
                 raise PipeLLMError("no free D2H slot: the caller must wait for LandedDone first")
             slot = self.d2h_free.popleft()
@@ -342,7 +345,7 @@ class SessionCore:
             version, chan = self.endpoint.send(ce, data[c.offset : c.offset + c.length], view)
             msgs.append(pb.D2HMessage(ce=ce, slot=slot, length=c.length, key_version=version, chan_ctr=chan))
             slots.append(slot)
-            if not self.d2h_free or c.offset + c.length == len(data):
+            if not self.d2h_free or c.offset + c.length == data.nbytes:
                 seq = next(self.seq)
                 n = sum(m.length for m in msgs)
                 landing = Landing(seq, region, offset + start, n, slots)
@@ -445,6 +448,22 @@ class SessionCore:
             region.seal()
         else:
             region.write(0, raw)
+
+    def staging_request(self) -> pb.AttachDeviceStagingRequest | None:
+        """For a CUDA endpoint in PipeLLM mode: export device staging so the daemon can DMA ahead."""
+        if self.endpoint.kind != "cuda" or self.mode != pb.MODE_PIPELLM:
+            return None
+        staging = self.endpoint.enable_device_staging()  # type: ignore[attr-defined]
+        return pb.AttachDeviceStagingRequest(
+            session_id=self.id,
+            ipc_handle=staging.ipc_handle(),
+            size=int(staging.buf.size),
+            stride=staging.stride,
+            device=staging.device_id,
+        )
+
+    def staging_refused(self) -> None:
+        self.endpoint.staging = None  # type: ignore[attr-defined]
 
     # -- errors ------------------------------------------------------------------------------------
     def on_error(self, err: pb.Error) -> DaemonError:

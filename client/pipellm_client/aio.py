@@ -103,18 +103,32 @@ class AsyncClient:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     async def open_session(
-        self, name: str = "", *, channels: int = 2, swap_order: str = "fifo", verify: str | int = "all"
+        self,
+        name: str = "",
+        *,
+        channels: int = 2,
+        swap_order: str = "fifo",
+        verify: str | int = "all",
+        endpoint: str = "cpu",
+        device: int | None = None,
+        device_staging: bool = True,
     ) -> AsyncSession:
         fs = FrameSocket(self.socket)
         try:
             welcome = await asyncio.to_thread(_welcome, fs)
             hs = Handshake(welcome.daemon_public_key, channels)
             md = [(TICKET_KEY, welcome.ticket)]
-            req = hs.request(client_name=name, endpoint=pb.ENDPOINT_KIND_CPU, swap_order=swap_order_value(swap_order))
+            req = hs.request(client_name=name, endpoint=endpoint, swap_order=swap_order_value(swap_order))
             resp: pb.OpenSessionResponse = await self.call(self._stub.OpenSession, req, md)
-            core = SessionCore(resp, hs.secrets(resp.channels), verify)
+            core = SessionCore(resp, hs.secrets(resp.channels), verify, endpoint=endpoint, device=device)
             s = AsyncSession(self, fs, md, core)
             await s._until(lambda: core.arena is not None)
+            staging = core.staging_request() if device_staging else None
+            if staging is not None:
+                try:
+                    await self.call(self._stub.AttachDeviceStaging, staging, md)
+                except DaemonError:
+                    core.staging_refused()  # no speculative DMA: the endpoint copies from the arena itself
         except BaseException:
             fs.close()
             raise
@@ -292,9 +306,9 @@ class AsyncSession:
     async def d2h(
         self, src: Any, region: Region, offset: int, *, swap_out: bool = False, group: int = 0, wait: bool = False
     ) -> None:
-        data = as_source_view(src)
+        data = self.core.endpoint.source_view(src)
         if self.core.mode == pb.MODE_PLAIN:
-            region.write(offset, data)  # plain mode (NO ENCRYPTION): the device writes host memory directly
+            region.write(offset, self.core.endpoint.to_host(data))  # plain mode (NO ENCRYPTION): a direct copy
             return
         async with self._d2h_lock:
             gen = self.core.landed_frames(data, region, offset, swap_out=swap_out, group=group)
@@ -306,7 +320,7 @@ class AsyncSession:
                     break
                 self.fs.send(frame)
         if wait:
-            await self.wait_landed(region, offset, len(data))
+            await self.wait_landed(region, offset, data.nbytes)
 
     async def wait_all(self) -> None:
         await self._until(lambda: not self.core.landing)

@@ -280,24 +280,35 @@ class Sender(_Direction):
 
 
 class StrictReceiver(_Direction):
-    """The GPU side of H2D: decrypts message k with its own counter k and dies on the first failure."""
+    """The GPU side of H2D: decrypts message k with its own counter k and dies on the first failure.
 
-    def open_next(self, data: crypto.Buffer, out: memoryview) -> None:
+    `open_next` decrypts on the CPU. A GPU endpoint splits it: `advance` (the nonce of message k),
+    its own decryption, then `accept` or `reject`.
+    """
+
+    def advance(self) -> bytes:
         self._check_alive()
         if self.msg_ctr >= MSG_CTR_MAX:
             self.kill("IV overflow")
             raise IvOverflow(f"channel {self.name}: IV overflow at the receiver")
         self.msg_ctr += 1
-        nonce = make_nonce(self.epoch.mask, self.chan_ctr, self.msg_ctr)
+        return make_nonce(self.epoch.mask, self.chan_ctr, self.msg_ctr)
+
+    def accept(self, nbytes: int) -> None:
+        self._charge(nbytes)
+
+    def reject(self) -> TagMismatch:
+        where = f"key v{self.epoch.version} chan {self.chan_ctr} msg {self.msg_ctr}"
+        self.kill(f"tag mismatch at {where}")
+        return TagMismatch(f"channel {self.name}: tag mismatch at {where} (tampered, replayed, reordered or dropped)")
+
+    def open_next(self, data: crypto.Buffer, out: memoryview) -> None:
+        nonce = self.advance()
         try:
             crypto.open_into(self.epoch.aead, nonce, data, out)
         except TagMismatch:
-            where = f"key v{self.epoch.version} chan {self.chan_ctr} msg {self.msg_ctr}"
-            self.kill(f"tag mismatch at {where}")
-            raise TagMismatch(
-                f"channel {self.name}: tag mismatch at {where} (tampered, replayed, reordered or dropped)"
-            ) from None
-        self._charge(len(out))
+            raise self.reject() from None
+        self.accept(len(out))
 
     def account_unverified(self, nbytes: int) -> None:
         """Benchmarks that verify a sample: consume message k's counter without decrypting it."""

@@ -23,7 +23,6 @@ from ._core import (
     Handshake,
     Intent,
     SessionCore,
-    as_source_view,
     from_error_frame,
     from_rpc_error,
     swap_order_value,
@@ -103,18 +102,32 @@ class Client:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     def open_session(
-        self, name: str = "", *, channels: int = 2, swap_order: str = "fifo", verify: str | int = "all"
+        self,
+        name: str = "",
+        *,
+        channels: int = 2,
+        swap_order: str = "fifo",
+        verify: str | int = "all",
+        endpoint: str = "cpu",
+        device: int | None = None,
+        device_staging: bool = True,
     ) -> Session:
         fs = FrameSocket(self.socket)
         try:
             welcome = _welcome(fs)
             hs = Handshake(welcome.daemon_public_key, channels)
             md = [(TICKET_KEY, welcome.ticket)]
-            req = hs.request(client_name=name, endpoint=pb.ENDPOINT_KIND_CPU, swap_order=swap_order_value(swap_order))
+            req = hs.request(client_name=name, endpoint=endpoint, swap_order=swap_order_value(swap_order))
             resp = self.call(self._stub.OpenSession, req, md)
-            core = SessionCore(resp, hs.secrets(resp.channels), verify)
+            core = SessionCore(resp, hs.secrets(resp.channels), verify, endpoint=endpoint, device=device)
             s = Session(self, fs, md, core)
             s._pump(lambda: core.arena is not None)
+            staging = core.staging_request() if device_staging else None
+            if staging is not None:
+                try:
+                    self.call(self._stub.AttachDeviceStaging, staging, md)
+                except DaemonError:
+                    core.staging_refused()  # no speculative DMA: the endpoint copies from the arena itself
         except BaseException:
             fs.close()
             raise
@@ -243,9 +256,9 @@ class Session:
         A later `region.read`, `region.write` or H2D of the range waits for it. `swap_out=True` tells the
         daemon the block will come back (a KV swap), so it pre-encrypts it for the swap-in.
         """
-        data = as_source_view(src)
+        data = self.core.endpoint.source_view(src)
         if self.core.mode == pb.MODE_PLAIN:
-            region.write(offset, data)  # plain mode (NO ENCRYPTION): the device writes host memory directly
+            region.write(offset, self.core.endpoint.to_host(data))  # plain mode (NO ENCRYPTION): a direct copy
             return
         gen = self.core.landed_frames(data, region, offset, swap_out=swap_out, group=group)
         while True:
@@ -256,7 +269,7 @@ class Session:
                 break
             self.fs.send(frame)
         if wait:
-            self._wait_landed(region, offset, len(data))
+            self._wait_landed(region, offset, data.nbytes)
 
     def wait_all(self) -> None:
         """Until every D2H transfer of this session has landed."""

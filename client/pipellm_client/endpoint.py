@@ -1,16 +1,22 @@
-"""The GPU side of the channel, emulated on the CPU.
+"""The GPU side of the channel: `CpuEndpoint` emulates it on the CPU; `gpu.endpoint.CudaEndpoint` runs it
+on a CUDA device. Both follow the same rules, in `Endpoint`:
 
-It consumes H2D messages strictly in its own IV order (DATA into the destination, NOP and DISCARD
-verified and dropped), applies rotations when the ordered stream says so, and encrypts D2H data with
-its own counter. A tag failure kills that channel and leaves nothing unauthenticated in the destination.
+H2D messages are consumed strictly in the endpoint's own IV order (DATA into the destination, NOP and
+DISCARD verified and dropped), rotations apply where the ordered stream says, and D2H data is encrypted
+with the endpoint's own counter. A tag failure kills that channel and leaves nothing unauthenticated in
+the destination.
 """
 
 from __future__ import annotations
 
 import enum
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Final
 
+import numpy as np
+
+from . import crypto
 from .channel import KeyEpoch, RotationPolicy, Sender, StrictReceiver
 from .crypto import TAG_LEN, Buffer
 from .errors import ChannelDead, InvalidArgument, TagMismatch
@@ -45,8 +51,10 @@ class ChannelSecrets:
         return f"<ChannelSecrets ce{self.ce_index:02d}>"
 
 
-class CpuEndpoint:
+class Endpoint(ABC):
     """One session's endpoint: a strict H2D receiver and a D2H sender per copy engine."""
+
+    kind = "abstract"
 
     def __init__(self, secrets: list[ChannelSecrets], policy: RotationPolicy) -> None:
         self.h2d: list[StrictReceiver] = []
@@ -55,38 +63,68 @@ class CpuEndpoint:
             h_label, d_label = channel_label(s.ce_index, "h2d"), channel_label(s.ce_index, "d2h")
             self.h2d.append(StrictReceiver(h_label, KeyEpoch(h_label, 0, s.h2d_key, s.h2d_mask), policy))
             self.d2h.append(Sender(d_label, KeyEpoch(d_label, 0, s.d2h_key, s.d2h_mask), policy))
-        self._scratch = bytearray(0)
         self.accepted = 0
+        self.next_staged: int | None = None  # a device-staging slot already holding the next DATA message
 
+    # -- what an implementation provides ----------------------------------------------------------
+    @abstractmethod
+    def _open(self, rx: StrictReceiver, message: Buffer, out: Any) -> None:
+        """Decrypt the next message into `out` (a destination view) or raise rx.reject()."""
+
+    @abstractmethod
+    def _open_to_host(self, rx: StrictReceiver, message: Buffer, n: int) -> bytes:
+        """Decrypt the next message and return its plaintext on the host (small messages: NOPs)."""
+
+    @abstractmethod
+    def _open_discard(self, rx: StrictReceiver, message: Buffer) -> None:
+        """Decrypt and verify the next message, keep nothing."""
+
+    @abstractmethod
+    def _seal(self, tx: Sender, src: Any, slot: memoryview) -> tuple[int, int]:
+        """Encrypt one D2H message from device data into a host slot; returns (key_version, chan_ctr)."""
+
+    @abstractmethod
+    def dest_view(self, dst: Any) -> Any:
+        """A flat byte view of a destination this endpoint can write (host or device memory)."""
+
+    @abstractmethod
+    def source_view(self, src: Any) -> Any:
+        """A flat byte view of device data this endpoint can encrypt."""
+
+    @abstractmethod
+    def copy_plain(self, src: memoryview, out: Any) -> None:
+        """Plain mode (NO ENCRYPTION): copy host bytes straight into the destination."""
+
+    def attach_arena(self, arena: Any) -> None:
+        """The session's bounce arena is mapped; a GPU endpoint pins it for DMA here."""
+
+    @abstractmethod
+    def to_host(self, src: Any) -> memoryview:
+        """Device data as host bytes (plain mode's D2H copy)."""
+
+    # -- the rules ------------------------------------------------------------------------------------
     def _channel(self, ce: int) -> StrictReceiver:
         if not 0 <= ce < len(self.h2d):
             raise InvalidArgument(f"no channel {ce}; this session has {len(self.h2d)}")
         return self.h2d[ce]
 
-    def _scratch_view(self, n: int) -> memoryview:
-        if len(self._scratch) < n:
-            self._scratch = bytearray(n)
-        return memoryview(self._scratch)[:n]
-
-    def receive(self, ce: int, kind: MsgKind, message: Buffer, dst: memoryview | None = None) -> None:
+    def receive(self, ce: int, kind: MsgKind, message: Buffer, dst: Any = None) -> None:
         """Consume the next H2D message of channel `ce` with the endpoint's own counter."""
         rx = self._channel(ce)
         if kind == MsgKind.DATA:
             if dst is None:
                 raise InvalidArgument("a DATA message needs a destination")
-            rx.open_next(message, dst)
+            self._open(rx, message, dst)
             self.accepted += 1
         elif kind == MsgKind.NOP:
             if len(message) != NOP_MESSAGE_LEN:
                 rx.kill("malformed NOP")
                 raise TagMismatch(f"channel {rx.name}: NOP of {len(message)} bytes, expected {NOP_MESSAGE_LEN}")
-            out = self._scratch_view(len(NOP_PLAINTEXT))
-            rx.open_next(message, out)
-            if bytes(out) != NOP_PLAINTEXT:
+            if self._open_to_host(rx, message, len(NOP_PLAINTEXT)) != NOP_PLAINTEXT:
                 rx.kill("NOP without the NOP pattern")
                 raise TagMismatch(f"channel {rx.name}: authenticated message is not a NOP")
         elif kind == MsgKind.DISCARD:
-            rx.open_next(message, self._scratch_view(len(message) - TAG_LEN))
+            self._open_discard(rx, message)
         else:
             raise InvalidArgument(f"{kind.name} is not an H2D message")
 
@@ -102,15 +140,11 @@ class CpuEndpoint:
     def rotate_d2h_iv(self, ce: int) -> int:
         return self.d2h[ce].rotate_iv()
 
-    def send(self, ce: int, src: Buffer, slot: memoryview) -> tuple[int, int]:
+    def send(self, ce: int, src: Any, slot: memoryview) -> tuple[int, int]:
         """Encrypt one D2H message with the endpoint's own counter; returns (key_version, chan_ctr)."""
         if not 0 <= ce < len(self.d2h):
             raise InvalidArgument(f"no channel {ce}")
-        tx = self.d2h[ce]
-        iv = tx.reserve()
-        tx.seal_into(iv, src, slot)
-        tx.submit(iv)
-        return iv.version, iv.chan_ctr
+        return self._seal(self.d2h[ce], src, slot)
 
     @property
     def dead(self) -> str | None:
@@ -130,3 +164,87 @@ class CpuEndpoint:
     def close(self) -> None:
         for ch in (*self.h2d, *self.d2h):
             ch.close()
+
+
+class CpuEndpoint(Endpoint):
+    """The endpoint emulated on the CPU: destinations are host arrays."""
+
+    kind = "cpu"
+
+    def __init__(self, secrets: list[ChannelSecrets], policy: RotationPolicy) -> None:
+        super().__init__(secrets, policy)
+        self._scratch = bytearray(0)
+
+    def _scratch_view(self, n: int) -> memoryview:
+        if len(self._scratch) < n:
+            self._scratch = bytearray(n)
+        return memoryview(self._scratch)[:n]
+
+    def _open(self, rx: StrictReceiver, message: Buffer, out: Any) -> None:
+        # In place, wiped on failure: cheaper than scratch + copy (bench/engine.py measures both).
+        rx.open_next(message, out)
+
+    def _open_to_host(self, rx: StrictReceiver, message: Buffer, n: int) -> bytes:
+        out = self._scratch_view(n)
+        rx.open_next(message, out)
+        return bytes(out)
+
+    def _open_discard(self, rx: StrictReceiver, message: Buffer) -> None:
+        rx.open_next(message, self._scratch_view(len(message) - TAG_LEN))
+
+    def _seal(self, tx: Sender, src: Any, slot: memoryview) -> tuple[int, int]:
+        iv = tx.reserve()
+        tx.seal_into(iv, src, slot)
+        tx.submit(iv)
+        return iv.version, iv.chan_ctr
+
+    def dest_view(self, dst: Any) -> memoryview:
+        return host_dest_view(dst)
+
+    def source_view(self, src: Any) -> memoryview:
+        return host_source_view(src)
+
+    def copy_plain(self, src: memoryview, out: Any) -> None:
+        out[:] = src
+
+    def to_host(self, src: Any) -> memoryview:
+        return memoryview(src)
+
+
+def host_dest_view(dst: Any) -> memoryview:
+    """A writable byte view of a numpy array, CPU torch tensor or bytearray (C-contiguous)."""
+    if hasattr(dst, "numpy") and hasattr(dst, "is_contiguous"):  # torch.Tensor
+        if dst.device.type != "cpu":
+            raise InvalidArgument("the CPU endpoint needs a CPU tensor; use the CUDA endpoint for GPU tensors")
+        dst = dst.detach().numpy()
+    if isinstance(dst, memoryview | bytearray):
+        return memoryview(dst).cast("B")
+    arr = np.asarray(dst)
+    if not arr.flags.c_contiguous:
+        raise InvalidArgument("destination must be C-contiguous")
+    if not arr.flags.writeable:
+        raise InvalidArgument("destination is read-only")
+    return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+
+
+def host_source_view(src: Any) -> memoryview:
+    """A byte view of host data: numpy array, CPU torch tensor or any buffer."""
+    if hasattr(src, "numpy") and hasattr(src, "is_contiguous"):
+        src = src.detach().cpu().numpy()
+    if isinstance(src, bytes | bytearray | memoryview):
+        return memoryview(src).cast("B")
+    arr = np.ascontiguousarray(src)
+    return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+
+
+__all__ = [
+    "NOP_MESSAGE_LEN",
+    "NOP_PLAINTEXT",
+    "ChannelSecrets",
+    "CpuEndpoint",
+    "Endpoint",
+    "MsgKind",
+    "crypto",
+    "host_dest_view",
+    "host_source_view",
+]

@@ -39,6 +39,9 @@ class _Device:
     def __exit__(self, *exc: object) -> None:
         return None
 
+    def use(self) -> None:
+        return None
+
 
 class Stream:
     """Records synchronisations; work runs eagerly, so it is always complete."""
@@ -89,6 +92,9 @@ class ndarray:
     def view(self, dtype: Any) -> ndarray:
         return ndarray(self._a.view(dtype))
 
+    def reshape(self, *shape: Any) -> ndarray:
+        return ndarray(self._a.reshape(*shape))
+
     def get(self, stream: Stream | None = None) -> np.ndarray:
         (stream or get_current_stream()).synchronize()
         return self._a.copy()
@@ -128,7 +134,9 @@ def full(n: int, value: int, dtype: Any = np.uint8) -> ndarray:
     return out
 
 
-def asarray(a: np.ndarray) -> ndarray:
+def asarray(a: Any) -> ndarray:
+    if isinstance(a, ndarray):
+        return a  # like CuPy: no copy of what is already on the device
     out = empty(a.size, a.dtype)
     out._a[:] = a.ravel()
     return out
@@ -191,6 +199,11 @@ class RawModule:
 
 
 class Event:
+    def __init__(self, disable_timing: bool = False) -> None:
+        self.disable_timing = disable_timing
+
+    done = True  # work runs eagerly
+
     def record(self, stream: Stream | None = None) -> None:
         self.stream = stream
 
@@ -210,9 +223,36 @@ class RawKernel:
         self.calls += 1
 
 
+MEMCPY_LOG: list[int] = []  # kinds of the copies made: 1 H2D, 2 D2H, 3 D2D
+REGISTERED: dict[int, int] = {}
+
+
 def _memcpy_async(dst: int, src: int, size: int, kind: int, stream: int) -> None:
-    assert kind == 3 and isinstance(stream, int)
+    assert kind in (1, 2, 3) and isinstance(stream, int)
+    MEMCPY_LOG.append(kind)
     ctypes.memmove(dst, src, size)
+
+
+def _host_register(ptr: int, size: int, flags: int) -> None:
+    assert ptr not in REGISTERED and size > 0
+    REGISTERED[ptr] = size
+
+
+def _host_unregister(ptr: int) -> None:
+    del REGISTERED[ptr]
+
+
+def _ipc_get(ptr: int) -> bytes:
+    return ptr.to_bytes(8, "little") + bytes(56)  # same process only: the "handle" is the address
+
+
+def _ipc_open(handle: bytes) -> int:
+    assert len(handle) == 64
+    return int.from_bytes(handle[:8], "little")
+
+
+def _alloc_pinned(n: int) -> Any:
+    return (ctypes.c_uint8 * n)()
 
 
 def make_module() -> types.ModuleType:
@@ -228,7 +268,13 @@ def make_module() -> types.ModuleType:
             runtimeGetVersion=lambda: 13000,
             memcpyAsync=_memcpy_async,
             memcpyDeviceToDevice=3,
+            hostRegister=_host_register,
+            hostUnregister=_host_unregister,
+            ipcGetMemHandle=_ipc_get,
+            ipcOpenMemHandle=_ipc_open,
+            ipcCloseMemHandle=lambda ptr: None,
         ),
+        alloc_pinned_memory=_alloc_pinned,
         nvrtc=types.SimpleNamespace(getVersion=lambda: (13, 0)),
         Event=Event,
         get_elapsed_time=lambda start, end: 0.5,

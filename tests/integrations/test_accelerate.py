@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: nothing is downloaded
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
@@ -21,7 +22,6 @@ accelerate = pytest.importorskip("accelerate")
 from pipellm_client import Client, InvalidArgument  # noqa: E402
 from pipellm_client.integrations import accelerate as pipellm_accelerate  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = [pytest.mark.integrations, pytest.mark.integration]
 
 VOCAB = 512

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: nothing is downloaded
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -24,7 +25,6 @@ peft = pytest.importorskip("peft")
 from pipellm_client import Client, InvalidArgument  # noqa: E402
 from pipellm_client.integrations.peft import LoraAdapters  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = [
     pytest.mark.integrations,
     pytest.mark.integration,

@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from .._core import Landing
     from ..client import Session
 
-# Transfers per H2D commit: one commit is one round trip, but the daemon extends its speculation between
-# commits, so a swap-in is committed in pieces about as deep as the daemon's prediction window.
+# Transfers per H2D commit: one commit is one round trip; pieces about as deep as the daemon's prediction
+# window (max_depth) measured fastest for swap-ins (16: 22.5 ms, 64: 31 ms, all 256 in one: 25-31 ms).
 COMMIT_BATCH = 16
 
 

@@ -1,0 +1,648 @@
+"""`make bench` / `make bench-quick`: plain vs naive CC vs PipeLLM on replayed serving workloads.
+
+One invocation starts three real daemons (plain: no encryption; naive: encrypt each transfer on demand in
+the critical path with one worker, as the CUDA driver does; pipellm), measures the workers' encryption
+capacity, and replays every workload of bench/workloads.py through the real SDK in each mode, interleaved
+(plain, naive, pipellm, plain, naive, pipellm, ...) so that drift on a shared machine hits all modes alike.
+The device (GPU compute and PCIe link) is bench/devicemodel.py: waits in model time; everything on the
+host, encryption included, is real.
+
+Per workload and regime it reports throughput per mode, the overhead against plain (throughput drop,
+median of the per-repetition ratios), the hit rate and relinquish counters, CPU seconds, and the physical
+bound: with B the bytes that must be encrypted or decrypted on the host and C the workers' aggregate
+encryption rate measured in this invocation, no scheme can finish before `T_bound = max(T_plain, B / C)`,
+so `bound_pct = 100 x (1 - T_plain / T_bound)` is the least overhead any encrypting system could show here.
+
+Regimes: "testbed" scales the device so that one worker here vs the link is the published per-core vs
+link ratio (naive CC should show the paper's large drops); "capacity" slows the device until the ideal
+demand is `--headroom` x the aggregate capacity (PipeLLM should be within 5% of plain). JSON goes to
+bench/results/<timestamp>.json and bench/results/latest.json (workload keys are "NAME@REGIME"), PNG plots
+next to it, a table to stdout; the last line is `bench: NAME@REGIME=<pipellm %>/<naive %> ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from pipellm_client import Client, Intent, Session
+from pipellm_daemon.launcher import DaemonProcess
+
+from . import workloads as W
+from .devicemodel import GB, TESTBED, DeviceModel, TimeScale, capacity_scale, testbed_scale, tighten_timer_slack
+
+MODES: Final = ("plain", "naive", "pipellm")
+REGIMES: Final = ("testbed", "capacity")
+RESULTS: Final = Path(__file__).resolve().parent / "results"
+MiB: Final = 1 << 20
+
+
+# -- small utilities ---------------------------------------------------------------------------------------
+class Progress:
+    """A one-line progress bar on stderr (tqdm is not a dependency)."""
+
+    def __init__(self, total: int, width: int = 28) -> None:
+        self.total = max(1, total)
+        self.done = 0
+        self.width = width
+        self.t0 = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        frac = self.done / self.total
+        bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
+        line = f"[{bar}] {self.done}/{self.total} {time.monotonic() - self.t0:5.0f}s {label[:48]:<48}"
+        if self.tty:
+            sys.stderr.write("\r" + line)
+        elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds of every thread of `pid`, from /proc/<pid>/task/*/schedstat (ns resolution)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (the daemon's crypto workers)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                out += [int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+    return sorted(set(out))
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    flags = ""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        flags = " ".join(f for f in ("vaes", "avx512f", "avx2", "aes") if f" {f} " in text or f" {f}\n" in text)
+    mem = 0
+    with contextlib.suppress(OSError, ValueError):
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    import cryptography
+
+    return {
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "cores": len(os.sched_getaffinity(0)),
+        "ram_bytes": mem,
+        "python": platform.python_version(),
+        "cryptography": cryptography.__version__,
+        "kernel": platform.release(),
+    }
+
+
+# -- the workers' encryption capacity --------------------------------------------------------------------
+async def _capacity(workers: int, chunk: int, seconds: float) -> float:
+    """Aggregate SEAL rate of `workers` worker processes over `seconds`, bytes/s of wall time."""
+    from pipellm_client.shm import SharedMemory
+    from pipellm_daemon import jobwire as w
+    from pipellm_daemon.workers import WorkerPool
+
+    pool = WorkerPool(workers)
+    await pool.start()
+    src_n = 64 * MiB
+    window = 4 * workers
+    slot = chunk + 4096
+    src = SharedMemory.create("bench-cap-src", src_n)
+    dst = SharedMemory.create("bench-cap-dst", window * slot)
+    try:
+        src.prefault()
+        dst.prefault()
+        src.view[:] = os.urandom(src_n)
+        hs, hd = pool.new_handle(), pool.new_handle()
+        pool.map(hs, src)
+        pool.map(hd, dst)
+        kid = pool.add_key(os.urandom(32))
+        nonce = os.urandom(12)  # a throwaway key: nonce reuse does not matter for a speed test
+        for i in range(2 * window):  # warm up
+            await pool.submit(w.Kind.SEAL, kid, nonce, (hs, 0), chunk, (hd, (i % window) * slot))
+        done = 0
+        futs: set[asyncio.Future[None]] = set()
+        i = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            while len(futs) < window:
+                off = (i * chunk) % (src_n - chunk)
+                futs.add(pool.submit(w.Kind.SEAL, kid, nonce, (hs, off), chunk, (hd, (i % window) * slot)))
+                i += 1
+            finished, futs = await asyncio.wait(futs, return_when=asyncio.FIRST_COMPLETED)
+            done += len(finished)
+        if futs:
+            await asyncio.wait(futs)
+            done += len(futs)
+        return done * chunk / (time.perf_counter() - t0)
+    finally:
+        await pool.close()
+        src.close()
+        dst.close()
+
+
+def measure_capacity(workers: int, chunk: int, seconds: float = 0.6) -> dict[str, float]:
+    """C1 (one worker) and C (all workers), the way the daemon encrypts: worker processes, 1 chunk a job."""
+    one = asyncio.run(_capacity(1, chunk, seconds))
+    agg = asyncio.run(_capacity(workers, chunk, seconds)) if workers > 1 else one
+    return {"one_worker_bps": one, "aggregate_bps": agg}
+
+
+# -- replaying a trace through a session -----------------------------------------------------------------
+@dataclass
+class RunResult:
+    mode: str
+    seconds: float  # model time of the measured steps
+    work: int
+    counters: dict[str, float]
+    endpoint: dict[str, int]
+    cpu: dict[str, float]
+    emulation_s: float
+    slept_s: float
+    wall_s: float
+    spans: list[Any] = field(default_factory=list)
+    samples: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        return self.work / self.seconds if self.seconds > 0 else 0.0
+
+
+COUNTER_FIELDS: Final = (
+    "hits",
+    "misses",
+    "skips",
+    "late",
+    "detours",
+    "nops",
+    "discards",
+    "iv_rotations",
+    "relinquishes",
+    "stale",
+    "small_transfers",
+    "bytes_h2d",
+    "bytes_d2h",
+    "bytes_ahead",
+    "bytes_wasted",
+    "bytes_on_demand",
+)
+
+
+def _fill(region_array: np.ndarray[Any, np.dtype[np.uint8]], seed: int) -> None:
+    """Fill a region with a seeded pattern cheaply (one random MiB, tiled; content is irrelevant to AES)."""
+    blk = np.random.default_rng(seed).integers(0, 256, MiB, dtype=np.uint8)
+    n = region_array.size
+    for off in range(0, n, MiB):
+        m = min(MiB, n - off)
+        region_array[off : off + m] = blk[:m]
+
+
+class WorkerSampler(threading.Thread):
+    """Samples the workers' CPU time every `interval` s (for the timeline plot only; it costs some CPU)."""
+
+    def __init__(self, pids: list[int], interval: float = 0.0004) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), sum(proc_cpu_s(p) for p in self.pids)))
+            time.sleep(self.interval)
+
+    def stop(self) -> list[tuple[float, float]]:
+        self._stop.set()
+        self.join()
+        return self.samples
+
+
+class Replayer:
+    """One mode's session for one trace: regions allocated once, then `run` as often as needed."""
+
+    def __init__(self, client: Client, daemon: DaemonProcess, mode: str, trace: W.Trace, verify: int) -> None:
+        self.mode = mode
+        self.trace = trace
+        self.daemon = daemon
+        self.s: Session = client.open_session(f"bench-{trace.name}", swap_order=trace.swap_order, verify=verify)
+        self.regions = {}
+        for i, spec in enumerate(trace.regions):
+            if spec.readonly:
+                r = self.s.alloc_region(spec.nbytes, readonly=True, name=spec.name, adapter=spec.adapter)
+                _fill(r.array, i)
+                r.seal()
+            else:
+                r = self.s.alloc_region(spec.nbytes, name=spec.name)
+            self.regions[spec.name] = r
+        self.dst = np.zeros(max(1, trace.max_h2d_op()), np.uint8)  # "device memory", touched once
+        self.src = np.random.default_rng(1).integers(0, 256, max(1, trace.max_d2h_op()), dtype=np.uint8)
+        self.dev: DeviceModel | None = None
+        self.d2h_pending = False
+        self._meter()
+
+    def _meter(self) -> None:
+        """Charge the CPU endpoint's work (the GPU's part of the channel) to the device model's debt."""
+        core = self.s.core
+
+        def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapper(*a: Any, **kw: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    if self.dev is not None:
+                        self.dev.emulated(time.perf_counter() - t0)
+
+            return wrapper
+
+        core.apply_completion = timed(core.apply_completion)  # type: ignore[method-assign]
+        core.endpoint.send = timed(core.endpoint.send)  # type: ignore[method-assign]
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.s.close()
+
+    # -- ops -----------------------------------------------------------------------------------------
+    def _op(self, op: W.Op, dev: DeviceModel) -> None:
+        s = self.s
+        if isinstance(op, W.H2D):
+            transfers = []
+            off = 0
+            for r in op.ranges:
+                transfers.append((self.regions[r.region], r.offset, r.length, self.dst[off : off + r.length]))
+                off += r.length
+            issued = dev.now()
+            s.h2d_many(transfers)
+            dev.h2d(op.nbytes, issued, dev.now(), label=op.label)
+        elif isinstance(op, W.D2H):
+            r = op.range
+            issued = dev.now()
+            if self.mode == "plain":  # the endpoint writes host memory directly: that is the DMA
+                t0 = time.perf_counter()
+                s.d2h(self.src[: r.length], self.regions[r.region], r.offset, swap_out=op.swap_out, group=op.group)
+                dev.emulated(time.perf_counter() - t0)
+            else:
+                s.d2h(self.src[: r.length], self.regions[r.region], r.offset, swap_out=op.swap_out, group=op.group)
+                self.d2h_pending = True
+            dev.d2h(op.nbytes, issued, dev.now(), after_compute=op.after_compute, label=op.label)
+        elif isinstance(op, W.Compute):
+            dev.compute(op.seconds, after_copies=op.after_copies, label=op.label)
+        elif isinstance(op, W.Sync):
+            self._sync(dev)
+        elif isinstance(op, W.Declare):
+            if self.mode == "pipellm":  # only a PipeLLM integration declares intents
+                s.declare(
+                    [Intent(self.regions[r.region], r.offset, r.length) for r in op.ranges],
+                    cyclic=op.cyclic,
+                    replace=op.replace,
+                )
+
+    def _sync(self, dev: DeviceModel) -> None:
+        if self.mode == "naive" and self.d2h_pending:
+            # The CUDA driver's D2H copy is complete only when the CPU has decrypted it: in the critical path.
+            self.s.wait_all()
+            dev.d2h_free = max(dev.d2h_free, dev.now())
+        self.d2h_pending = False
+        dev.sync()
+
+    def _counters(self) -> dict[str, float]:
+        c = self.s.status().counters
+        return {f: float(getattr(c, f)) for f in COUNTER_FIELDS}
+
+    def _cpu(self) -> dict[str, float]:
+        workers = children(self.daemon.pid)
+        return {
+            "daemon": proc_cpu_s(self.daemon.pid),
+            "workers": sum(proc_cpu_s(p) for p in workers),
+            "client": time.process_time(),
+        }
+
+    def run(self, scale: TimeScale, *, record: bool = False, sample_workers: bool = False) -> RunResult:
+        trace = self.trace
+        dev = DeviceModel(scale, record=record)
+        self.dev = dev
+        dev.reset()
+        for st in trace.steps[: trace.warmup]:
+            for op in st.ops:
+                self._op(op, dev)
+        self._sync(dev)
+        if self.mode != "plain":
+            self.s.wait_all()
+        c0, cpu0 = self._counters(), self._cpu()
+        ep0 = dict(self.s.endpoint_stats)
+        sampler = WorkerSampler(children(self.daemon.pid)) if sample_workers else None
+        dev.reset()
+        wall0 = time.perf_counter()
+        if sampler is not None:
+            sampler.start()
+        for st in trace.measured:
+            for op in st.ops:
+                self._op(op, dev)
+        self._sync(dev)
+        seconds = dev.now()
+        wall = time.perf_counter() - wall0
+        samples = sampler.stop() if sampler is not None else []
+        if self.mode != "plain":
+            self.s.wait_all()
+        cpu1, c1 = self._cpu(), self._counters()
+        ep1 = self.s.endpoint_stats
+        self.dev = None
+        counters = {k: c1[k] - c0[k] for k in c1}
+        judged = counters["hits"] + counters["misses"] + counters["skips"] + counters["late"]
+        counters["hit_rate"] = counters["hits"] / judged if judged else 0.0
+        return RunResult(
+            mode=self.mode,
+            seconds=seconds,
+            work=trace.tokens(),
+            counters=counters,
+            endpoint={k: ep1[k] - ep0.get(k, 0) for k in ep1},
+            cpu={k: cpu1[k] - cpu0[k] for k in cpu1},
+            emulation_s=dev.debt,
+            slept_s=dev.slept,
+            wall_s=wall,
+            spans=dev.spans,
+            samples=[(dev.to_model(t - dev.origin), c) for t, c in samples],
+        )
+
+
+# -- aggregation -----------------------------------------------------------------------------------------
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else 0.0
+
+
+def summarize(
+    trace: W.Trace, regime: str, scale: TimeScale, runs: dict[str, list[RunResult]], cap: dict[str, float]
+) -> dict[str, Any]:
+    """Medians per mode, overheads (median of per-repetition ratios), the physical bound, the target."""
+    reps = min(len(v) for v in runs.values())
+    b = trace.crypto_bytes()
+    c = cap["aggregate_bps"]
+    out: dict[str, Any] = {"workload": trace.name, "regime": regime, "scale": scale.speed}
+    for mode, rs in runs.items():
+        m: dict[str, Any] = {
+            "seconds": _median([r.seconds for r in rs]),
+            "throughput": _median([r.throughput for r in rs]),
+            "unit": f"{trace.unit}/s",
+            "wall_s": _median([r.wall_s for r in rs]),
+            "emulation_s": _median([r.emulation_s for r in rs]),
+            "cpu_s": {k: _median([r.cpu[k] for r in rs]) for k in rs[0].cpu},
+            "reps": [round(r.seconds, 6) for r in rs],
+        }
+        if mode != "plain":
+            m["counters"] = {k: _median([r.counters[k] for r in rs]) for k in rs[0].counters}
+            m["hit_rate"] = m["counters"]["hit_rate"]
+            m["endpoint"] = {k: _median([float(r.endpoint[k]) for r in rs]) for k in rs[0].endpoint}
+        out[mode] = m
+    t_plain = out["plain"]["seconds"]
+    overhead = {}
+    for mode in ("naive", "pipellm"):
+        per_rep = [100 * (1 - runs["plain"][i].seconds / runs[mode][i].seconds) for i in range(reps)]
+        overhead[mode] = round(_median(per_rep), 2)
+        out[mode]["overhead_reps"] = [round(x, 2) for x in per_rep]
+    t_bound = max(t_plain, b / c) if c > 0 else t_plain
+    bound_pct = 100 * (1 - t_plain / t_bound) if t_bound > 0 else 0.0
+    ideal = scale.wall(trace.ideal_seconds(scale.testbed))
+    target = max(5.0, bound_pct + 3) if trace.kind != "adversarial" else overhead["naive"] + 5
+    out.update(
+        {
+            "overhead_pct": overhead,
+            "bound_pct": round(bound_pct, 2),
+            "crypto_bytes": b,
+            "demand_gbps": round(b / t_plain / GB, 3) if t_plain > 0 else 0.0,
+            "capacity_gbps": round(c / GB, 3),
+            "ideal_s": ideal,
+            "plain_vs_ideal": round(t_plain / ideal, 3) if ideal > 0 else 0.0,
+            "target_pct": round(target, 2),
+            "met": overhead["pipellm"] <= target,
+        }
+    )
+    return out
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    head = (
+        f"{'workload@regime':34s} {'plain':>11s} {'naive':>11s} {'pipellm':>11s} {'naive%':>7s} {'pllm%':>7s} "
+        f"{'bound%':>7s} {'target':>7s} {'hit':>6s} {'nops':>6s} {'rot':>4s} {'dmd/cap GB/s':>13s} "
+        f"{'cpu d+w':>8s} {'plain/ideal':>11s}"
+    )
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        x = r["pipellm"]
+        cpu = x["cpu_s"]["daemon"] + x["cpu_s"]["workers"]
+        lines.append(
+            f"{name:34s} {r['plain']['throughput']:11.1f} {r['naive']['throughput']:11.1f} "
+            f"{x['throughput']:11.1f} {r['overhead_pct']['naive']:7.1f} {r['overhead_pct']['pipellm']:7.1f} "
+            f"{r['bound_pct']:7.1f} {r['target_pct']:6.1f}{'' if r['met'] else '!'} {x['hit_rate']:6.2f} "
+            f"{x['counters']['nops']:6.0f} {x['counters']['iv_rotations']:4.0f} "
+            f"{r['demand_gbps']:6.2f}/{r['capacity_gbps']:<6.2f} {cpu:8.2f} {r['plain_vs_ideal']:11.2f}"
+        )
+    return "\n".join(lines)
+
+
+# -- orchestration ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def daemons(workers: int, settings: dict[str, Any], log_level: str) -> Iterator[dict[str, DaemonProcess]]:
+    with contextlib.ExitStack() as stack:
+        ds = {}
+        for mode in MODES:
+            kw = dict(settings)
+            if mode != "naive" and workers:
+                kw["workers"] = workers
+            ds[mode] = stack.enter_context(DaemonProcess(mode=mode, log_level=log_level, **kw))
+        yield ds
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for it in items:
+        k, _, v = it.partition("=")
+        if not k or not v:
+            raise SystemExit(f"--set wants NAME=VALUE, got {it!r}")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", dest="size", const="quick", help="all workloads, small")
+    size.add_argument("--full", action="store_const", dest="size", const="full", help="bigger workloads")
+    ap.add_argument("--reps", type=int, default=0, help="repetitions per mode (default 2 quick, 4 full)")
+    ap.add_argument("--only", default="", help="comma-separated workload names (prefix match)")
+    ap.add_argument("--regimes", default=",".join(REGIMES))
+    ap.add_argument("--verify", type=int, default=16, help="endpoint verifies 1 DATA message in N (1 = all)")
+    ap.add_argument("--headroom", type=float, default=0.5, help="capacity regime: ideal demand / capacity")
+    ap.add_argument("--workers", type=int, default=0, help="pipellm (and plain) workers; 0 = one per core")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="daemon setting, all modes")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--log-level", default="warning")
+    args = ap.parse_args(argv)
+    size_name = args.size or "quick"
+    reps = args.reps or (2 if size_name == "quick" else 4)
+    regimes = [r for r in args.regimes.split(",") if r]
+    settings = parse_settings(args.set)
+    t_start = time.monotonic()
+    slack = tighten_timer_slack()
+    traces = W.suite(size_name, seed=args.seed)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        traces = [t for t in traces if any(t.name.startswith(w) for w in wanted)]
+    from pipellm_daemon.workers import default_worker_count
+
+    n_workers = args.workers or default_worker_count()
+    chunk = int(str(settings.get("chunk_size", 1 << 20)), 0)
+    cap_before = measure_capacity(n_workers, chunk)
+    tb = testbed_scale(cap_before["one_worker_bps"], TESTBED)
+    verify_note = (
+        "every H2D DATA message decrypted and checked"
+        if args.verify == 1
+        else f"endpoint decrypts and checks 1 H2D DATA message in {args.verify} (the rest advance its counter); "
+        "every NOP/DISCARD checked; every D2H message encrypted by the endpoint and decrypted+checked by the daemon"
+    )
+    print(
+        f"PipeLLM bench ({size_name}): {len(traces)} workloads x {len(regimes)} regimes x {len(MODES)} modes x "
+        f"{reps} reps, interleaved; {n_workers} pipellm workers, naive 1 worker; {verify_note}",
+        flush=True,
+    )
+    print(
+        f"capacity: one worker {cap_before['one_worker_bps'] / GB:.2f} GB/s, {n_workers} workers "
+        f"{cap_before['aggregate_bps'] / GB:.2f} GB/s ({chunk >> 10} KiB jobs, worker processes, in this run)",
+        flush=True,
+    )
+    print(f"scale: {tb.describe()}", flush=True)
+    results: dict[str, dict[str, Any]] = {}
+    scales: dict[str, dict[str, Any]] = {}
+    timeline: dict[str, Any] = {}
+    plan = []
+    for trace in traces:
+        demand = trace.crypto_bytes() / trace.ideal_seconds()
+        for regime in regimes:
+            sc = tb if regime == "testbed" else capacity_scale(cap_before["aggregate_bps"], demand, args.headroom, tb)
+            plan.append((trace, regime, sc))
+    total = sum(reps * len(MODES) for _ in plan) + len(traces) * len(MODES)
+    bar = Progress(total)
+    with daemons(args.workers, settings, args.log_level) as ds:
+        clients = {m: Client(d.socket) for m, d in ds.items()}
+        try:
+            for trace in traces:
+                reps_of = {m: Replayer(clients[m], ds[m], m, trace, args.verify) for m in MODES}
+                try:
+                    for m in MODES:  # one unmeasured pass per mode: page faults, imports, learned state
+                        reps_of[m].run(tb)
+                        bar.step(f"{trace.name} prime {m}")
+                    for tr, regime, sc in plan:
+                        if tr is not trace:
+                            continue
+                        runs: dict[str, list[RunResult]] = {m: [] for m in MODES}
+                        for rep in range(reps):
+                            for m in MODES:
+                                runs[m].append(reps_of[m].run(sc))
+                                bar.step(f"{trace.name}@{regime} {m} {rep + 1}/{reps}")
+                        key = f"{trace.name}@{regime}"
+                        results[key] = summarize(trace, regime, sc, runs, cap_before)
+                        scales[key] = {"speed": sc.speed, "link_gbps_wall": sc.link_bps / GB, "why": sc.why}
+                    if trace.kind == "flexgen" and not timeline and not args.no_plots:
+                        sc = next(s for t, r, s in plan if t is trace and r == regimes[-1])
+                        for m in MODES:
+                            res = reps_of[m].run(sc, record=True, sample_workers=True)
+                            timeline[m] = {"spans": res.spans, "samples": res.samples, "regime": regimes[-1]}
+                finally:
+                    for r in reps_of.values():
+                        r.close()
+        finally:
+            for c in clients.values():
+                c.close()
+    bar.close()
+    cap_after = measure_capacity(n_workers, chunk)
+    report = {
+        "machine": {**machine(), "timer_slack_1ns": slack},
+        "size": size_name,
+        "reps": reps,
+        "verify": verify_note,
+        "workers": {"pipellm": n_workers, "naive": 1},
+        "settings": settings,
+        "capacity": {
+            "method": "WorkerPool SEAL jobs of one chunk from shared memory into shared memory, "
+            f"{4 * n_workers} in flight, 0.6 s, before and after the runs",
+            "before": cap_before,
+            "after": cap_after,
+        },
+        "scale": {
+            "testbed": {"speed": tb.speed, "link_gbps_wall": tb.link_bps / GB, "why": tb.why},
+            "testbed_figures": {
+                "enc_core_gbps": TESTBED.enc_core_bps / GB,
+                "link_gbps": TESTBED.link_bps / GB,
+                "gpu_tflops": TESTBED.gpu_flops / 1e12,
+                "hbm_tbps": TESTBED.hbm_bps / 1e12,
+            },
+            "per_workload": scales,
+            "workload_scales": {t.name: t.scale for t in traces},
+            "headroom": args.headroom,
+        },
+        "workloads": results,
+        "traces": {t.name: t.summary() for t in traces},
+        "elapsed_s": round(time.monotonic() - t_start, 1),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    text = json.dumps(report, indent=1, default=float)
+    (out / f"{stamp}.json").write_text(text)
+    (out / "latest.json").write_text(text)
+    print()
+    print(table(results))
+    print(
+        f"\noverhead = throughput drop vs plain (median of {reps} interleaved reps); bound = 1 - T_plain/max(T_plain,"
+        f" B/C) with C = {cap_before['aggregate_bps'] / GB:.2f} GB/s ({n_workers} workers, measured; after the runs "
+        f"{cap_after['aggregate_bps'] / GB:.2f}); '!' = target missed; plain/ideal = plain time over the device model "
+        f"alone. Testbed scale {tb.speed:.2f}x; {verify_note}."
+    )
+    if not args.no_plots and results:
+        from . import plots
+
+        paths = plots.render(report, timeline, out, stamp)
+        print("plots: " + ", ".join(str(p) for p in paths))
+    print(f"results: {out / f'{stamp}.json'} ({time.monotonic() - t_start:.0f} s)")
+    print(
+        "bench: "
+        + " ".join(f"{k}={v['overhead_pct']['pipellm']:.1f}/{v['overhead_pct']['naive']:.1f}" for k, v in results.items())
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The CUDA endpoint and the daemon's speculative DMA on the CPU: an emulated CuPy keeps "device" memory in
+host memory and runs the real aesgcm.cu through the emulator. The real daemon pipeline feeds it, so hits,
+DISCARDs, NOPs, rotations, tampering, D2H and device staging all run through CudaEndpoint's own code.
+What only a GPU can show (real CuPy, CUDA IPC across processes, speed) is test_gpu_endpoint.py's job."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from gpu_emu_runner import cxx_compiler
+from pipellm_client.errors import ChannelDead
+from pipellm_client.gpu import aesgcm_cuda
+
+from pipellm_daemon.config import Config
+from pipellm_daemon.cuda_staging import DeviceStaging
+from pipellm_daemon.workers import WorkerPool
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+from tests.pipeline_harness import PipelinePair, settle
+
+pytestmark = pytest.mark.skipif(cxx_compiler() is None, reason="no C++ compiler to build the emulator")
+
+CHUNK = 16 << 10
+CFG = Config(
+    chunk_size=CHUNK, h2d_slots=8, d2h_slots=4, demand_slots=2, max_depth=4, ahead_bytes=4 * CHUNK,
+    small_transfer_threshold=4096, generation_granule=4096, pool_bytes=1 << 30,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fake_cp() -> Iterator[Any]:
+    import gpu_fake_cupy
+
+    mod = gpu_fake_cupy.make_module()
+    saved_cupy = aesgcm_cuda._cupy
+    aesgcm_cuda._cupy = lambda: mod
+    sys.modules["cupy"] = mod  # the daemon's cuda_staging imports it by name
+    yield mod
+    aesgcm_cuda._cupy = saved_cupy
+    del sys.modules["cupy"]
+
+
+@pytest.fixture
+def env(fake_cp: Any) -> Iterator[tuple[asyncio.AbstractEventLoop, WorkerPool, Any]]:
+    loop = asyncio.new_event_loop()
+    pool = WorkerPool(1)
+    loop.run_until_complete(pool.start())
+    yield loop, pool, fake_cp
+    loop.run_until_complete(pool.close())
+    loop.close()
+
+
+def test_cuda_endpoint_under_the_real_pipeline(env, monkeypatch) -> None:
+    loop, pool, cp = env
+    pair = PipelinePair(CFG, pool, endpoint="cuda")
+    assert pair.core.endpoint.kind == "cuda" and pair.core.endpoint.pinned.strategy == "registered"
+    data = np.random.default_rng(1).integers(0, 256, 8 * CHUNK, dtype=np.uint8)
+    ro = pair.region(8 * CHUNK, readonly=True, data=data)
+    pair.pipeline.predictors.intents.declare(
+        [k for j in (0, 1, 2, 3) for k in pair.keys_of(ro, j * CHUNK, CHUNK)], replace=True, cyclic=False
+    )
+    pair.pipeline.refill()
+    loop.run_until_complete(settle(2, [pair.pipeline]))
+    for j in (0, 2, 5):  # hit, skip (burns 1 by DISCARD), miss (relinquishes 3)
+        dst = cp.zeros(CHUNK, dtype=cp.uint8)
+        loop.run_until_complete(pair.commit([(ro, j * CHUNK, CHUNK, dst, False)]))
+        assert (dst.get() == data[j * CHUNK : (j + 1) * CHUNK]).all()
+    c = pair.pipeline.counters
+    assert (c.hits, c.skips, c.misses) == (1, 1, 1) and c.discards >= 1
+    # D2H: the GPU encrypts with its own counter, the daemon decrypts with its prediction.
+    kv = pair.region(4 * CHUNK, readonly=False)
+    src = cp.asarray(np.arange(3 * CHUNK, dtype=np.uint8))
+    loop.run_until_complete(pair.d2h(src, kv, 0, swap_out=True))
+    assert (kv.array[: 3 * CHUNK] == src.get()).all()
+    loop.run_until_complete(settle(2, [pair.pipeline]))
+    back = cp.zeros(3 * CHUNK, dtype=cp.uint8)
+    loop.run_until_complete(pair.commit([(kv, 0, 3 * CHUNK, back, False)]))
+    assert (back.get() == src.get()).all()
+    pair.close()
+
+
+def test_device_staging_makes_hits_decrypt_from_device_memory(env) -> None:
+    loop, pool, cp = env
+    import gpu_fake_cupy
+
+    pair = PipelinePair(CFG, pool, endpoint="cuda")
+    req = pair.core.staging_request()
+    assert req is not None
+    pair.pipeline.staging = DeviceStaging(
+        bytes(req.ipc_handle), req.size, req.stride, CFG.h2d_slots, req.device, pair.arena.shm.view
+    )
+    data = np.random.default_rng(2).integers(0, 256, 4 * CHUNK, dtype=np.uint8)
+    ro = pair.region(4 * CHUNK, readonly=True, data=data)
+    pair.pipeline.predictors.intents.declare(
+        [k for j in range(4) for k in pair.keys_of(ro, j * CHUNK, CHUNK)], replace=True, cyclic=False
+    )
+    pair.pipeline.refill()
+    loop.run_until_complete(settle(2, [pair.pipeline]))
+    before = len(gpu_fake_cupy.MEMCPY_LOG)
+    for j in range(4):
+        dst = cp.zeros(CHUNK, dtype=cp.uint8)
+        loop.run_until_complete(pair.commit([(ro, j * CHUNK, CHUNK, dst, False)]))
+        assert (dst.get() == data[j * CHUNK : (j + 1) * CHUNK]).all()
+    assert pair.pipeline.counters.staged == 4
+    assert 1 not in gpu_fake_cupy.MEMCPY_LOG[before:], "staged hits need no host-to-device copy at commit time"
+    pair.close()
+
+
+def test_tampering_kills_the_channel_and_leaves_the_destination_untouched(env) -> None:
+    loop, pool, cp = env
+    pair = PipelinePair(CFG, pool, endpoint="cuda")
+    data = np.random.default_rng(3).integers(0, 256, 2 * CHUNK, dtype=np.uint8)
+    ro = pair.region(2 * CHUNK, readonly=True, data=data)
+    real_apply = pair.core.apply_completion
+
+    def tamper(comp):  # the untrusted host flips a ciphertext bit in the bounce slot
+        for d in comp.deliveries:
+            if d.kind == 1:
+                pair.core.arena.view[pair.core.layout.h2d_slot(d.slot) + 7] ^= 0x20
+        return real_apply(comp)
+
+    pair.core.apply_completion = tamper  # type: ignore[method-assign]
+    dst = cp.full(CHUNK, 0xEE, dtype=cp.uint8)
+    with pytest.raises(ChannelDead):  # TagMismatch, seen through the harness's in-process wiring
+        loop.run_until_complete(pair.commit([(ro, 0, CHUNK, dst, False)]))
+    assert (dst.get() == 0xEE).all(), "nothing of the failed message reached the destination"
+    assert "tag mismatch" in (pair.core.endpoint.dead or "")
+
+
+def test_pinning_falls_back_to_a_staging_buffer(env, monkeypatch) -> None:
+    loop, pool, cp = env
+    monkeypatch.setenv("PIPELLM_PIN_STRATEGY", "staging")  # as on a CC-mode GPU that refuses cudaHostRegister
+    cfg = dataclasses.replace(CFG, channels=1)
+    pair = PipelinePair(cfg, pool, endpoint="cuda")
+    assert pair.core.endpoint.pinned.strategy == "staging"
+    data = np.random.default_rng(4).integers(0, 256, 3 * CHUNK, dtype=np.uint8)
+    ro = pair.region(3 * CHUNK, readonly=True, data=data)
+    dst = cp.zeros(3 * CHUNK, dtype=cp.uint8)
+    loop.run_until_complete(pair.commit([(ro, 0, 3 * CHUNK, dst, False)]))
+    assert (dst.get() == data).all()
+    kv = pair.region(CHUNK, readonly=False)
+    loop.run_until_complete(pair.d2h(cp.asarray(data[:CHUNK]), kv, 0, swap_out=False))
+    assert (kv.array == data[:CHUNK]).all()
+    pair.close()
