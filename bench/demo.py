@@ -9,13 +9,16 @@ encryption) and a naive-CC daemon (encrypt on demand, one worker) for the time r
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-
 from pipellm_client import Client
+
 from pipellm_daemon.launcher import DaemonProcess
 
 LAYERS = 24
@@ -31,21 +34,43 @@ def show_status(socket: str) -> None:
     subprocess.run([sys.executable, "-m", "pipellm_client.ctl.main", "--socket", socket, "status"], check=False)
 
 
-def workload(socket: str, seed: int = 7, show: bool = False) -> dict[str, float]:
+class Device:
+    """Where the endpoint puts data: host arrays (CPU endpoint) or CuPy arrays on a GPU (CUDA endpoint)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.xp: Any = np
+        if kind == "cuda":
+            import cupy
+
+            self.xp = cupy
+
+    def empty(self, n: int) -> Any:
+        return self.xp.empty(n, dtype=self.xp.uint8)
+
+    def upload(self, a: np.ndarray[Any, Any]) -> Any:
+        return self.xp.asarray(a)
+
+    def host(self, a: Any) -> np.ndarray[Any, Any]:
+        return a if self.xp is np else self.xp.asnumpy(a)
+
+
+def workload(socket: str, seed: int = 7, show: bool = False, endpoint: str = "cpu") -> dict[str, float]:
     """Run the workload once; returns timings and counters. Raises if any delivered byte is wrong."""
+    dev = Device(endpoint)
     rng = np.random.default_rng(seed)
     weights = rng.integers(0, 256, LAYERS * LAYER_BYTES, dtype=np.uint8)
     blocks = [rng.integers(0, 256, KV_BLOCK, dtype=np.uint8) for _ in range(KV_BLOCKS)]
-    with Client(socket) as c, c.open_session("demo") as s:
+    with Client(socket) as c, c.open_session("demo", endpoint=endpoint) as s:
         w = s.alloc_region(weights.size, readonly=True, name="weights", data=weights)
         kv = s.alloc_region(KV_BLOCKS * KV_BLOCK, name="kv-cache")
-        layer = np.empty(LAYER_BYTES, np.uint8)
+        layer = dev.empty(LAYER_BYTES)
         checked = 0
         t0 = time.perf_counter()
         for _step in range(STEPS):
             for j in range(LAYERS):
                 s.h2d(w, j * LAYER_BYTES, LAYER_BYTES, layer)
-                if not np.array_equal(layer, weights[j * LAYER_BYTES : (j + 1) * LAYER_BYTES]):
+                if not np.array_equal(dev.host(layer), weights[j * LAYER_BYTES : (j + 1) * LAYER_BYTES]):
                     raise SystemExit(f"demo: layer {j} arrived corrupted")
                 checked += LAYER_BYTES
                 time.sleep(COMPUTE_S)
@@ -53,13 +78,13 @@ def workload(socket: str, seed: int = 7, show: bool = False) -> dict[str, float]
         # KV swapping: swap out every block (device -> host), let the engine run a while, swap back in.
         t1 = time.perf_counter()
         for i, b in enumerate(blocks):
-            s.d2h(b, kv, i * KV_BLOCK, swap_out=True, group=i // 4 + 1)
+            s.d2h(dev.upload(b), kv, i * KV_BLOCK, swap_out=True, group=i // 4 + 1)
         s.wait_all()
         time.sleep(COMPUTE_S * 8)
-        back = np.empty(KV_BLOCK, np.uint8)
+        back = dev.empty(KV_BLOCK)
         for i, b in enumerate(blocks):
             s.h2d(kv, i * KV_BLOCK, KV_BLOCK, back)
-            if not np.array_equal(back, b):
+            if not np.array_equal(dev.host(back), b):
                 raise SystemExit(f"demo: KV block {i} came back corrupted")
             checked += KV_BLOCK
         t_kv = time.perf_counter() - t1
@@ -74,19 +99,25 @@ def workload(socket: str, seed: int = 7, show: bool = False) -> dict[str, float]
             "hits": cnt.hits,
             "judged": cnt.hits + cnt.misses + cnt.skips + cnt.late,
             "kv_d2h": cnt.bytes_d2h,
+            "staged": cnt.staged,
         }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--endpoint", choices=("cpu", "cuda"), default="cpu", help="where the 'GPU' side runs")
+    ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
-    print("PipeLLM demo: weight offloading + KV swapping through pipellmd, every byte verified\n")
+    print(
+        f"PipeLLM demo ({args.endpoint} endpoint): weight offloading + KV swapping through pipellmd, "
+        "every byte verified\n"
+    )
     results = {}
     for mode in ("plain", "naive", "pipellm"):
         settings = {"workers": args.workers} if mode != "naive" else {}
         with DaemonProcess(mode=mode, **settings) as d:
-            results[mode] = workload(d.socket, show=mode == "pipellm")
+            results[mode] = workload(d.socket, show=mode == "pipellm", endpoint=args.endpoint)
             code = d.stop()
             if code != 0:
                 print(f"demo: pipellmd ({mode}) exited with {code}", file=sys.stderr)
@@ -99,6 +130,18 @@ def main(argv: list[str] | None = None) -> int:
         f"verified byte for byte; hit rate {hit_rate:.1%}; time vs plain: pipellm {total(x) / total(p):.3f}x, "
         f"naive CC {total(n) / total(p):.3f}x (one run each, this machine; see `make bench` for the method)"
     )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "endpoint": args.endpoint,
+                    "hit_rate": hit_rate,
+                    "modes": results,
+                    "time_vs_plain": {"pipellm": total(x) / total(p), "naive": total(n) / total(p)},
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

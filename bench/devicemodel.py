@@ -29,8 +29,10 @@ the *capacity* regime slows the device until the demand fits the workers' aggreg
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,12 +197,8 @@ class DeviceModel:
 
     def to_model(self, wall_since_reset: float) -> float:
         """Model time of a wall-clock instant (seconds since `reset`), using the recorded debt (record=True)."""
-        debt = 0.0
-        for w, d in self.debt_log:
-            if w > wall_since_reset:
-                break
-            debt = d
-        return wall_since_reset - debt
+        i = bisect.bisect_right(self.debt_log, (wall_since_reset, math.inf))
+        return wall_since_reset - (self.debt_log[i - 1][1] if i else 0.0)
 
     def _span(self, lane: str, start: float, end: float, label: str) -> None:
         if self.record:

@@ -190,6 +190,7 @@ class RunResult:
     cpu: dict[str, float]
     emulation_s: float
     slept_s: float
+    host: dict[str, float]
     wall_s: float
     spans: list[Any] = field(default_factory=list)
     samples: list[tuple[float, float]] = field(default_factory=list)
@@ -199,6 +200,7 @@ class RunResult:
         return self.work / self.seconds if self.seconds > 0 else 0.0
 
 
+HOST_FIELDS: Final = ("h2d", "h2d_calls", "d2h", "d2h_wait", "declare")
 COUNTER_FIELDS: Final = (
     "hits",
     "misses",
@@ -236,15 +238,15 @@ class WorkerSampler(threading.Thread):
         self.pids = pids
         self.interval = interval
         self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.samples.append((time.perf_counter(), sum(proc_cpu_s(p) for p in self.pids)))
             time.sleep(self.interval)
 
     def stop(self) -> list[tuple[float, float]]:
-        self._stop.set()
+        self._halt.set()
         self.join()
         return self.samples
 
@@ -270,6 +272,7 @@ class Replayer:
         self.src = np.random.default_rng(1).integers(0, 256, max(1, trace.max_d2h_op()), dtype=np.uint8)
         self.dev: DeviceModel | None = None
         self.d2h_pending = False
+        self.host: dict[str, float] = dict.fromkeys(HOST_FIELDS, 0.0)
         self._meter()
 
     def _meter(self) -> None:
@@ -305,7 +308,10 @@ class Replayer:
                 off += r.length
             issued = dev.now()
             s.h2d_many(transfers)
-            dev.h2d(op.nbytes, issued, dev.now(), label=op.label)
+            done = dev.now()
+            self.host["h2d"] += done - issued
+            self.host["h2d_calls"] += 1
+            dev.h2d(op.nbytes, issued, done, label=op.label)
         elif isinstance(op, W.D2H):
             r = op.range
             issued = dev.now()
@@ -316,23 +322,29 @@ class Replayer:
             else:
                 s.d2h(self.src[: r.length], self.regions[r.region], r.offset, swap_out=op.swap_out, group=op.group)
                 self.d2h_pending = True
-            dev.d2h(op.nbytes, issued, dev.now(), after_compute=op.after_compute, label=op.label)
+            done = dev.now()
+            self.host["d2h"] += done - issued
+            dev.d2h(op.nbytes, issued, done, after_compute=op.after_compute, label=op.label)
         elif isinstance(op, W.Compute):
             dev.compute(op.seconds, after_copies=op.after_copies, label=op.label)
         elif isinstance(op, W.Sync):
             self._sync(dev)
         elif isinstance(op, W.Declare):
             if self.mode == "pipellm":  # only a PipeLLM integration declares intents
+                t0 = dev.now()
                 s.declare(
                     [Intent(self.regions[r.region], r.offset, r.length) for r in op.ranges],
                     cyclic=op.cyclic,
                     replace=op.replace,
                 )
+                self.host["declare"] += dev.now() - t0
 
     def _sync(self, dev: DeviceModel) -> None:
         if self.mode == "naive" and self.d2h_pending:
             # The CUDA driver's D2H copy is complete only when the CPU has decrypted it: in the critical path.
+            t0 = dev.now()
             self.s.wait_all()
+            self.host["d2h_wait"] += dev.now() - t0
             dev.d2h_free = max(dev.d2h_free, dev.now())
         self.d2h_pending = False
         dev.sync()
@@ -363,6 +375,7 @@ class Replayer:
         c0, cpu0 = self._counters(), self._cpu()
         ep0 = dict(self.s.endpoint_stats)
         sampler = WorkerSampler(children(self.daemon.pid)) if sample_workers else None
+        self.host = dict.fromkeys(HOST_FIELDS, 0.0)
         dev.reset()
         wall0 = time.perf_counter()
         if sampler is not None:
@@ -391,6 +404,7 @@ class Replayer:
             cpu={k: cpu1[k] - cpu0[k] for k in cpu1},
             emulation_s=dev.debt,
             slept_s=dev.slept,
+            host=dict(self.host),
             wall_s=wall,
             spans=dev.spans,
             samples=[(dev.to_model(t - dev.origin), c) for t, c in samples],
@@ -417,6 +431,8 @@ def summarize(
             "unit": f"{trace.unit}/s",
             "wall_s": _median([r.wall_s for r in rs]),
             "emulation_s": _median([r.emulation_s for r in rs]),
+            "slept_s": _median([r.slept_s for r in rs]),
+            "host_s": {k: _median([r.host[k] for r in rs]) for k in rs[0].host},
             "cpu_s": {k: _median([r.cpu[k] for r in rs]) for k in rs[0].cpu},
             "reps": [round(r.seconds, 6) for r in rs],
         }
@@ -509,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--log-level", default="warning")
+    ap.add_argument("--log-level", default="info", help="daemon log level (the launcher waits for the info-level ready line)")
     args = ap.parse_args(argv)
     size_name = args.size or "quick"
     reps = args.reps or (2 if size_name == "quick" else 4)

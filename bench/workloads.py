@@ -358,6 +358,7 @@ def vllm_v0(
     cpu_blocks: int,
     steps: int,
     skip: int = 0,
+    busiest: int = 0,
     warmup: int = 2,
     max_running: int = 256,
     token_scale: float = 1.0,
@@ -380,7 +381,38 @@ def vllm_v0(
     The simulation runs `skip` steps first (the ramp-up, not replayed) and emits the next `steps`: a
     prologue step re-creates the swap space as it is at that point (the D2H copies of every request still
     swapped out, in their original order), then `warmup` replayed but unmeasured steps, then the rest.
+    With `busiest` > 0 the window starts at the step in [skip, skip + busiest) that swaps the most bytes
+    in its measured part: swapping is bursty, and a benchmark of swapping should contain some.
     """
+    if busiest > 0:
+        probe = vllm_v0(
+            model,
+            requests=requests,
+            gpu_blocks=gpu_blocks,
+            cpu_blocks=cpu_blocks,
+            steps=busiest + steps,
+            skip=skip,
+            warmup=0,
+            max_running=max_running,
+            token_scale=token_scale,
+            seed=seed,
+            testbed=testbed,
+        )
+        moved = [sum(op.nbytes for op in st.ops if isinstance(op, H2D | D2H)) for st in probe.steps[1:]]
+        best = max(range(busiest), key=lambda i: (sum(moved[i + warmup : i + steps]), -i))
+        return vllm_v0(
+            model,
+            requests=requests,
+            gpu_blocks=gpu_blocks,
+            cpu_blocks=cpu_blocks,
+            steps=steps,
+            skip=skip + best,
+            warmup=warmup,
+            max_running=max_running,
+            token_scale=token_scale,
+            seed=seed,
+            testbed=testbed,
+        )
     layers, copy, params, hidden = KV_MODELS[model]
     kv_token = layers * 2 * hidden * 2
     rng = np.random.default_rng(seed)
@@ -875,38 +907,46 @@ def suite(size: str = "quick", seed: int = 0) -> list[Trace]:
         flexgen("opt-175b", byte_scale=1 / 1024 if q else 1 / 128, tokens=3 if q else 8, seed=seed),
         vllm_v0(
             "llama-2-7b",
-            requests=24 if q else 96,
-            gpu_blocks=48 if q else 160,
-            cpu_blocks=128 if q else 512,
-            token_scale=0.25 if q else 0.5,
-            max_steps=60 if q else 400,
+            requests=2000,
+            gpu_blocks=512,
+            cpu_blocks=512,
+            token_scale=0.5,
+            steps=24 if q else 120,
+            skip=400,
+            busiest=400,
             seed=seed,
         ),
         vllm_v0(
             "opt-30b",
-            requests=16 if q else 64,
-            gpu_blocks=32 if q else 120,
-            cpu_blocks=64 if q else 256,
-            token_scale=0.25 if q else 0.5,
-            max_steps=40 if q else 300,
+            requests=2000,
+            gpu_blocks=384,
+            cpu_blocks=384,
+            token_scale=0.5,
+            steps=14 if q else 60,
+            skip=400,
+            busiest=400,
             seed=seed,
         ),
         vllm_v0(
             "opt-66b",
-            requests=12 if q else 48,
-            gpu_blocks=24 if q else 90,
-            cpu_blocks=48 if q else 160,
-            token_scale=0.25 if q else 0.5,
-            max_steps=40 if q else 300,
+            requests=2000,
+            gpu_blocks=256,
+            cpu_blocks=256,
+            token_scale=0.5,
+            steps=10 if q else 40,
+            skip=400,
+            busiest=400,
             seed=seed,
         ),
         vllm_v1(
             "llama-2-7b",
-            conversations=12 if q else 48,
-            turns=3 if q else 4,
-            concurrency=6 if q else 16,
-            cpu_blocks=64 if q else 256,
-            token_scale=0.15 if q else 0.3,
+            conversations=32,
+            turns=6,
+            concurrency=16,
+            cpu_blocks=256,
+            token_scale=0.25,
+            steps=24 if q else 120,
+            skip=100,
             seed=seed,
         ),
         lora(byte_scale=1 / 16 if q else 1 / 4, batches=6 if q else 24, seed=seed),

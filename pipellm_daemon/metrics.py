@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from prometheus_client import ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -22,11 +23,9 @@ from .events import EventBus
 from .status import StatusBuilder
 from .workers import WorkerPool
 
-_COUNTERS = (
-    "commits", "chunks", "hits", "skips", "misses", "late", "detours", "nops", "discards", "iv_rotations",
-    "key_rotations", "relinquishes", "stale", "bytes_h2d", "bytes_d2h", "bytes_ahead", "bytes_wasted",
-    "bytes_on_demand", "channel_deaths", "small_transfers", "d2h_messages",
-)  # fmt: skip
+# Every integer counter of pb.Counters, read from the contract itself, so a counter added to the proto
+# is exported without anyone remembering to list it here (hit_rate, a ratio, is a gauge below).
+_COUNTERS = tuple(f.name for f in pb.Counters.DESCRIPTOR.fields if f.cpp_type != FieldDescriptor.CPPTYPE_DOUBLE)
 _log = logs.get("pipellmd.metrics")
 
 

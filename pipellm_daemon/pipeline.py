@@ -239,6 +239,7 @@ class Pipeline:
         endpoint_bytes_per_us: float,
         swap_order: str = "fifo",
         latency: Latency | None = None,
+        small_threshold: int | None = None,
     ) -> None:
         self.session_id = session_id
         self.cfg = cfg
@@ -250,6 +251,7 @@ class Pipeline:
         self.d2h = d2h
         self.events = events
         self.endpoint_bytes_per_us = endpoint_bytes_per_us
+        self.small_threshold = cfg.small_transfer_threshold if small_threshold is None else small_threshold
         self.predictors = Combined(swap_order)
         self.latency = latency or Latency()
         self.counters = Counters()
@@ -286,7 +288,7 @@ class Pipeline:
     def _route(self, t: pb.Transfer) -> int:
         if self.mode != "pipellm" or len(self.h2d) < 2:
             return 0
-        if t.flags & FLAG_UNPREDICTED or t.length < self.cfg.small_transfer_threshold:
+        if t.flags & FLAG_UNPREDICTED or t.length < self.small_threshold:
             return 1
         return 0
 
@@ -696,6 +698,13 @@ class Pipeline:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         region.pending_writes.append((msg.offset, msg.length, fut))
         region.begin_write(msg.offset, msg.length)
+        if msg.swap_out and self.mode == "pipellm":
+            # Record the swap-out in arrival order, not in decryption-completion order; speculation skips the
+            # range until its decryption lands.
+            keys = [
+                Key(region.id, c.offset, c.length) for c in chunks.split(msg.offset, msg.length, self.cfg.chunk_size)
+            ]
+            self.predictors.swap.swapped_out(keys, msg.group)
         jobs: list[asyncio.Future[None]] = []
         try:
             off = msg.offset
@@ -737,11 +746,7 @@ class Pipeline:
                 self.counters.key_rotations += 1
                 self.events.emit("key_rotation", self.session_id, f"ce{stream.ce} d2h key v{v}", ce=stream.ce)
         if msg.swap_out and self.mode == "pipellm":
-            keys = [
-                Key(region.id, c.offset, c.length) for c in chunks.split(msg.offset, msg.length, self.cfg.chunk_size)
-            ]
-            self.predictors.swap.swapped_out(keys, msg.group)
-            self.refill()
+            self.refill()  # the swapped-out range can be encrypted ahead now
         return directives
 
     # -- lifecycle -------------------------------------------------------------------------------

@@ -239,7 +239,10 @@ class Session:
                 r.check_range(it.offset, it.length)
             except InvalidArgument as exc:
                 raise R.invalid(f"intent {i}: {exc}") from None
-            if it.direction == pb.DIRECTION_H2D:
+            if it.direction == pb.DIRECTION_H2D and not (
+                self.channels > 1 and it.length < self.pipeline.small_threshold
+            ):
+                # (small transfers take the second channel and are never speculated: no intent needed)
                 keys.extend(
                     Key(r.id, c.offset, c.length) for c in chunks.split(it.offset, it.length, self.cfg.chunk_size)
                 )
@@ -355,6 +358,11 @@ class SessionManager:
             raise R.invalid(f"unknown endpoint kind {req.endpoint}")
         if req.swap_order not in (pb.SWAP_ORDER_UNSPECIFIED, pb.SWAP_ORDER_FIFO, pb.SWAP_ORDER_LIFO_GROUPS):
             raise R.invalid(f"unknown swap order {req.swap_order}")
+        small = self.cfg.small_transfer_threshold
+        if req.HasField("small_transfer_threshold"):
+            if req.small_transfer_threshold > self.cfg.chunk_size:
+                raise R.invalid(f"small_transfer_threshold above the chunk size ({self.cfg.chunk_size}) is pointless")
+            small = req.small_transfer_threshold
         transcript = Transcript(conn.daemon_public, bytes(req.endpoint_public_key))
         master = conn.agreement.master_secret(bytes(req.endpoint_public_key), transcript)  # checks the point
         requested = req.channels or 2
@@ -401,6 +409,7 @@ class SessionManager:
             endpoint_bytes_per_us=ep_rate,
             swap_order="lifo" if req.swap_order == pb.SWAP_ORDER_LIFO_GROUPS else "fifo",
             latency=self.latency,
+            small_threshold=small,
         )
         session = Session(
             sid,
@@ -466,7 +475,7 @@ class SessionManager:
                 key_usage_upper=self.policy.upper,
                 iv_rotation_remaining=self.policy.iv_rotation_remaining,
             ),
-            small_transfer_threshold=self.cfg.small_transfer_threshold,
+            small_transfer_threshold=s.pipeline.small_threshold,
             channels=s.channels,
             generation_granule=self.cfg.generation_granule,
         )

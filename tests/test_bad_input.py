@@ -121,7 +121,7 @@ def test_rpc_bad_inputs(env) -> None:
             stub.DeclareIntents,
             pb.DeclareIntentsRequest(
                 session_id=sid,
-                intents=[pb.Intent(region_id=ro.id, offset=0, length=1, direction=pb.DIRECTION_H2D)] * 65,
+                intents=[pb.Intent(region_id=ro.id, offset=0, length=300_000, direction=pb.DIRECTION_H2D)] * 65,
             ),
             md,
             C.RESOURCE_EXHAUSTED,

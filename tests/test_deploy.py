@@ -515,8 +515,15 @@ def test_daemon_syscalls_fit_the_units_filter(tmp_path):
         _workload(sock)
         assert subprocess.run([*_ctl(sock), "status"], check=False, capture_output=True, timeout=60).returncode == 0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        # SIGTERM the daemon itself (strace would only detach); strace exits when its tracees have.
+        ready = [json.loads(x) for x in log.read_text().splitlines() if '"event": "ready"' in x]
+        if ready:
+            os.kill(int(ready[0]["pid"]), signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
     used = set(re.findall(r"^\d+\s+([a-z_0-9]+)\(", trace.read_text(), re.M))
     assert {"memfd_create", "sendmsg", "mlock", "socketpair"} <= used  # the trace saw the real work
     allowed, denied = _expand(allowed_group), _expand(denied_group)

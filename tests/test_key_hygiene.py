@@ -34,10 +34,11 @@ from pipellm_daemon.launcher import DaemonProcess
 pytestmark = pytest.mark.integration
 
 CHUNK = 64 << 10
-# Usage per key = bytes/16 + messages; one 1 MiB commit of 64 KiB chunks costs 65,552. Rotation is due at
-# lower = upper/2 (RotationPolicy.with_upper for small uppers) and happens at the next commit (H2D) or
-# after the next landing (D2H); the gap to `upper` must hold one commit plus what speculation encrypts
-# ahead, or the channel dies of key exhaustion instead of rotating.
+# Usage per key = bytes/16 + messages; one 64 KiB chunk costs 4,097. Rotation is due at lower = upper/2
+# (RotationPolicy.with_upper for small uppers) and happens before the next H2D chunk, or after the next
+# D2H landing (16 chunks at most); the gap to `upper` must hold that plus what speculation encrypts ahead
+# (ahead_bytes), or the channel dies of key exhaustion instead of rotating. Versions a grab misses (more
+# than one rotation within one call) are filled in by KeyRing.extend_chain.
 SETTINGS: dict[str, Any] = {
     "workers": 2,
     "pool_bytes": 256 << 20,
@@ -95,13 +96,15 @@ class KeyRing:
 
     def extend_chain(self, extra: int = 2) -> None:
         """Rotation is deterministic (HKDF of SHA-256 of the key): add versions we may not have observed."""
-        for name, key in list(self.keys.items()):
+        for name, first in list(self.keys.items()):
             sid, label, v = name.split(" ")
             if int(v[1:]) == 0:
                 top = max(self.versions(sid, label))
+                key = first
                 for version in range(1, top + 1 + extra):
                     key = rotate_key(key, label)[0]
-                    self.keys.setdefault(f"{sid} {label} v{version}", key)
+                    seen = self.keys.setdefault(f"{sid} {label} v{version}", key)
+                    assert seen == key, f"{sid} {label} v{version}: the endpoint's key is not the derived one"
 
     def secrets(self) -> dict[str, bytes]:
         out = dict(self.keys)
@@ -155,7 +158,7 @@ def workload(s: Any, ring: KeyRing) -> None:
     data = np.random.default_rng(3).integers(0, 256, n, dtype=np.uint8)
     w = s.alloc_region(n, readonly=True, name="weights", data=data)
     dst = np.zeros(n, np.uint8)
-    for _ in range(12):  # ce0 (speculative): 12 x 65,552 usage -> rotations at 200,000
+    for _ in range(12):  # ce0 (speculative): 12 x 16 chunks x 4,097 usage -> a rotation every ~49 chunks
         s.h2d(w, 0, n, dst)
         ring.grab(s)
     assert (dst == data).all()

@@ -80,8 +80,10 @@ class Handshake:
         self.channels = channels
         self.masks = [keys.new_mask() for _ in range(2 * channels)]
 
-    def request(self, *, client_name: str, endpoint: str, swap_order: int) -> pb.OpenSessionRequest:
-        return pb.OpenSessionRequest(
+    def request(
+        self, *, client_name: str, endpoint: str, swap_order: int, small_transfer_threshold: int | None = None
+    ) -> pb.OpenSessionRequest:
+        req = pb.OpenSessionRequest(
             endpoint_public_key=self.agreement.public_bytes,
             sealed_masks=keys.seal_masks(self.master, self.transcript, self.masks),
             channels=self.channels,
@@ -89,6 +91,9 @@ class Handshake:
             client_name=client_name,
             swap_order=swap_order,  # type: ignore[arg-type]
         )
+        if small_transfer_threshold is not None:
+            req.small_transfer_threshold = small_transfer_threshold
+        return req
 
     def secrets(self, channels: int) -> list[ChannelSecrets]:
         out = []

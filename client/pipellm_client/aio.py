@@ -25,6 +25,7 @@ from ._core import (
     DaemonError,
     Handshake,
     Intent,
+    Landing,
     SessionCore,
     as_source_view,
     from_rpc_error,
@@ -112,13 +113,19 @@ class AsyncClient:
         endpoint: str = "cpu",
         device: int | None = None,
         device_staging: bool = True,
+        small_transfer_threshold: int | None = None,
     ) -> AsyncSession:
         fs = FrameSocket(self.socket)
         try:
             welcome = await asyncio.to_thread(_welcome, fs)
             hs = Handshake(welcome.daemon_public_key, channels)
             md = [(TICKET_KEY, welcome.ticket)]
-            req = hs.request(client_name=name, endpoint=endpoint, swap_order=swap_order_value(swap_order))
+            req = hs.request(
+                client_name=name,
+                endpoint=endpoint,
+                swap_order=swap_order_value(swap_order),
+                small_transfer_threshold=small_transfer_threshold,
+            )
             resp: pb.OpenSessionResponse = await self.call(self._stub.OpenSession, req, md)
             core = SessionCore(resp, hs.secrets(resp.channels), verify, endpoint=endpoint, device=device)
             s = AsyncSession(self, fs, md, core)
@@ -305,22 +312,25 @@ class AsyncSession:
 
     async def d2h(
         self, src: Any, region: Region, offset: int, *, swap_out: bool = False, group: int = 0, wait: bool = False
-    ) -> None:
+    ) -> list[Landing]:
         data = self.core.endpoint.source_view(src)
         if self.core.mode == pb.MODE_PLAIN:
             region.write(offset, self.core.endpoint.to_host(data))  # plain mode (NO ENCRYPTION): a direct copy
-            return
+            return []
+        landings: list[Landing] = []
         async with self._d2h_lock:
             gen = self.core.landed_frames(data, region, offset, swap_out=swap_out, group=group)
             while True:
                 await self._until(lambda: bool(self.core.d2h_free))
                 try:
-                    frame, _landing = next(gen)
+                    frame, landing = next(gen)
                 except StopIteration:
                     break
                 self.fs.send(frame)
+                landings.append(landing)
         if wait:
             await self.wait_landed(region, offset, data.nbytes)
+        return landings
 
     async def wait_all(self) -> None:
         await self._until(lambda: not self.core.landing)

@@ -22,6 +22,7 @@ from ._core import (
     DaemonError,
     Handshake,
     Intent,
+    Landing,
     SessionCore,
     from_error_frame,
     from_rpc_error,
@@ -111,13 +112,19 @@ class Client:
         endpoint: str = "cpu",
         device: int | None = None,
         device_staging: bool = True,
+        small_transfer_threshold: int | None = None,
     ) -> Session:
         fs = FrameSocket(self.socket)
         try:
             welcome = _welcome(fs)
             hs = Handshake(welcome.daemon_public_key, channels)
             md = [(TICKET_KEY, welcome.ticket)]
-            req = hs.request(client_name=name, endpoint=endpoint, swap_order=swap_order_value(swap_order))
+            req = hs.request(
+                client_name=name,
+                endpoint=endpoint,
+                swap_order=swap_order_value(swap_order),
+                small_transfer_threshold=small_transfer_threshold,
+            )
             resp = self.call(self._stub.OpenSession, req, md)
             core = SessionCore(resp, hs.secrets(resp.channels), verify, endpoint=endpoint, device=device)
             s = Session(self, fs, md, core)
@@ -165,19 +172,40 @@ class Session:
     def _pump(self, until: Callable[[], bool]) -> None:
         """Read data-plane frames and act on them until `until()` holds."""
         while not until():
-            frame, fds = self.fs.recv()
+            self._act(*self.fs.recv())
+
+    def poll(self) -> None:
+        """Act on whatever the daemon has sent so far (landed D2H data, errors) without waiting."""
+        while True:
             try:
-                reply, err = self.core.handle(frame, fds)
-            except PipeLLMError as exc:
-                with contextlib.suppress(DaemonUnavailable):
-                    self.fs.send(self.core.endpoint_failure(exc))
-                raise
-            if reply is not None:
-                # The bytes are already in place; a daemon that went away needs no release.
-                with contextlib.suppress(DaemonUnavailable):
-                    self.fs.send(reply)
-            if err is not None:
-                raise err
+                frame, fds = self.fs.recv(block=False)
+            except BlockingIOError:
+                return
+            self._act(frame, fds)
+
+    def _act(self, frame: pb.Frame, fds: list[int]) -> None:
+        try:
+            reply, err = self.core.handle(frame, fds)
+        except PipeLLMError as exc:
+            with contextlib.suppress(DaemonUnavailable):
+                self.fs.send(self.core.endpoint_failure(exc))
+            raise
+        if reply is not None:
+            # The bytes are already in place; a daemon that went away needs no release.
+            with contextlib.suppress(DaemonUnavailable):
+                self.fs.send(reply)
+        if err is not None:
+            raise err
+
+    @property
+    def small_transfer_threshold(self) -> int:
+        """Transfers below this take the second channel and are never speculated (per session)."""
+        return self.core.small_threshold
+
+    @property
+    def generation_granule(self) -> int:
+        """Bytes covered by one write generation of a mutable region: pad KV blocks to it."""
+        return self.core.granule
 
     # -- regions -------------------------------------------------------------------------------------
     def alloc_region(
@@ -250,26 +278,30 @@ class Session:
         swap_out: bool = False,
         group: int = 0,
         wait: bool = False,
-    ) -> None:
+    ) -> list[Landing]:
         """Encrypt device data at the endpoint and land it in `region`; the daemon decrypts asynchronously.
 
         A later `region.read`, `region.write` or H2D of the range waits for it. `swap_out=True` tells the
-        daemon the block will come back (a KV swap), so it pre-encrypts it for the swap-in.
+        daemon the block will come back (a KV swap), so it pre-encrypts it for the swap-in. Returns the
+        landings (each with `.done` and `.error`; `poll()` updates them without waiting).
         """
         data = self.core.endpoint.source_view(src)
         if self.core.mode == pb.MODE_PLAIN:
             region.write(offset, self.core.endpoint.to_host(data))  # plain mode (NO ENCRYPTION): a direct copy
-            return
+            return []
+        landings: list[Landing] = []
         gen = self.core.landed_frames(data, region, offset, swap_out=swap_out, group=group)
         while True:
             self._pump(lambda: bool(self.core.d2h_free))
             try:
-                frame, _landing = next(gen)
+                frame, landing = next(gen)
             except StopIteration:
                 break
             self.fs.send(frame)
+            landings.append(landing)
         if wait:
             self._wait_landed(region, offset, data.nbytes)
+        return landings
 
     def wait_all(self) -> None:
         """Until every D2H transfer of this session has landed."""

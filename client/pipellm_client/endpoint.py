@@ -95,7 +95,7 @@ class Endpoint(ABC):
     def copy_plain(self, src: memoryview, out: Any) -> None:
         """Plain mode (NO ENCRYPTION): copy host bytes straight into the destination."""
 
-    def attach_arena(self, arena: Any) -> None:
+    def attach_arena(self, arena: Any) -> None:  # noqa: B027 - optional hook, a no-op for the CPU
         """The session's bounce arena is mapped; a GPU endpoint pins it for DMA here."""
 
     @abstractmethod
@@ -213,10 +213,14 @@ class CpuEndpoint(Endpoint):
 
 def host_dest_view(dst: Any) -> memoryview:
     """A writable byte view of a numpy array, CPU torch tensor or bytearray (C-contiguous)."""
-    if hasattr(dst, "numpy") and hasattr(dst, "is_contiguous"):  # torch.Tensor
+    if hasattr(dst, "numpy") and hasattr(dst, "is_contiguous"):  # torch.Tensor (any dtype, bfloat16 too)
         if dst.device.type != "cpu":
             raise InvalidArgument("the CPU endpoint needs a CPU tensor; use the CUDA endpoint for GPU tensors")
-        dst = dst.detach().numpy()
+        if not dst.is_contiguous():
+            raise InvalidArgument("destination tensor must be contiguous")
+        import torch
+
+        dst = dst.detach().reshape(-1).view(torch.uint8).numpy()
     if isinstance(dst, memoryview | bytearray):
         return memoryview(dst).cast("B")
     arr = np.asarray(dst)
@@ -229,8 +233,10 @@ def host_dest_view(dst: Any) -> memoryview:
 
 def host_source_view(src: Any) -> memoryview:
     """A byte view of host data: numpy array, CPU torch tensor or any buffer."""
-    if hasattr(src, "numpy") and hasattr(src, "is_contiguous"):
-        src = src.detach().cpu().numpy()
+    if hasattr(src, "numpy") and hasattr(src, "is_contiguous"):  # torch.Tensor (any dtype, bfloat16 too)
+        import torch
+
+        src = src.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
     if isinstance(src, bytes | bytearray | memoryview):
         return memoryview(src).cast("B")
     arr = np.ascontiguousarray(src)

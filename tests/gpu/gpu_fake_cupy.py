@@ -72,7 +72,10 @@ def get_current_stream() -> Stream:
 
 
 class ndarray:
-    def __init__(self, a: np.ndarray) -> None:
+    def __init__(self, a: Any, dtype: Any = None, memptr: Any = None) -> None:
+        if memptr is not None:  # cupy.ndarray(shape, dtype, memptr=...): a view of existing device memory
+            n = int(np.prod(a)) * np.dtype(dtype).itemsize
+            a = memptr.mem.arr[memptr.offset : memptr.offset + n].view(dtype).reshape(a)
         self._a = a
 
     dtype = property(lambda self: self._a.dtype)
@@ -255,6 +258,17 @@ def _alloc_pinned(n: int) -> Any:
     return (ctypes.c_uint8 * n)()
 
 
+class _Memory:
+    def __init__(self, size: int) -> None:
+        self.arr = _aligned(size)
+        self.ptr = int(self.arr.ctypes.data)
+
+
+class _MemoryPointer:
+    def __init__(self, mem: _Memory, offset: int) -> None:
+        self.mem, self.offset = mem, offset
+
+
 def make_module() -> types.ModuleType:
     """A fresh fake `cupy` module object."""
     mod = types.ModuleType("cupy")
@@ -275,6 +289,8 @@ def make_module() -> types.ModuleType:
             ipcCloseMemHandle=lambda ptr: None,
         ),
         alloc_pinned_memory=_alloc_pinned,
+        Memory=_Memory,
+        MemoryPointer=_MemoryPointer,
         nvrtc=types.SimpleNamespace(getVersion=lambda: (13, 0)),
         Event=Event,
         get_elapsed_time=lambda start, end: 0.5,

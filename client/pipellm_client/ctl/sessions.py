@@ -23,7 +23,7 @@ def session_state(s: pb.SessionStatus) -> str:
 
 def session_rows(sessions: list[pb.SessionStatus]) -> tuple[list[str], list[list[str]], tuple[int, ...]]:
     headers = [
-        "SESSION", "CLIENT", "UID", "PID", "AGE", "ENDPOINT", "REGIONS", "REGION_BYTES",
+        "SESSION", "CLIENT", "UID", "PID", "AGE", "ENDPOINT", "STAGING", "REGIONS", "REGION_BYTES",
         "COMMITS", "H2D", "D2H", "HIT_RATE", "DEPTH", "INTENTS", "STATE",
     ]  # fmt: skip
     rows = []
@@ -37,6 +37,7 @@ def session_rows(sessions: list[pb.SessionStatus]) -> tuple[list[str], list[list
                 str(s.pid),
                 render.fmt_duration(s.age_s),
                 render.enum_name(pb.EndpointKind.DESCRIPTOR, s.endpoint),
+                "device" if s.device_staging else "-",
                 str(s.regions),
                 render.fmt_bytes(s.region_bytes),
                 str(c.commits),
@@ -48,7 +49,7 @@ def session_rows(sessions: list[pb.SessionStatus]) -> tuple[list[str], list[list
                 session_state(s),
             ]
         )
-    return headers, rows, (2, 3, 6, 7, 8, 9, 10, 11, 12, 13)
+    return headers, rows, (2, 3, 7, 8, 9, 10, 11, 12, 13, 14)
 
 
 def as_json(sessions: list[pb.SessionStatus]) -> dict[str, Any]:

@@ -134,7 +134,8 @@ def human(st: pb.Status, socket: str) -> str:
         (
             "hit rate",
             f"{render.fmt_percent(t.hit_rate)} of {judged} predicted chunks "
-            f"(hits {t.hits}, skips {t.skips}, misses {t.misses}, late {t.late}, detours {t.detours})",
+            f"(hits {t.hits}, skips {t.skips}, misses {t.misses}, late {t.late}, detours {t.detours}; "
+            f"{t.staged} hits pre-staged on the device)",
         ),
         (
             "relinquish",

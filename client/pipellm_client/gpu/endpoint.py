@@ -35,8 +35,12 @@ class DeviceStaging:
         cp = aesgcm_cuda._cupy()
         self.stride = _round_up(layout.chunk_size + TAG_LEN)
         self.slots = layout.h2d_slots
+        size = self.stride * self.slots
         with cp.cuda.Device(device_id):
-            self.buf = cp.empty(self.stride * self.slots, dtype=cp.uint8)
+            # Its own cudaMalloc, not a pool sub-allocation: an IPC handle names a whole allocation, and the
+            # daemon must see this buffer at offset 0.
+            self._mem = cp.cuda.Memory(size)
+            self.buf = cp.ndarray((size,), dtype=cp.uint8, memptr=cp.cuda.MemoryPointer(self._mem, 0))
         self.device_id = device_id
 
     def ipc_handle(self) -> bytes:
