@@ -105,9 +105,7 @@ def testbed_scale(one_worker_bps: float, testbed: Testbed = TESTBED) -> TimeScal
     return TimeScale(speed, "testbed", testbed, why)
 
 
-def capacity_scale(
-    aggregate_bps: float, demand_testbed_bps: float, headroom: float, testbed: TimeScale
-) -> TimeScale:
+def capacity_scale(aggregate_bps: float, demand_testbed_bps: float, headroom: float, testbed: TimeScale) -> TimeScale:
     """Slow the device until the workload's encryption demand is `headroom` x the workers' aggregate rate.
 
     `demand_testbed_bps` is the bytes per testbed second the workload must encrypt when nothing but the
@@ -129,6 +127,17 @@ def tighten_timer_slack() -> bool:
         libc = ctypes.CDLL(None, use_errno=True)
         return bool(libc.prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0) == 0)
     return False
+
+
+def calibrate_sleep(samples: int = 60, wait: float = 0.001) -> float:
+    """Median oversleep of `time.sleep(wait)` on this machine (after `tighten_timer_slack`), in seconds."""
+    over = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        time.sleep(wait)
+        over.append(time.perf_counter() - t0 - wait)
+    over.sort()
+    return max(0.0, over[len(over) // 2])
 
 
 @dataclass
@@ -175,6 +184,7 @@ class DeviceModel:
     slept: float = 0.0
     spans: list[Span] = field(default_factory=list)
     debt_log: list[tuple[float, float]] = field(default_factory=list)  # (wall since reset, debt), if record
+    overshoot: float = 0.0  # typical oversleep of `clock.sleep`, subtracted from each wait (see calibrate_sleep)
 
     def reset(self) -> None:
         """Start a new timeline at model time 0 (now)."""
@@ -213,7 +223,9 @@ class DeviceModel:
         self._span("link H2D", start, end, label)
         return end
 
-    def d2h(self, nbytes: int, issued: float, host_done: float, *, after_compute: bool = False, label: str = "") -> float:
+    def d2h(
+        self, nbytes: int, issued: float, host_done: float, *, after_compute: bool = False, label: str = ""
+    ) -> float:
         """A device-to-host copy (the GPU encrypts at link speed; the host's part ends at `host_done`).
 
         With `after_compute` it starts only when the compute issued before it has produced the data.
@@ -242,7 +254,8 @@ class DeviceModel:
         wait = target - self.now()
         if wait > 0:
             t0 = self.now()
-            self.clock.sleep(wait)
+            if wait > self.overshoot:
+                self.clock.sleep(wait - self.overshoot)
             self.slept += wait
             self._span("sleep", t0, target, "")
         return self.now()
@@ -257,6 +270,7 @@ __all__ = [
     "Testbed",
     "TimeScale",
     "VirtualClock",
+    "calibrate_sleep",
     "capacity_scale",
     "testbed_scale",
     "tighten_timer_slack",

@@ -8,13 +8,14 @@ waits for it; in PipeLLM mode the workers encrypt the next layer while the curre
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 COLORS = {"naive": "#d62728", "pipellm": "#2ca02c", "plain": "#7f7f7f", "bound": "#1f77b4"}
 
@@ -52,7 +53,7 @@ def overhead(report: dict[str, Any], path: Path) -> Path:
 def _busy(samples: list[tuple[float, float]], workers: int) -> list[tuple[float, float, float]]:
     """(start, end, fraction of the workers busy) from cumulative CPU samples."""
     out = []
-    for (t0, c0), (t1, c1) in zip(samples, samples[1:], strict=False):
+    for (t0, c0), (t1, c1) in itertools.pairwise(samples):
         if t1 > t0:
             out.append((t0, t1, min(1.0, (c1 - c0) / (t1 - t0) / max(1, workers))))
     return out

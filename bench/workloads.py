@@ -203,7 +203,7 @@ class Trace:
 
 def _pages(n: float) -> int:
     """Round a byte count to whole 4 KiB pages (at least one)."""
-    return max(PAGE, int(round(n / PAGE)) * PAGE)
+    return max(PAGE, round(n / PAGE) * PAGE)
 
 
 def sharegpt_lengths(rng: np.random.Generator, n: int, token_scale: float = 1.0) -> list[tuple[int, int]]:
@@ -328,10 +328,12 @@ class _Extents:
 
     def __init__(self, n: int) -> None:
         self.free = [(0, n)]
+        self.hwm = 0  # high-water mark: blocks [0, hwm) were ever used
 
     def take(self, k: int) -> int | None:
         for i, (s, n) in enumerate(self.free):
             if n >= k:
+                self.hwm = max(self.hwm, s + k)
                 self.free[i] = (s + k, n - k)
                 if self.free[i][1] == 0:
                     del self.free[i]
@@ -382,7 +384,9 @@ def vllm_v0(
     prologue step re-creates the swap space as it is at that point (the D2H copies of every request still
     swapped out, in their original order), then `warmup` replayed but unmeasured steps, then the rest.
     With `busiest` > 0 the window starts at the step in [skip, skip + busiest) that swaps the most bytes
-    in its measured part: swapping is bursty, and a benchmark of swapping should contain some.
+    in its measured part: swapping is bursty, and a benchmark of swapping should contain some. The swap
+    space is then shrunk to the blocks the simulation ever used (first fit allocates the same runs), so
+    the host region is no bigger than needed.
     """
     if busiest > 0:
         probe = vllm_v0(
@@ -400,11 +404,24 @@ def vllm_v0(
         )
         moved = [sum(op.nbytes for op in st.ops if isinstance(op, H2D | D2H)) for st in probe.steps[1:]]
         best = max(range(busiest), key=lambda i: (sum(moved[i + warmup : i + steps]), -i))
-        return vllm_v0(
+        fitted = vllm_v0(
             model,
             requests=requests,
             gpu_blocks=gpu_blocks,
             cpu_blocks=cpu_blocks,
+            steps=steps,
+            skip=skip + best,
+            warmup=warmup,
+            max_running=max_running,
+            token_scale=token_scale,
+            seed=seed,
+            testbed=testbed,
+        )
+        return vllm_v0(
+            model,
+            requests=requests,
+            gpu_blocks=gpu_blocks,
+            cpu_blocks=max(1, int(fitted.params["swap_hwm_blocks"])),
             steps=steps,
             skip=skip + best,
             warmup=warmup,
@@ -551,6 +568,7 @@ def vllm_v0(
             "gpu_blocks": gpu_blocks,
             "cpu_blocks": cpu_blocks,
             "skipped_steps": skip,
+            "swap_hwm_blocks": extents.hwm,
             "seed": seed,
             **stats,
         },
@@ -815,7 +833,7 @@ def accelerate(
     accelerate) declares the first forward's order as a cyclic intent; `declare=False` leaves it to the
     cycle predictor.
     """
-    layers, _copy, params, hidden = KV_MODELS["llama-2-7b"]
+    layers, _copy, _params, hidden = KV_MODELS["llama-2-7b"]
     per_layer_params = 4 * hidden * hidden + 3 * hidden * 11008
     layer_bytes = _pages(per_layer_params * 2 * byte_scale)
     kv_token = layers * 2 * hidden * 2
@@ -908,8 +926,8 @@ def suite(size: str = "quick", seed: int = 0) -> list[Trace]:
         vllm_v0(
             "llama-2-7b",
             requests=2000,
-            gpu_blocks=512,
-            cpu_blocks=512,
+            gpu_blocks=384,
+            cpu_blocks=1024,
             token_scale=0.5,
             steps=24 if q else 120,
             skip=400,
@@ -919,9 +937,9 @@ def suite(size: str = "quick", seed: int = 0) -> list[Trace]:
         vllm_v0(
             "opt-30b",
             requests=2000,
-            gpu_blocks=384,
-            cpu_blocks=384,
-            token_scale=0.5,
+            gpu_blocks=192 if q else 384,
+            cpu_blocks=1024,
+            token_scale=0.25 if q else 0.5,
             steps=14 if q else 60,
             skip=400,
             busiest=400,
@@ -930,9 +948,9 @@ def suite(size: str = "quick", seed: int = 0) -> list[Trace]:
         vllm_v0(
             "opt-66b",
             requests=2000,
-            gpu_blocks=256,
-            cpu_blocks=256,
-            token_scale=0.5,
+            gpu_blocks=128 if q else 256,
+            cpu_blocks=1024,
+            token_scale=0.25 if q else 0.5,
             steps=10 if q else 40,
             skip=400,
             busiest=400,
@@ -949,7 +967,7 @@ def suite(size: str = "quick", seed: int = 0) -> list[Trace]:
             skip=100,
             seed=seed,
         ),
-        lora(byte_scale=1 / 16 if q else 1 / 4, batches=6 if q else 24, seed=seed),
+        lora(adapters=16 if q else 32, byte_scale=1 / 4 if q else 1 / 2, batches=6 if q else 24, seed=seed),
         accelerate(byte_scale=1 / 64 if q else 1 / 8, tokens=3 if q else 8, seed=seed),
         adversarial(region_bytes=(256 if q else 1024) * MiB, steps=24 if q else 160, seed=seed),
     ]

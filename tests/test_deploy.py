@@ -243,7 +243,9 @@ def test_k8s_manifests_match_the_schema():
         reason="kubernetes-validate not installed (it is in the dev extra: pip install -e .[dev])",
     )
     available = kv.utils.all_versions()
-    versions = sorted({v for v in ("1.30.0", kv.utils.latest_version()) if v in available or v.count(".") == 1})
+    # A version many clusters still run, and the newest this kubernetes-validate ships.
+    versions = sorted({v for v in ("1.30.0", kv.utils.latest_version()) if v in available})
+    assert versions, available
     docs = manifests()
     assert {d["kind"] for ds in docs.values() for d in ds} >= {"DaemonSet", "ConfigMap", "Namespace"}
     for version in versions:

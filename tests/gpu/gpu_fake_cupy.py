@@ -63,6 +63,9 @@ class Stream:
     def synchronize(self) -> None:
         self.synchronized += 1
 
+    def wait_event(self, event: Any) -> None:
+        return None
+
 
 _NULL_STREAM = Stream()
 

@@ -132,3 +132,14 @@ def test_pin_fallback_strategy(cp, monkeypatch) -> None:
         s.h2d(w, 0, 3 * MiB, out)
         assert (cp.asnumpy(out) == data).all()
     assert os.environ["PIPELLM_PIN_STRATEGY"] == "staging"
+
+
+def test_d2h_waits_for_the_callers_pending_upload(cp) -> None:
+    """A source still being filled on the caller's stream must be encrypted only after that work is done."""
+    with DaemonProcess(workers=4) as d, Client(d.socket) as c, c.open_session("race", endpoint="cuda") as s:
+        kv = s.alloc_region(32 * (512 << 10))
+        blocks = [_weights(512 << 10, 100 + i) for i in range(32)]
+        for i, b in enumerate(blocks):
+            s.d2h(cp.asarray(b), kv, i * (512 << 10), swap_out=True)  # the upload is asynchronous
+        for i, b in enumerate(blocks):
+            assert (kv.read(i * (512 << 10), 512 << 10) == b).all(), i

@@ -103,8 +103,16 @@ class CudaEndpoint(Endpoint):
         self.pinned.to_device(memoryview(message), dst, self.stream)
         return dst
 
+    def _after_callers_work(self) -> None:
+        """Order our stream after whatever the caller queued on its current stream (uploads into a D2H
+        source, reads of a destination): a non-blocking stream does not wait for the default stream."""
+        ev = self.cp.cuda.Event(disable_timing=True)
+        ev.record(self.cp.cuda.get_current_stream())
+        self.stream.wait_event(ev)
+
     # -- the endpoint's crypto -----------------------------------------------------------------------------
     def _decrypt(self, rx: StrictReceiver, message: Buffer, out: Any) -> None:
+        self._after_callers_work()
         nonce = rx.advance()
         data = self._device_message(message)
         if int(out.size) != len(message) - TAG_LEN:
@@ -129,6 +137,7 @@ class CudaEndpoint(Endpoint):
         if self.pinned is None:
             raise InvalidArgument("the arena is not attached yet")
         n = int(src.size)
+        self._after_callers_work()
         iv = tx.reserve()
         nonce = tx.take(iv, n)
         out = self._outgoing[: n + TAG_LEN]
@@ -155,10 +164,12 @@ class CudaEndpoint(Endpoint):
 
     def copy_plain(self, src: memoryview, out: Any) -> None:
         assert self.pinned is not None
+        self._after_callers_work()
         self.pinned.to_device(src, out, self.stream)
         self.stream.synchronize()
 
     def to_host(self, src: Any) -> memoryview:
+        self._after_callers_work()
         return memoryview(src.get(stream=self.stream))
 
     def close(self) -> None:
