@@ -162,6 +162,9 @@ class Trace:
     def max_h2d_op(self) -> int:
         return max((op.nbytes for op in self.ops(False) if isinstance(op, H2D)), default=0)
 
+    def max_h2d_range(self) -> int:
+        return max((r.length for op in self.ops(False) if isinstance(op, H2D) for r in op.ranges), default=0)
+
     def max_d2h_op(self) -> int:
         return max((op.nbytes for op in self.ops(False) if isinstance(op, D2H)), default=0)
 
@@ -381,8 +384,9 @@ def vllm_v0(
     does) and each request's swap-out as its own group. Request lengths are ShareGPT-like (seeded).
 
     The simulation runs `skip` steps first (the ramp-up, not replayed) and emits the next `steps`: a
-    prologue step re-creates the swap space as it is at that point (the D2H copies of every request still
-    swapped out, in their original order), then `warmup` replayed but unmeasured steps, then the rest.
+    prologue step re-creates the part of the swap space that the window reads (the swap-outs, in their
+    original order, of the requests that are swapped in inside the window), then `warmup` replayed but
+    unmeasured steps, then the rest.
     With `busiest` > 0 the window starts at the step in [skip, skip + busiest) that swaps the most bytes
     in its measured part: swapping is bursty, and a benchmark of swapping should contain some. The swap
     space is then shrunk to the blocks the simulation ever used (first fit allocates the same runs), so
@@ -448,9 +452,13 @@ def vllm_v0(
         first, n = r.cpu
         return Range("kv", ((layer * 2 + kv) * cpu_blocks + first) * copy, n * copy)
 
+    window_ins: set[int] = set()
+    before: dict[int, list[D2H]] = {}
     for step in range(skip + steps):
         if not (queue or running or swapped):
             break
+        if step == skip:
+            before = {rid: list(lst) for rid, lst in out_ops.items()}  # the swap space the ramp-up left
         ins: list[_Req] = []
         outs: list[tuple[_Req, int]] = []
         prefill = 0
@@ -540,17 +548,16 @@ def vllm_v0(
         for r in finished:
             running.remove(r)
             free += r.blocks
-        if step == skip:
-            # the swap space as the skipped ramp-up left it, in swap-out order
-            still = sorted(out_ops.items(), key=lambda kv: min(o.group for o in kv[1]))
-            before = [op for rid, lst in still for op in lst if op not in d2h]
-            emitted.append(Step((*before, Sync()), tokens=0))
         if step >= skip:
+            window_ins.update(r.rid for r in ins)
             stats["swap_ins"] += len(ins)
             stats["swap_outs"] += len(outs)
             stats["swap_in_bytes"] += sum(op.nbytes for op in ops if isinstance(op, H2D))
             stats["swap_out_bytes"] += sum(op.nbytes for op in d2h)
             emitted.append(Step(tuple(ops), tokens=batch))
+    # Prologue: the swap-outs from before the window of the requests that come back inside it, in order.
+    back = sorted((lst for rid, lst in before.items() if rid in window_ins), key=lambda lst: lst[0].group)
+    emitted.insert(0, Step((*(op for lst in back for op in lst), Sync()), tokens=0))
     return Trace(
         name=f"vllm-v0-{model.replace('-', '').replace('llama2', 'llama2-')}",
         kind="vllm-v0",
@@ -961,7 +968,7 @@ def suite(size: str = "quick", seed: int = 0) -> list[Trace]:
             conversations=32,
             turns=6,
             concurrency=16,
-            cpu_blocks=256,
+            cpu_blocks=192 if q else 256,
             token_scale=0.25,
             steps=24 if q else 120,
             skip=100,

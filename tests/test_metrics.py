@@ -72,14 +72,20 @@ def workload(client: Client) -> Any:
 
 
 def settled_scrape(address: str, client: Client) -> tuple[str, Any]:
-    """The endpoint renders a snapshot refreshed every second: scrape until it has caught up (bounded)."""
-    st = client.status()
+    """Scrape until the endpoint agrees with a fresh `GetStatus` on every counter (bounded).
+
+    The endpoint renders a snapshot refreshed once a second, and speculation may still encrypt ahead
+    for a moment after the workload returns, so both sides are read again on each try.
+    """
     deadline = time.monotonic() + 10
     while True:
         text = scrape(address)
+        st = client.status()
         smp = samples(text)
-        if value(smp, "pipellm_commits_total") == st.totals.commits or time.monotonic() > deadline:
+        if all(value(smp, f"pipellm_{n}_total") == getattr(st.totals, n) for n in COUNTERS):
             return text, st
+        if time.monotonic() > deadline:
+            return text, st  # the caller's assertions say what differs
         time.sleep(0.2)
 
 

@@ -10,8 +10,10 @@ A session is not thread-safe: use one per thread, or the asyncio client.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -31,10 +33,11 @@ from ._core import (
 from ._dataplane import DaemonUnavailable, FrameSocket, default_socket
 from ._gen.pipellm.v1 import pipellm_pb2 as pb
 from ._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
-from .errors import PipeLLMError
+from .errors import ChannelDead, PipeLLMError
 from .regions import Region
 
 T = TypeVar("T")
+_log = logging.getLogger("pipellm_client")
 _RETRIES_ON_ABORT = 2
 
 
@@ -113,23 +116,51 @@ class Client:
         device: int | None = None,
         device_staging: bool = True,
         small_transfer_threshold: int | None = None,
+        recover: bool = False,
+        max_rekeys: int = 3,
     ) -> Session:
+        """Open a session: a fresh key agreement, its own channels, arena and regions.
+
+        With `recover=True`, a transfer that fails because the channel died (a tag failure: tampering, or a
+        bug) is retried once on a new session with new keys, from the plaintext (never by resending old
+        ciphertext); every such death stays visible (daemon log, counters, `Session.rekeys`).
+        """
+        opts = _SessionOptions(
+            name,
+            channels,
+            swap_order,
+            verify,
+            endpoint,
+            device,
+            device_staging,
+            small_transfer_threshold,
+            recover,
+            max_rekeys,
+        )
+        fs, md, core = self._connect(opts)
+        s = Session(self, fs, md, core, opts)
+        self.sessions.append(s)
+        return s
+
+    def _connect(self, o: _SessionOptions) -> tuple[FrameSocket, list[tuple[str, str]], SessionCore]:
+        """Data-plane connection, key agreement, OpenSession, arena, device staging: a ready SessionCore."""
         fs = FrameSocket(self.socket)
         try:
             welcome = _welcome(fs)
-            hs = Handshake(welcome.daemon_public_key, channels)
+            hs = Handshake(welcome.daemon_public_key, o.channels)
             md = [(TICKET_KEY, welcome.ticket)]
             req = hs.request(
-                client_name=name,
-                endpoint=endpoint,
-                swap_order=swap_order_value(swap_order),
-                small_transfer_threshold=small_transfer_threshold,
+                client_name=o.name,
+                endpoint=o.endpoint,
+                swap_order=swap_order_value(o.swap_order),
+                small_transfer_threshold=o.small_transfer_threshold,
             )
             resp = self.call(self._stub.OpenSession, req, md)
-            core = SessionCore(resp, hs.secrets(resp.channels), verify, endpoint=endpoint, device=device)
-            s = Session(self, fs, md, core)
-            s._pump(lambda: core.arena is not None)
-            staging = core.staging_request() if device_staging else None
+            core = SessionCore(resp, hs.secrets(resp.channels), o.verify, endpoint=o.endpoint, device=o.device)
+            while core.arena is None:
+                frame, fds = fs.recv()
+                core.handle(frame, fds)
+            staging = core.staging_request() if o.device_staging else None
             if staging is not None:
                 try:
                     self.call(self._stub.AttachDeviceStaging, staging, md)
@@ -138,8 +169,7 @@ class Client:
         except BaseException:
             fs.close()
             raise
-        self.sessions.append(s)
-        return s
+        return fs, md, core
 
     def close(self) -> None:
         for s in list(self.sessions):
@@ -150,14 +180,39 @@ class Client:
         self._channel.close()
 
 
+@dataclass(frozen=True)
+class _SessionOptions:
+    name: str
+    channels: int
+    swap_order: str
+    verify: str | int
+    endpoint: str
+    device: int | None
+    device_staging: bool
+    small_transfer_threshold: int | None
+    recover: bool
+    max_rekeys: int
+
+
 class Session:
-    def __init__(self, client: Client, fs: FrameSocket, metadata: list[tuple[str, str]], core: SessionCore) -> None:
+    def __init__(
+        self,
+        client: Client,
+        fs: FrameSocket,
+        metadata: list[tuple[str, str]],
+        core: SessionCore,
+        options: _SessionOptions,
+    ) -> None:
         self.client = client
         self.fs = fs
         self.metadata = metadata
         self.core = core
+        self.options = options
         self.id = core.id
         self.closed = False
+        self.rekeys = 0
+        self.deaths: list[str] = []  # why each channel died; a recovered death is still recorded here
+        self._cyclic_intents: list[Intent] = []
 
     def __enter__(self) -> Session:
         return self
@@ -221,6 +276,7 @@ class Session:
             shm.close()
             raise
         region = Region(resp.region_id, name, shm, nbytes, readonly, core.granule, self._wait_landed, self._seal_remote)
+        region.adapter = adapter
         core.regions[region.id] = region
         if data is not None:
             core.fill(region, data)
@@ -259,6 +315,63 @@ class Session:
     def h2d_many(self, transfers: Sequence[tuple[Region, int, int, Any]], *, unpredicted: bool = False) -> None:
         """Several transfers in one commit (one data-plane round trip)."""
         items = [(r, o, n, d, unpredicted) for (r, o, n, d) in transfers]
+        self._recovering(lambda: self._commit(items))
+
+    def _recovering(self, op: Callable[[], T]) -> T:
+        """Run a transfer; if the channel died under it and the session may recover, re-key and retry once."""
+        try:
+            return op()
+        except (ChannelDead, DaemonError) as exc:
+            if isinstance(exc, DaemonError) and exc.code != grpc.StatusCode.DATA_LOSS:
+                raise
+            self.deaths.append(str(exc))
+            if not self.options.recover or self.rekeys >= self.options.max_rekeys:
+                raise
+            _log.warning("pipellm session %s: channel died (%s); re-keying and retrying from plaintext", self.id, exc)
+            self.rekey()
+            return op()
+
+    def rekey(self) -> None:
+        """Replace a dead session's channels: a fresh key agreement and arena, the same Region objects.
+
+        The regions' memory is offered again (new region ids, read-only ones sealed again); cyclic intents
+        are declared again. Nothing encrypted under the old keys is ever used again.
+        """
+        old_fs, old_core = self.fs, self.core
+        fs, md, core = self.client._connect(self.options)
+        try:
+            for region in list(old_core.regions.values()):
+                offer = next(core.offers)
+                fs.send(pb.Frame(offer=pb.Offer(offer_id=offer)), fds=[region.shm.fd])
+                req = pb.RegisterRegionRequest(
+                    session_id=core.id,
+                    offer_id=offer,
+                    size=region.size,
+                    readonly=region.readonly,
+                    name=region.name,
+                    kind=pb.REGION_KIND_ADAPTER if region.adapter else pb.REGION_KIND_UNSPECIFIED,
+                )
+                resp: pb.RegisterRegionResponse = self.client.call(self.client._stub.RegisterRegion, req, md)
+                region.id = resp.region_id
+                core.regions[region.id] = region
+                if region.sealed:
+                    self.client.call(
+                        self.client._stub.SealRegion, pb.SealRegionRequest(session_id=core.id, region_id=region.id), md
+                    )
+        except BaseException:
+            core.regions.clear()
+            fs.close()
+            core.close()
+            raise
+        old_core.regions.clear()  # the Region objects live on in the new session
+        old_fs.close()
+        old_core.close()
+        self.fs, self.metadata, self.core, self.id = fs, md, core, core.id
+        self.rekeys += 1
+        if self._cyclic_intents:
+            self.declare(self._cyclic_intents, replace=True, cyclic=True)
+
+    def _commit(self, items: list[tuple[Region, int, int, Any, bool]]) -> None:
         for attempt in range(_RETRIES_ON_ABORT + 1):
             frame, pending = self.core.commit_frame(items)
             self.fs.send(frame)
@@ -283,8 +396,14 @@ class Session:
 
         A later `region.read`, `region.write` or H2D of the range waits for it. `swap_out=True` tells the
         daemon the block will come back (a KV swap), so it pre-encrypts it for the swap-in. Returns the
-        landings (each with `.done` and `.error`; `poll()` updates them without waiting).
+        landings (each with `.done` and `.error`; `poll()` updates them without waiting). With `wait=True`
+        a session opened with `recover=True` also re-keys and re-sends `src` if the channel dies.
         """
+        if wait:
+            return self._recovering(lambda: self._d2h(src, region, offset, swap_out, group, True))
+        return self._d2h(src, region, offset, swap_out, group, False)
+
+    def _d2h(self, src: Any, region: Region, offset: int, swap_out: bool, group: int, wait: bool) -> list[Landing]:
         data = self.core.endpoint.source_view(src)
         if self.core.mode == pb.MODE_PLAIN:
             region.write(offset, self.core.endpoint.to_host(data))  # plain mode (NO ENCRYPTION): a direct copy
@@ -309,6 +428,10 @@ class Session:
 
     # -- intents ------------------------------------------------------------------------------------
     def declare(self, intents: Sequence[Intent], *, replace: bool = False, cyclic: bool = False) -> int:
+        if cyclic:
+            self._cyclic_intents = list(intents)  # declared again after a re-key
+        elif replace:
+            self._cyclic_intents = []
         req = pb.DeclareIntentsRequest(session_id=self.id, replace=replace, cyclic=cyclic)
         for it in intents:
             req.intents.append(

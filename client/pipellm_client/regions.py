@@ -43,6 +43,7 @@ class Region:
         self.size = size
         self.readonly = readonly
         self.sealed = False
+        self.adapter = False  # a LoRA adapter: the daemon's LoRA predictor ranks whole-region loads
         self.granule = granule
         self._wait_landed = wait_landed
         self._seal_remote = seal_remote

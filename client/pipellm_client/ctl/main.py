@@ -14,11 +14,14 @@ from collections.abc import Sequence
 import grpc
 
 from .. import Client, DaemonError, DaemonUnavailable, PipeLLMError, default_socket
-from . import health, sessions, status, watch
 from .base import NoAnswer, Verb
 from .exitcodes import DESCRIPTION, Exit
+from .health import VERB as HEALTH
+from .sessions import VERB as SESSIONS
+from .status import VERB as STATUS
+from .watch import VERB as WATCH
 
-VERBS: tuple[Verb, ...] = (status.VERB, sessions.VERB, watch.VERB, health.VERB)
+VERBS: tuple[Verb, ...] = (STATUS, SESSIONS, WATCH, HEALTH)
 DEFAULT_TIMEOUT_S = 10.0
 
 
