@@ -4,10 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+INT_STAMP := $(VENV)/.installed-integrations
 GEN := client/pipellm_client/_gen
 PROTOS := $(wildcard proto/pipellm/v1/*.proto)
 GEN_STAMP := $(GEN)/.stamp
-EXTRAS ?= dev
 
 .PHONY: all setup proto lint typecheck test test-quick demo bench bench-quick bench-engine bench-commit \
         loadtest gpu-check clean
@@ -17,7 +17,12 @@ all: test
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+# torch (CPU build), transformers, accelerate, peft: only for the integration tests.
+$(INT_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,integrations]"
 	@touch $@
 
 setup: $(STAMP) $(GEN_STAMP)
@@ -39,7 +44,7 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-test: setup lint typecheck
+test: setup $(INT_STAMP) lint typecheck
 	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
 
 test-quick: setup
