@@ -27,21 +27,32 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    flags = {
+        "socket": args.socket,
+        "mode": args.mode,
+        "workers": args.workers,
+        "log_level": args.log_level,
+        "metrics_address": args.metrics_address,
+    }
     try:
-        cfg = load(
-            args.config,
-            socket=args.socket,
-            mode=args.mode,
-            workers=args.workers,
-            log_level=args.log_level,
-            metrics_address=args.metrics_address,
-        )
+        cfg = load(args.config, **flags)
     except ConfigError as exc:
         print(f"pipellmd: {exc}", file=sys.stderr)
         return 2
     logs.configure(cfg.log_level)
+    _no_core_dumps()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(Daemon(cfg, args.config).run())
+        return runner.run(Daemon(cfg, args.config, {k: v for k, v in flags.items() if v is not None}).run())
+
+
+def _no_core_dumps() -> None:
+    """The daemon holds keys: no core dumps, no ptrace by same-uid processes (PR_SET_DUMPABLE 0)."""
+    import ctypes
+    import ctypes.util
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(4, 0, 0, 0, 0)
 
 
 if __name__ == "__main__":

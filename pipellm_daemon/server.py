@@ -33,15 +33,16 @@ _log = logs.get("pipellmd")
 
 
 class Daemon:
-    def __init__(self, cfg: Config, config_path: str | None = None) -> None:
+    def __init__(self, cfg: Config, config_path: str | None = None, flags: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
+        self.flags = flags or {}  # command-line settings keep precedence when SIGHUP re-reads the rest
         self.stopping = asyncio.Event()
         self.started = time.monotonic()
 
     def _reload_log_level(self) -> None:
         try:
-            level = config_mod.load(self.config_path).log_level
+            level = config_mod.load(self.config_path, **self.flags).log_level
         except config_mod.ConfigError as exc:
             _log.error("reload_failed", error=str(exc))
             return

@@ -18,7 +18,7 @@ from pipellm_client import chunks
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client.arena import ArenaLayout
 from pipellm_client.channel import KeyEpoch, PredictingReceiver, RotationPolicy, Sender
-from pipellm_client.errors import InvalidArgument
+from pipellm_client.errors import ChannelDead, InvalidArgument
 from pipellm_client.keys import Transcript, channel_label, derive_channel_key, open_masks
 from pipellm_client.shm import SharedMemory
 
@@ -93,9 +93,11 @@ class Session:
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:
+                if isinstance(exc, ChannelDead):
+                    self.pipeline.kill(str(exc))  # e.g. key exhausted: recorded like any other death
                 ref = R.from_exception(exc)
                 if ref.code == grpc.StatusCode.INTERNAL:
-                    self.pipeline.events.emit("internal_error", self.id, repr(exc), level="error")
+                    self.pipeline.events.emit("internal_error", self.id, type(exc).__name__, level="error")
                 self.conn.send_error(ref, seq)
             finally:
                 self.in_flight -= 1

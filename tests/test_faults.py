@@ -37,8 +37,8 @@ from pipellm_daemon.launcher import DaemonProcess
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CH = 64 << 10  # a small chunk: many messages per transfer, cheap sessions
-ATTEMPTS = 50  # per H2D attack, each in a fresh session
-D2H_ATTEMPTS = 25  # per D2H attack
+ATTEMPTS = 100  # per H2D attack, each in a fresh session
+D2H_ATTEMPTS = 50  # per D2H attack
 SENTINEL = 0xA5  # what a destination holds before a transfer: "untouched"
 ATTACK_SETTINGS: dict[str, Any] = {
     "workers": 2,
@@ -131,8 +131,11 @@ class Bystander:
         self.client.close()
 
 
+AttackEnv = tuple[DaemonProcess, Client, Bystander]
+
+
 @pytest.fixture(scope="module")
-def attack_env() -> Iterator[tuple[DaemonProcess, Client, Bystander]]:
+def attack_env() -> Iterator[AttackEnv]:
     with DaemonProcess(**ATTACK_SETTINGS) as d:
         c = Client(d.socket)
         b = Bystander(d.socket)
@@ -197,13 +200,12 @@ class H2DAttack:
             comp = pb.Completion(seq=comp.seq, deliveries=[*self.held.deliveries, *comp.deliveries], final=comp.final)
             self.held = None
         data = [i for i, d in enumerate(comp.deliveries) if d.kind == DATA]
-        if self.kind == "reorder":
-            if len(data) < 2:
-                if not comp.final:
-                    self.held = comp
-                    return None
-                self.seen += len(data)
-                return comp
+        if self.kind == "reorder" and len(data) < 2:
+            if not comp.final:
+                self.held = comp
+                return None
+            self.seen += len(data)
+            return comp
         first = self.seen
         self.seen += len(data)
         if self.kind == "reorder":
@@ -260,7 +262,7 @@ def check_destination(
             assert (got == SENTINEL).all(), f"message {i} after the failure was written"
 
 
-def run_h2d_attack(env: tuple[DaemonProcess, Client, Bystander], kind: str, attempt: int) -> dict[str, Any]:
+def run_h2d_attack(env: AttackEnv, kind: str, attempt: int) -> dict[str, Any]:
     d, c, bystander = env
     rng = np.random.default_rng([ATTACKS.index(kind), attempt])
     nmsg = int(rng.integers(2, 7))
@@ -319,7 +321,7 @@ def run_h2d_attack(env: tuple[DaemonProcess, Client, Bystander], kind: str, atte
 
 
 @pytest.mark.parametrize("kind", ATTACKS)
-def test_h2d_bounce_attacks_are_always_detected(attack_env, kind: str) -> None:
+def test_h2d_bounce_attacks_are_always_detected(attack_env: AttackEnv, kind: str) -> None:
     d, c, _b = attack_env
     before = c.status().totals.channel_deaths
     deaths_logged = len(log_events(d, "channel_dead"))
@@ -327,6 +329,8 @@ def test_h2d_bounce_attacks_are_always_detected(attack_env, kind: str) -> None:
     detected = len(results)  # every attempt above asserted detection; count them for the record
     assert detected == ATTEMPTS
     assert {r["ce"] for r in results} == {0, 1}, "both copy engines were attacked"
+    if kind == "drop":  # both cases: the next message in the same commit, and in the next commit
+        assert {r["late"] for r in results} == {False, True}
     wait_for(lambda: not [x for x in c.list_sessions() if x.client_name.startswith(kind)], "attacked sessions gone")
     assert c.status().totals.channel_deaths - before == ATTEMPTS
     assert len(log_events(d, "channel_dead")) - deaths_logged == ATTEMPTS
@@ -334,7 +338,7 @@ def test_h2d_bounce_attacks_are_always_detected(attack_env, kind: str) -> None:
 
 
 # -- D2H attacks -----------------------------------------------------------------------------------------
-def run_d2h_attack(env: tuple[DaemonProcess, Client, Bystander], kind: str, attempt: int) -> None:
+def run_d2h_attack(env: AttackEnv, kind: str, attempt: int) -> None:
     d, c, bystander = env
     rng = np.random.default_rng(77 + attempt)
     nmsg = int(rng.integers(2, 6))
@@ -393,7 +397,7 @@ def run_d2h_attack(env: tuple[DaemonProcess, Client, Bystander], kind: str, atte
 
 
 @pytest.mark.parametrize("kind", ["tamper", "reorder"])
-def test_d2h_bounce_attacks_are_always_detected(attack_env, kind: str) -> None:
+def test_d2h_bounce_attacks_are_always_detected(attack_env: AttackEnv, kind: str) -> None:
     _d, c, _b = attack_env
     before = c.status().totals.channel_deaths
     for i in range(D2H_ATTEMPTS):
@@ -406,7 +410,7 @@ def test_d2h_bounce_attacks_are_always_detected(attack_env, kind: str) -> None:
     reason="SDK bug: a final Completion that does not cover every byte of the commit is reported as success "
     "(client/pipellm_client/_core.py apply_completion has no coverage check)",
 )
-def test_commit_missing_its_last_message_is_not_reported_as_success(attack_env) -> None:
+def test_commit_missing_its_last_message_is_not_reported_as_success(attack_env: AttackEnv) -> None:
     """If the last DATA message of a commit never reaches the endpoint, nothing fails the tag check until
     the next message; the SDK knows the commit's ranges and must not return success with a hole in `dst`."""
     _d, c, _b = attack_env
@@ -422,7 +426,8 @@ def test_commit_missing_its_last_message_is_not_reported_as_success(attack_env) 
                 comp = pb.Completion(
                     seq=comp.seq, deliveries=[x for i, x in enumerate(comp.deliveries) if i != idx], final=True
                 )
-            return real(comp)
+            out: pb.Frame | None = real(comp)
+            return out
 
         s.core.apply_completion = drop_last  # type: ignore[method-assign]
         dst = np.full(4 * CH, SENTINEL, np.uint8)
@@ -450,7 +455,7 @@ while True:
 """
 
 
-def test_client_sigkilled_mid_transfer_is_cleaned_up(daemon) -> None:
+def test_client_sigkilled_mid_transfer_is_cleaned_up(daemon: DaemonProcess) -> None:
     bystander = Bystander(daemon.socket)
     victims = [
         subprocess.Popen([sys.executable, "-c", VICTIM, daemon.socket], stdout=subprocess.PIPE, text=True)
@@ -614,7 +619,7 @@ def test_old_client_recovers_after_daemon_restart() -> None:
 
 # -- a crypto worker killed mid-stream ----------------------------------------------------------------------
 @pytest.mark.daemon_settings(workers=2, h2d_slots=16, demand_slots=4)
-def test_crypto_worker_killed_mid_stream(daemon) -> None:
+def test_crypto_worker_killed_mid_stream(daemon: DaemonProcess) -> None:
     layers = 8
     data = rand(layers << 20, 21)
     c = Client(daemon.socket)
@@ -649,13 +654,19 @@ def test_crypto_worker_killed_mid_stream(daemon) -> None:
             victim = worker_procs(daemon.pid)[kills % 2]
             victim.send_signal(signal.SIGKILL)
             kills += 1
-            wait_for(lambda k=kills: c.status().workers.restarts == k, "the worker restart")
-            wait_for(lambda k=kills: len(log_events(daemon, "worker_restart")) == k, "worker_restart logged")
+
+            def restarted(n: int = kills) -> bool:
+                return c.status().workers.restarts == n and len(log_events(daemon, "worker_restart")) == n
+
+            wait_for(restarted, "the worker restart, in status and in the log")
             lost_jobs = int(log_events(daemon, "worker_restart")[-1].get("jobs", 0))
             if lost_jobs:
                 break
-            mark = state["commits"]
-            wait_for(lambda m=mark: state["commits"] >= m + 2 or "exc" in state, "transfers after the kill")
+
+            def moving(mark: int = state["commits"]) -> bool:
+                return state["commits"] >= mark + 2 or "exc" in state
+
+            wait_for(moving, "transfers after the kill")
         mark = state["commits"]
         wait_for(lambda: state["commits"] >= mark + 10 or "exc" in state, "transfers after the restart")
     finally:
@@ -680,7 +691,7 @@ def test_crypto_worker_killed_mid_stream(daemon) -> None:
     "from the ciphertext still in the D2H slot; the caller's swapped-out data is lost",
 )
 @pytest.mark.daemon_settings(workers=2)
-def test_crypto_worker_killed_mid_d2h(daemon) -> None:
+def test_crypto_worker_killed_mid_d2h(daemon: DaemonProcess) -> None:
     n = 8 << 20
     src = rand(n, 22)
     c = Client(daemon.socket)
@@ -708,7 +719,11 @@ def test_crypto_worker_killed_mid_d2h(daemon) -> None:
         while kills < 3:
             worker_procs(daemon.pid)[kills % 2].send_signal(signal.SIGKILL)
             kills += 1
-            wait_for(lambda k=kills: len(log_events(daemon, "worker_restart")) == k, "worker_restart logged")
+
+            def logged(n: int = kills) -> bool:
+                return len(log_events(daemon, "worker_restart")) == n
+
+            wait_for(logged, "worker_restart logged")
             if int(log_events(daemon, "worker_restart")[-1].get("jobs", 0)):
                 break
         mark = state["landed"]
@@ -825,7 +840,7 @@ def test_concurrent_sessions_hammering_a_small_pool() -> None:
 
 
 # -- the disk-less, GPU-less default -------------------------------------------------------------------------
-def test_default_daemon_writes_nothing_but_its_sockets(monkeypatch) -> None:
+def test_default_daemon_writes_nothing_but_its_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="pl-tmp-"))
     monkeypatch.setenv("TMPDIR", str(scratch))  # whatever the daemon might write to a temp dir lands here
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

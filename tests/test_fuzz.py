@@ -74,6 +74,7 @@ REFUSALS = {
 }
 U64 = 2**64 - 1
 ALWAYS = {"session_id", "version"}
+FRAME: Any = pb.Frame.DESCRIPTOR
 
 
 # -- strategies built from the proto descriptors --------------------------------------------------------
@@ -90,6 +91,7 @@ def _scalar(f: FieldDescriptor, hints: dict[str, st.SearchStrategy[Any]]) -> st.
     if t in (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_SINT32):
         return st.integers(-(2**31), 2**31 - 1)
     if t == FieldDescriptor.TYPE_ENUM:  # proto3 enums are open: unknown numbers parse fine
+        assert f.enum_type is not None
         return st.one_of(st.sampled_from([v.number for v in f.enum_type.values]), st.integers(-5, 2**31 - 1))
     if t == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
@@ -115,6 +117,7 @@ def message_of(
             required[f.name] = hints[f.name]
             continue
         if f.type == FieldDescriptor.TYPE_MESSAGE:
+            assert f.message_type is not None
             if depth >= 3 or f.message_type.GetOptions().map_entry:
                 continue
             inner = message_of(f.message_type, hints, depth + 1)
@@ -322,6 +325,7 @@ def test_fuzz_grpc_requests(env: Env) -> None:
             env.alive()
 
         run()
+        assert env.stats.get("rpc:OK", 0) and env.stats.get("rpc:INVALID_ARGUMENT", 0), env.stats
         # Two requests no strategy above makes: over the size limit, and a method that does not exist.
         md = s0.metadata
         big = env.channel.unary_unary(
@@ -395,7 +399,7 @@ def frame_input(draw: st.DrawFn, regions: list[int]) -> tuple[str, bytes, bool]:
         field_no = draw(st.integers(1, 10))
         claimed = draw(st.sampled_from([2**31, 2**32 - 1, 2**63, 2**64 - 1, 70_000]))
         return "huge-length", bytes([field_no << 3 | 2]) + _varint(claimed) + b"\x00" * 8, False
-    frame = draw(message_of(pb.Frame.DESCRIPTOR, frame_hints(regions)))
+    frame: Any = draw(message_of(FRAME, frame_hints(regions)))
     if kind == "version":
         frame.version = draw(st.sampled_from([0, 2, 255, 2**32 - 1]))
         if not frame.WhichOneof("body"):
@@ -562,6 +566,7 @@ def test_fuzz_data_plane_frames(env: Env) -> None:
         env.alive()
 
     run()
+    assert env.stats.get("reply:completion", 0), f"no fuzzed commit ever went through: {env.stats}"
     served_correctly(env)
 
 

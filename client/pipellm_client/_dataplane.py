@@ -30,9 +30,10 @@ def data_socket_path(control_socket: str) -> str:
 
 
 class FrameSocket:
-    def __init__(self, control_socket: str) -> None:
+    def __init__(self, control_socket: str, timeout: float | None = 30.0) -> None:
         path = data_socket_path(control_socket)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)  # connect and the greeting; `greeted()` makes it blocking after
         try:
             self.sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
@@ -41,6 +42,13 @@ class FrameSocket:
         except PermissionError:
             self.sock.close()
             raise DaemonUnavailable(f"no permission to open {path}; is this user in the pipellm group?") from None
+        except TimeoutError:
+            self.sock.close()
+            raise DaemonUnavailable(f"pipellmd at {path} did not accept the connection in time") from None
+
+    def greeted(self) -> None:
+        """After the Welcome: transfers may wait on the daemon as long as they need to."""
+        self.sock.settimeout(None)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -64,6 +72,8 @@ class FrameSocket:
             data, anc, _flags, _ = self.sock.recvmsg(MAX_FRAME, socket.CMSG_SPACE(16), flags)
         except ConnectionResetError:
             data, anc = b"", []
+        except TimeoutError:
+            raise DaemonUnavailable("pipellmd did not answer in time (is it stopped or overloaded?)") from None
         if not data:
             raise DaemonUnavailable("pipellmd closed the data-plane connection")
         fds: list[int] = []

@@ -60,7 +60,7 @@ class AsyncClient:
 
     async def _metadata(self) -> list[tuple[str, str]]:
         if self._ctl is None:
-            fs = FrameSocket(self.socket)
+            fs = FrameSocket(self.socket, self.timeout)
             welcome = await asyncio.to_thread(_welcome, fs)
             self._ctl, self._ticket = fs, welcome.ticket
         return [(TICKET_KEY, self._ticket)]
@@ -115,7 +115,7 @@ class AsyncClient:
         device_staging: bool = True,
         small_transfer_threshold: int | None = None,
     ) -> AsyncSession:
-        fs = FrameSocket(self.socket)
+        fs = FrameSocket(self.socket, self.timeout)
         try:
             welcome = await asyncio.to_thread(_welcome, fs)
             hs = Handshake(welcome.daemon_public_key, channels)

@@ -43,6 +43,7 @@ _RETRIES_ON_ABORT = 2
 
 def _welcome(fs: FrameSocket) -> pb.Welcome:
     frame, fds = fs.recv()
+    fs.greeted()
     for fd in fds:
         os.close(fd)
     if frame.WhichOneof("body") == "error":
@@ -70,7 +71,7 @@ class Client:
 
     def _metadata(self) -> list[tuple[str, str]]:
         if self._ctl is None:
-            self._ctl = FrameSocket(self.socket)
+            self._ctl = FrameSocket(self.socket, self.timeout)
             self._ticket = _welcome(self._ctl).ticket
         return [(TICKET_KEY, self._ticket)]
 
@@ -144,7 +145,7 @@ class Client:
 
     def _connect(self, o: _SessionOptions) -> tuple[FrameSocket, list[tuple[str, str]], SessionCore]:
         """Data-plane connection, key agreement, OpenSession, arena, device staging: a ready SessionCore."""
-        fs = FrameSocket(self.socket)
+        fs = FrameSocket(self.socket, self.timeout)
         try:
             welcome = _welcome(fs)
             hs = Handshake(welcome.daemon_public_key, o.channels)

@@ -45,8 +45,7 @@ def protection() -> dict[str, bool]:
     with _lock:
         if not _arenas:
             _arenas.append(_Arena())
-        a = _arenas[0]
-        return {"mlock": a.locked, "dontdump": a.dontdump}
+        return {"mlock": all(a.locked for a in _arenas), "dontdump": all(a.dontdump for a in _arenas)}
 
 
 class LockedKey:

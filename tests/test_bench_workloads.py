@@ -1,0 +1,281 @@
+"""Fast checks of the benchmark's workload generators and device model (no daemon, no sleeping).
+
+The harness's numbers are only as good as the traces it replays: these tests pin down the shapes the
+workloads claim (bytes per layer, copy order, swap order, intents before loads) and the device model's
+arithmetic (link and compute times, the time scale, the emulation debt).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from bench import devicemodel as D
+from bench import workloads as W
+from bench.devicemodel import GB, TESTBED, DeviceModel, TimeScale, VirtualClock
+
+MiB = 1 << 20
+
+
+def _ops(trace: W.Trace, kind: type, measured: bool = False) -> list:
+    return [op for op in trace.ops(measured) if isinstance(op, kind)]
+
+
+# -- device model -----------------------------------------------------------------------------------------
+def _dev(speed: float = 1.0) -> DeviceModel:
+    dev = DeviceModel(TimeScale(speed, "test"), clock=VirtualClock())
+    dev.reset()
+    return dev
+
+
+def test_link_time_is_bytes_over_the_scaled_link() -> None:
+    dev = _dev(speed=2.0)
+    end = dev.h2d(50 * 10**9, issued=0.0, host_done=0.0)
+    assert end == pytest.approx(0.5)  # 50 GB over a 50 GB/s testbed link at twice testbed speed
+
+
+def test_copy_ends_no_earlier_than_the_host_finished_encrypting() -> None:
+    dev = _dev()
+    assert dev.h2d(10**9, issued=0.0, host_done=0.5) == pytest.approx(0.5)  # encryption-bound
+    assert dev.h2d(10**9, issued=0.0, host_done=0.0) == pytest.approx(0.52)  # queued behind the first
+
+
+def test_compute_waits_for_copies_only_when_asked() -> None:
+    dev = _dev()
+    dev.h2d(50 * 10**9, issued=0.0, host_done=0.0)  # busy until 1.0
+    assert dev.compute(0.25, after_copies=False) == pytest.approx(0.25)
+    assert dev.compute(0.25, after_copies=True) == pytest.approx(1.25)
+
+
+def test_d2h_after_compute_starts_when_the_data_exists() -> None:
+    dev = _dev()
+    dev.compute(1.0, after_copies=False)
+    assert dev.d2h(50 * 10**9, issued=0.0, host_done=0.0, after_compute=True) == pytest.approx(2.0)
+    assert dev.d2h(0, issued=0.0, host_done=0.0) == pytest.approx(2.0)  # the D2H engine is in order
+
+
+def test_sync_sleeps_until_every_stream_is_idle() -> None:
+    dev = _dev()
+    dev.compute(0.3, after_copies=False)
+    dev.h2d(10 * 10**9, issued=0.0, host_done=0.0)  # 0.2 s
+    assert dev.sync() == pytest.approx(0.3)
+    assert dev.slept == pytest.approx(0.3)
+
+
+def test_emulation_debt_is_not_model_time() -> None:
+    clock = VirtualClock()
+    dev = DeviceModel(TimeScale(1.0, "test"), clock=clock, record=True)
+    dev.reset()
+    clock.advance(0.4)
+    dev.emulated(0.1)  # the CPU endpoint spent 0.1 s doing the GPU's decryption
+    assert dev.now() == pytest.approx(0.3)
+    assert dev.to_model(0.45) == pytest.approx(0.35)
+
+
+def test_testbed_scale_reproduces_the_published_core_to_link_ratio() -> None:
+    one_worker = 6.3 * GB
+    sc = D.testbed_scale(one_worker)
+    assert one_worker / sc.link_bps == pytest.approx(TESTBED.enc_core_bps / TESTBED.link_bps)
+    assert sc.wall(1.0) == pytest.approx(TESTBED.enc_core_bps / one_worker)
+
+
+def test_capacity_scale_fits_the_demand_and_is_never_faster_than_testbed() -> None:
+    tb = D.testbed_scale(6.0 * GB)
+    sc = D.capacity_scale(12.0 * GB, demand_testbed_bps=50 * GB, headroom=0.5, testbed=tb)
+    assert 50 * GB * sc.speed == pytest.approx(0.5 * 12.0 * GB)
+    light = D.capacity_scale(12.0 * GB, demand_testbed_bps=1 * GB, headroom=0.5, testbed=tb)
+    assert light.speed == tb.speed
+
+
+# -- FlexGen -----------------------------------------------------------------------------------------------
+def test_flexgen_moves_each_offloaded_layer_once_per_token_in_prefetch_order() -> None:
+    t = W.flexgen("opt-30b", byte_scale=1 / 512, tokens=2, warmup=1, gpu_fraction=0.2)
+    h, layers = W.OPT["opt-30b"]
+    layer = t.params["layer_bytes_offloaded"]
+    assert layer == pytest.approx(0.8 * 12 * h * h * 2 / 512, abs=4096)
+    assert t.regions[0].nbytes == layers * layer
+    for step in t.measured:
+        loads = [op for op in step.ops if isinstance(op, W.H2D)]
+        assert [op.ranges[0].offset // layer for op in loads] == [(j + 1) % layers for j in range(layers)]
+        assert all(op.nbytes == layer for op in loads)
+        computes = [op for op in step.ops if isinstance(op, W.Compute)]
+        assert len(computes) == layers and not any(c.after_copies for c in computes)
+        assert step.tokens == 48 * 3
+    assert t.h2d_bytes() == 2 * layers * layer
+
+
+def test_flexgen_sizes_follow_the_models() -> None:
+    sizes = {m: W.flexgen(m, byte_scale=1 / 1024, tokens=1, warmup=0).params for m in W.OPT}
+    assert [sizes[m]["layers"] for m in ("opt-30b", "opt-66b", "opt-175b")] == [48, 64, 96]
+    assert sizes["opt-175b"]["layer_bytes_full"] == 12 * 12288**2 * 2
+    # the GPU-resident fraction stays on the GPU
+    resident = W.flexgen("opt-66b", byte_scale=1 / 1024, tokens=1, warmup=0, gpu_fraction=0.5)
+    assert resident.params["layer_bytes_offloaded"] == pytest.approx(
+        sizes["opt-66b"]["layer_bytes_offloaded"] * 0.5 / 0.8, abs=4096
+    )
+
+
+def test_flexgen_is_link_bound_on_the_testbed() -> None:
+    t = W.flexgen("opt-30b", byte_scale=1 / 256, tokens=2, warmup=1)
+    assert t.params["link_per_layer_testbed_s"] > t.params["compute_per_layer_testbed_s"]
+    per_token = 48 * t.params["link_per_layer_testbed_s"]
+    assert t.ideal_seconds() == pytest.approx(2 * per_token, rel=0.01)
+
+
+# -- vLLM V0 -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def v0() -> W.Trace:
+    return W.vllm_v0(
+        "llama-2-7b", requests=400, gpu_blocks=256, cpu_blocks=1024, token_scale=0.5, steps=60, skip=200
+    )
+
+
+def test_v0_every_swap_in_reads_what_a_swap_out_wrote(v0: W.Trace) -> None:
+    written: set[tuple[int, int]] = set()
+    ins = 0
+    for step in v0.steps:
+        for op in step.ops:
+            if isinstance(op, W.D2H):
+                assert op.swap_out and op.group > 0
+                written.add((op.range.offset, op.range.length))
+            elif isinstance(op, W.H2D):
+                for r in op.ranges:
+                    assert (r.offset, r.length) in written  # same ranges, so the daemon's chunk keys match
+                    ins += 1
+    assert ins > 0
+
+
+def test_v0_copies_are_layer_major_k_then_v(v0: W.Trace) -> None:
+    layers, copy = 32, 128 * 1024
+    h2ds = _ops(v0, W.H2D)
+    assert h2ds
+    cpu_blocks = v0.params["cpu_blocks"]
+    for op in h2ds:
+        planes = [r.offset // (cpu_blocks * copy) for r in op.ranges]  # plane = layer * 2 + (0 K, 1 V)
+        assert planes == sorted(planes)
+        assert set(planes) == set(range(2 * layers))
+        assert all(r.length % copy == 0 for r in op.ranges)
+
+
+def test_v0_swaps_in_the_newest_swap_out_group_first(v0: W.Trace) -> None:
+    """Newest-out preemption + FCFS swap-in = LIFO over swap-out groups (the daemon's "lifo" order)."""
+    group_of: dict[tuple[int, int], int] = {}
+    out_order: list[int] = []
+    swapped: list[int] = []
+    for step in v0.steps:
+        for op in step.ops:
+            if isinstance(op, W.D2H):
+                group_of[(op.range.offset, op.range.length)] = op.group
+                if op.group not in out_order:
+                    out_order.append(op.group)
+                    swapped.append(op.group)
+            elif isinstance(op, W.H2D):
+                groups = []
+                for r in op.ranges:
+                    g = group_of[(r.offset, r.length)]
+                    if g not in groups:
+                        groups.append(g)
+                newest_first = sorted(swapped, key=out_order.index, reverse=True)
+                assert groups == newest_first[: len(groups)]
+                swapped = [g for g in swapped if g not in groups]
+    assert v0.swap_order == "lifo"
+
+
+def test_v0_is_seeded() -> None:
+    kw = {"requests": 200, "gpu_blocks": 128, "cpu_blocks": 512, "token_scale": 0.25, "steps": 30, "skip": 50}
+    a, b = W.vllm_v0("opt-30b", seed=1, **kw), W.vllm_v0("opt-30b", seed=1, **kw)
+    c = W.vllm_v0("opt-30b", seed=2, **kw)
+    assert a.steps == b.steps
+    assert a.steps != c.steps
+
+
+def test_v0_copy_sizes_per_model() -> None:
+    assert {m: W.KV_MODELS[m][1] // 1024 for m in W.KV_MODELS} == {"llama-2-7b": 128, "opt-30b": 224, "opt-66b": 288}
+
+
+def test_sharegpt_lengths_look_like_sharegpt() -> None:
+    import numpy as np
+
+    lens = W.sharegpt_lengths(np.random.default_rng(0), 20000)
+    prompt = sum(p for p, _ in lens) / len(lens)
+    output = sum(o for _, o in lens) / len(lens)
+    assert 120 < prompt < 180 and 250 < output < 360  # means 161 / 338 before clipping at 1024
+    assert all(4 <= p <= 1024 and 4 <= o <= 1024 for p, o in lens)
+
+
+# -- vLLM V1 -----------------------------------------------------------------------------------------------
+def test_v1_stores_full_blocks_and_declares_each_load_first() -> None:
+    t = W.vllm_v1(
+        conversations=16, turns=4, concurrency=8, cpu_blocks=256, token_scale=0.25, steps=80, skip=20
+    )
+    block = t.params["block_bytes"]
+    assert block == 32 * 2 * 128 * 1024
+    loads = 0
+    for step in t.steps:
+        ops = list(step.ops)
+        for i, op in enumerate(ops):
+            if isinstance(op, W.D2H):
+                assert not op.swap_out and op.after_compute and op.nbytes == block
+            if isinstance(op, W.H2D):
+                loads += 1
+                assert isinstance(ops[i - 1], W.Declare) and ops[i - 1].ranges == op.ranges
+                assert all(r.length == block and r.offset % block == 0 for r in op.ranges)
+    assert loads > 0 and t.params["stores"] > 0
+
+
+# -- multi-LoRA --------------------------------------------------------------------------------------------
+def test_zipf_popularity() -> None:
+    w = W.zipf_weights(32, 1.0)
+    assert math.isclose(float(w.sum()), 1.0)
+    assert all(a > b for a, b in zip(w, w[1:], strict=False))
+
+
+def test_lora_adapters_are_2mib_per_rank_and_prefetched_after_being_declared() -> None:
+    t = W.lora(adapters=8, byte_scale=1 / 8, batches=6, decode_steps=4, seed=3)
+    for rank, size in zip(t.params["ranks"], t.params["adapter_bytes"], strict=True):
+        assert rank in (8, 16, 32, 64)
+        assert size == pytest.approx(2 * MiB * rank / 8, abs=4096)
+    assert all(r.adapter and r.readonly for r in t.regions)
+    declared: list[tuple[W.Range, ...]] = []
+    for step in t.steps[t.warmup :]:
+        for op in step.ops:
+            if isinstance(op, W.Declare):
+                declared.append(op.ranges)
+            elif isinstance(op, W.H2D):
+                assert op.ranges in declared  # the prefetch was announced at the start of the batch
+                assert all(r.offset == 0 for r in op.ranges)
+            elif isinstance(op, W.Compute):
+                assert not op.after_copies  # the prefetch overlaps decoding
+
+
+# -- accelerate and adversarial ----------------------------------------------------------------------------
+def test_accelerate_loads_synchronously_in_forward_order() -> None:
+    t = W.accelerate(byte_scale=1 / 64, tokens=2, warmup=1)
+    first = t.steps[0].ops[0]
+    assert isinstance(first, W.Declare) and first.cyclic and len(first.ranges) == 32
+    for step in t.measured:
+        ops = list(step.ops)
+        assert [type(o) for o in ops[:3]] == [W.H2D, W.Compute, W.Sync]
+        assert all(o.after_copies for o in ops if isinstance(o, W.Compute))
+        assert [o.ranges[0].offset for o in ops if isinstance(o, W.H2D)] == [r.offset for r in first.ranges]
+
+
+def test_adversarial_ranges_are_random_and_inside_the_region() -> None:
+    t = W.adversarial(region_bytes=64 * MiB, steps=50, seed=5)
+    ranges = [r for op in _ops(t, W.H2D) for r in op.ranges]
+    assert all(0 <= r.offset and r.offset + r.length <= 64 * MiB and r.offset % 4096 == 0 for r in ranges)
+    assert len({(r.offset, r.length) for r in ranges}) > 0.95 * len(ranges)
+    assert W.adversarial(region_bytes=64 * MiB, steps=50, seed=5).steps == t.steps
+
+
+# -- suites ------------------------------------------------------------------------------------------------
+def test_quick_suite_has_every_workload_and_fits_this_machine() -> None:
+    traces = W.suite("quick")
+    kinds = {t.kind for t in traces}
+    assert kinds == {"flexgen", "vllm-v0", "vllm-v1", "lora", "accelerate", "adversarial"}
+    assert len({t.name for t in traces}) == len(traces)
+    for t in traces:
+        assert t.region_bytes() < 2 << 30, t.name
+        assert 0 < t.warmup < len(t.steps), t.name
+        assert t.crypto_bytes() > 0 and t.tokens() > 0, t.name
+        assert t.ideal_seconds() < 1.0, t.name
