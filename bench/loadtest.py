@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import multiprocessing as mp
 import os
+import queue
 import sys
 import time
 import traceback
@@ -77,8 +78,7 @@ def run_session(index: int, socket: str, shape: Shape, ready: Any, start: Event,
     try:
         _session_loop(index, socket, shape, ready, start, stop, report)
     except BaseException as exc:  # a session that cannot go on still reports what it saw
-        report.errors.append(f"session {index}: {type(exc).__name__}: {exc}")
-        report.errors.append(traceback.format_exc(limit=4))
+        report.errors.append(f"session {index}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
     finally:
         ready.put(index)  # never leave the parent waiting for a session that failed before it was ready
         results.put(report)
@@ -170,7 +170,6 @@ class DaemonProbe:
         self.peak_main_rss_mb = 0.0
         self.peak_workers_rss_mb = 0.0
         self._cpu0 = 0.0
-        self._dead_cpu = 0.0
         self._seen: dict[int, psutil.Process] = {}
 
     def procs(self) -> list[psutil.Process]:
@@ -253,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
             p.start()
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
-            for _ in range(args.sessions):
-                ready.get(timeout=max(0.1, deadline - time.monotonic()))
+            for i in range(args.sessions):
+                try:
+                    ready.get(timeout=max(0.1, deadline - time.monotonic()))
+                except queue.Empty:
+                    errors.append(f"only {i} of {args.sessions} sessions started in {START_TIMEOUT_S:.0f} s")
+                    break
             probe.begin()
             t0 = time.monotonic()
             start.set()

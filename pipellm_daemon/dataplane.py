@@ -32,6 +32,7 @@ PROTOCOL_VERSION: Final = 1
 MAX_FRAME: Final = 1 << 16
 MAX_FDS: Final = 4
 MAX_OFFERS: Final = 64
+_TRUNCATED: Final = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _log = logs.get("pipellmd.dataplane")
 
 
@@ -122,7 +123,7 @@ class Connection:
                     usable = len(raw) - len(raw) % 4
                     fds.extend(int.from_bytes(raw[i : i + 4], sys.byteorder) for i in range(0, usable, 4))
             try:
-                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                if flags & _TRUNCATED:
                     raise R.invalid(f"frame larger than {MAX_FRAME} bytes or too many descriptors")
                 self._handle(data, fds)
             except R.Refusal as ref:

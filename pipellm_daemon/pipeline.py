@@ -265,6 +265,7 @@ class Pipeline:
         self._directives: list[pb.Delivery] = []  # in-band rotations decided between commits
         self.staging: Any = None  # cuda_staging.DeviceStaging for CUDA sessions that attached one
         self._committing = False
+        self._ahead = 0  # bytes of queued entries whose encryption has started (the ahead_bytes budget)
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -412,9 +413,9 @@ class Pipeline:
                     await self._on_demand(out, s, region, key, ti, dst_off)
                     return
                 for _ in range(pos):
-                    await self._burn(out, s, s.queue.popleft())
+                    await self._burn(out, s, self._pop(s))
                 self.counters.skips += 1
-            e = s.queue.popleft()
+            e = self._pop(s)
             if e.state == State.RESERVED:
                 # Predicted right, but not encrypted yet (no free slot): its fresh IV serves it now.
                 if pos == 0:
@@ -493,7 +494,7 @@ class Pipeline:
         self.counters.relinquishes += 1
         if self._burn_cost(entries) <= self.cfg.cost_rotate_us:
             while s.queue:
-                await self._burn(out, s, s.queue.popleft())
+                await self._burn(out, s, self._pop(s))
         else:
             self._relinquish_by_rotation(s, out)
 
@@ -520,7 +521,7 @@ class Pipeline:
     def _abandon(self, s: H2DStream) -> None:
         """Drop every queued entry; its slot comes back once no worker can still be writing into it."""
         while s.queue:
-            e = s.queue.popleft()
+            e = self._pop(s)
             if e.slot < 0:
                 continue
             if e.state in (State.READY, State.ENCRYPTING, State.FAILED):
@@ -529,6 +530,13 @@ class Pipeline:
                 e.fut.add_done_callback(self._release_later(e.slot))
             else:
                 self.arena.h2d.release(e.slot)
+
+    def _pop(self, s: H2DStream) -> Entry:
+        """Take the head entry off the queue, keeping the count of ciphertext bytes held ahead."""
+        e = s.queue.popleft()
+        if e.state != State.RESERVED:
+            self._ahead -= e.nbytes
+        return e
 
     def _release_later(self, slot: int) -> Callable[[asyncio.Future[None]], None]:
         def release(_fut: asyncio.Future[None]) -> None:
@@ -594,6 +602,17 @@ class Pipeline:
                 preempt = want[0] != head.key  # declared order changed in front of the ciphertext
             else:
                 preempt = head.key not in want and self.predictors.outranks(source, head.source)
+        q = s.queue
+        n = min(len(q), len(want))
+        if n and q[0].key == want[0] and q[n - 1].key == want[n - 1]:
+            # The steady state: the queue is the prediction's prefix. Only its tail needs extending.
+            for key in want[n:]:
+                region = self.regions.get(key.region)
+                if region is None or s.sender.outstanding >= 4 * self.cfg.max_depth:
+                    break
+                q.append(Entry(key, region, s.sender.reserve(), source))
+            self._dispatch()
+            return
         if preempt:
             # A better-informed predictor disagrees with ciphertext at the head: abandon the queue now,
             # in band before the next commit's deliveries, rather than burning it chunk by chunk.
@@ -631,15 +650,19 @@ class Pipeline:
 
     def _dispatch(self) -> None:
         s = self.spec
-        if not any(e.state == State.RESERVED for e in s.queue):
+        q = s.queue
+        # Entries still to encrypt are (nearly always) a suffix of the queue: find it from the end, so the
+        # common case, nothing to do, costs one step. One skipped earlier is served "late" at its commit.
+        start = len(q)
+        while start > 0 and q[start - 1].state == State.RESERVED:
+            start -= 1
+        if start == len(q):
             return
-        ahead = sum(e.nbytes for e in s.queue if e.state in (State.ENCRYPTING, State.READY))
-        for e in s.queue:
-            if e.state != State.RESERVED:
-                continue
+        for idx in range(start, len(q)):
+            e = q[idx]
             if s.sender.epoch.usage + e.nbytes // 16 + 1 >= s.sender.policy.lower:
                 return  # never speculate into a pending key rotation: it would abandon the work anyway
-            if ahead + e.nbytes > self.cfg.ahead_bytes or self._speculative_slot_budget() <= 0:
+            if self._ahead + e.nbytes > self.cfg.ahead_bytes or self._speculative_slot_budget() <= 0:
                 return
             r = e.region
             if r.shm.closed or r.overlapping_writes(e.key.offset, e.key.length):
@@ -666,7 +689,7 @@ class Pipeline:
             )
             e.state = State.ENCRYPTING
             e.fut.add_done_callback(functools.partial(self._encrypted, e))
-            ahead += e.nbytes
+            self._ahead += e.nbytes
             self.counters.bytes_ahead += e.nbytes
 
     def _encrypted(self, e: Entry, fut: asyncio.Future[None]) -> None:

@@ -7,9 +7,11 @@ arithmetic (link and compute times, the time scale, the emulation debt).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
+
 from bench import devicemodel as D
 from bench import workloads as W
 from bench.devicemodel import GB, TESTBED, DeviceModel, TimeScale, VirtualClock
@@ -125,9 +127,7 @@ def test_flexgen_is_link_bound_on_the_testbed() -> None:
 # -- vLLM V0 -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def v0() -> W.Trace:
-    return W.vllm_v0(
-        "llama-2-7b", requests=400, gpu_blocks=256, cpu_blocks=1024, token_scale=0.5, steps=60, skip=200
-    )
+    return W.vllm_v0("llama-2-7b", requests=400, gpu_blocks=256, cpu_blocks=1024, token_scale=0.5, steps=60, skip=200)
 
 
 def test_v0_every_swap_in_reads_what_a_swap_out_wrote(v0: W.Trace) -> None:
@@ -205,9 +205,7 @@ def test_sharegpt_lengths_look_like_sharegpt() -> None:
 
 # -- vLLM V1 -----------------------------------------------------------------------------------------------
 def test_v1_stores_full_blocks_and_declares_each_load_first() -> None:
-    t = W.vllm_v1(
-        conversations=16, turns=4, concurrency=8, cpu_blocks=256, token_scale=0.25, steps=80, skip=20
-    )
+    t = W.vllm_v1(conversations=16, turns=4, concurrency=8, cpu_blocks=256, token_scale=0.25, steps=80, skip=20)
     block = t.params["block_bytes"]
     assert block == 32 * 2 * 128 * 1024
     loads = 0
@@ -227,7 +225,7 @@ def test_v1_stores_full_blocks_and_declares_each_load_first() -> None:
 def test_zipf_popularity() -> None:
     w = W.zipf_weights(32, 1.0)
     assert math.isclose(float(w.sum()), 1.0)
-    assert all(a > b for a, b in zip(w, w[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(w))
 
 
 def test_lora_adapters_are_2mib_per_rank_and_prefetched_after_being_declared() -> None:
@@ -263,7 +261,7 @@ def test_accelerate_loads_synchronously_in_forward_order() -> None:
 def test_adversarial_ranges_are_random_and_inside_the_region() -> None:
     t = W.adversarial(region_bytes=64 * MiB, steps=50, seed=5)
     ranges = [r for op in _ops(t, W.H2D) for r in op.ranges]
-    assert all(0 <= r.offset and r.offset + r.length <= 64 * MiB and r.offset % 4096 == 0 for r in ranges)
+    assert all(r.offset >= 0 and r.offset + r.length <= 64 * MiB and r.offset % 4096 == 0 for r in ranges)
     assert len({(r.offset, r.length) for r in ranges}) > 0.95 * len(ranges)
     assert W.adversarial(region_bytes=64 * MiB, steps=50, seed=5).steps == t.steps
 
