@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -318,8 +319,21 @@ class Replayer:
         core.endpoint.send = timed(core.endpoint.send)  # type: ignore[method-assign]
 
     def close(self) -> None:
+        """Close the session and drop every view of its regions, so their shared memory is really freed.
+
+        A region's mapping lives as long as any numpy view of it (pipellm_client.shm.SharedMemory.close),
+        and the endpoint meter ties this object into a cycle with the session, so without this the
+        regions of every workload would stay resident until the cyclic GC happened to run.
+        """
         with contextlib.suppress(Exception):
             self.s.close()
+        self.regions.clear()
+        self.dst = self.src = np.empty(0, np.uint8)
+        core = self.s.core
+        for name in ("apply_completion",):
+            core.__dict__.pop(name, None)
+        core.endpoint.__dict__.pop("send", None)
+        gc.collect()
 
     # -- ops -----------------------------------------------------------------------------------------
     def _op(self, op: W.Op, dev: DeviceModel) -> None:

@@ -36,6 +36,7 @@ class DaemonProcess:
         return env
 
     def start(self) -> DaemonProcess:
+        since = self.log_path.stat().st_size if self.log_path.exists() else 0  # a reused directory keeps old logs
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipellm_daemon", "--socket", self.socket, "--log-level", self.log_level],
@@ -49,7 +50,7 @@ class DaemonProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pipellmd exited with {self.proc.returncode}:\n{self.log()}")
-            if b'"event": "ready"' in self.log_path.read_bytes():
+            if b'"event": "ready"' in self.log_path.read_bytes()[since:]:
                 return self
             time.sleep(0.02)
         self.kill()

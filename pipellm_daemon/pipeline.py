@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import itertools
 import math
 import time
 from collections import deque
@@ -728,33 +729,40 @@ class Pipeline:
                 Key(region.id, c.offset, c.length) for c in chunks.split(msg.offset, msg.length, self.cfg.chunk_size)
             ]
             self.predictors.swap.swapped_out(keys, msg.group)
-        jobs: list[asyncio.Future[None]] = []
         try:
-            off = msg.offset
-            for m in msg.messages:
-                stream = self.d2h[m.ce]
-                pred = stream.receiver.predict(m.key_version, m.chan_ctr)
-                jobs.append(
+            pending = list(enumerate(msg.messages))
+            offsets = list(itertools.accumulate((m.length for m in msg.messages), initial=msg.offset))
+            preds = [self.d2h[m.ce].receiver.predict(m.key_version, m.chan_ctr) for m in msg.messages]
+            for attempt in range(3):
+                jobs = [
                     self.workers.submit(
                         w.Kind.OPEN,
-                        stream.key_ids[pred.version],
-                        pred.nonce,
+                        self.d2h[m.ce].key_ids[preds[i].version],
+                        preds[i].nonce,
                         (self.arena.handle, self.arena.layout.d2h_slot(m.slot)),
                         m.length,
-                        (region.handle, off),
+                        (region.handle, offsets[i]),
                     )
-                )
-                off += m.length
-            results = await asyncio.gather(*jobs, return_exceptions=True)
-            for m, res in zip(msg.messages, results, strict=True):
-                if isinstance(res, TagMismatch):
-                    self.kill(f"D2H tag mismatch in ce{m.ce} (tampered or misordered device data)")
-                    raise TagMismatch(f"D2H data for region {region.id} failed authentication; session is dead")
-                if isinstance(res, WorkerLost):
-                    raise CommitAborted("a crypto worker died while decrypting D2H data; swap out again")
-                if isinstance(res, BaseException):
-                    raise res
-                self.d2h[m.ce].receiver.account(m.length)
+                    for i, m in pending
+                ]
+                results = await asyncio.gather(*jobs, return_exceptions=True)
+                lost = []
+                for (i, m), res in zip(pending, results, strict=True):
+                    if isinstance(res, TagMismatch):
+                        self.kill(f"D2H tag mismatch in ce{m.ce} (tampered or misordered device data)")
+                        raise TagMismatch(f"D2H data for region {region.id} failed authentication; session is dead")
+                    if isinstance(res, WorkerLost):
+                        lost.append((i, m))  # the ciphertext is still in its slot: decrypting again is safe
+                    elif isinstance(res, BaseException):
+                        raise res
+                    else:
+                        self.d2h[m.ce].receiver.account(m.length)
+                pending = lost
+                if not pending:
+                    break
+            if pending:
+                region.view(msg.offset, msg.length)[:] = bytes(msg.length)  # nothing unverified stays behind
+                raise CommitAborted("crypto workers kept dying while decrypting D2H data; swap out again")
         finally:
             region.end_write(msg.offset, msg.length)
             region.pending_writes = [p for p in region.pending_writes if p[2] is not fut]

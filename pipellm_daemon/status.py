@@ -49,8 +49,7 @@ class StatusBuilder:
     def healthy(self) -> tuple[bool, str]:
         if self.manager.draining:
             return False, "draining"
-        alive = [p for p in self.workers.pids() if p]
-        if not self.workers.inline and len(alive) < self.workers.count:
+        if self.workers.alive() < self.workers.count:
             return False, "crypto workers missing"
         return True, "ok"
 

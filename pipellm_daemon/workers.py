@@ -324,6 +324,10 @@ class WorkerPool:
     def pids(self) -> list[int]:
         return [p.proc.pid for p in self._procs]
 
+    def alive(self) -> int:
+        """Worker processes running right now (a dead one counts until its replacement is up)."""
+        return self.count if self.inline else sum(p.proc.poll() is None for p in self._procs)
+
     def stats(self) -> dict[str, Any]:
         wall_ns = max(1, int((time.monotonic() - self.started_at) * 1e9))
         if self.inline:

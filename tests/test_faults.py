@@ -405,11 +405,6 @@ def test_d2h_bounce_attacks_are_always_detected(attack_env: AttackEnv, kind: str
     assert c.status().totals.channel_deaths - before == D2H_ATTEMPTS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SDK bug: a final Completion that does not cover every byte of the commit is reported as success "
-    "(client/pipellm_client/_core.py apply_completion has no coverage check)",
-)
 def test_commit_missing_its_last_message_is_not_reported_as_success(attack_env: AttackEnv) -> None:
     """If the last DATA message of a commit never reaches the endpoint, nothing fails the tag check until
     the next message; the SDK knows the commit's ranges and must not return success with a hole in `dst`."""
@@ -583,12 +578,6 @@ def test_daemon_sigkilled_and_restarted() -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SDK bug: Client caches the Welcome ticket of its control connection (client.py Client._metadata) "
-    "and never notices that connection died; after a daemon restart every call on that Client fails "
-    "PERMISSION_DENIED 'unknown or expired pipellm-ticket' forever",
-)
 def test_old_client_recovers_after_daemon_restart() -> None:
     """A `Client` that outlived a daemon restart: it reconnects, or at least says the daemon went away."""
     directory = tempfile.mkdtemp(prefix="pl-restart2-")
@@ -685,12 +674,6 @@ def test_crypto_worker_killed_mid_stream(daemon: DaemonProcess) -> None:
     c.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: a worker that dies while decrypting D2H data fails the landing with ABORTED "
-    "(pipellm_daemon/pipeline.py Pipeline.landed, 'swap out again') instead of re-running the decryption "
-    "from the ciphertext still in the D2H slot; the caller's swapped-out data is lost",
-)
 @pytest.mark.daemon_settings(workers=2)
 def test_crypto_worker_killed_mid_d2h(daemon: DaemonProcess) -> None:
     n = 8 << 20

@@ -124,6 +124,8 @@ class Pending:
 
     seq: int
     targets: list[tuple[Region, memoryview]]
+    expected: int = 0  # bytes the commit asked for; the final completion must account for all of them
+    delivered: int = 0
     done: bool = False
     error: DaemonError | None = None
 
@@ -250,7 +252,7 @@ class SessionCore:
                     flags=FLAG_UNPREDICTED if unpredicted else 0,
                 )
             )
-        p = Pending(seq, targets)
+        p = Pending(seq, targets, expected=sum(t.length for t in commit.transfers))
         self.pending[seq] = p
         return pb.Frame(commit=commit), p
 
@@ -272,6 +274,9 @@ class SessionCore:
         if comp.final:
             p.done = True
             del self.pending[comp.seq]
+            if p.delivered != p.expected:
+                self.dead = f"commit {p.seq} delivered {p.delivered} of {p.expected} bytes"
+                raise ChannelDead(f"endpoint: {self.dead} (a message was dropped)")
         self.stats.messages = ep.accepted
         return pb.Frame(release=release) if (release.slots or release.nop_cells) else None
 
@@ -293,6 +298,7 @@ class SessionCore:
                 ep.h2d[d.ce].account_unverified(d.length)
                 st.unverified += 1
             st.bytes += d.length
+            p.delivered += d.length
             release.slots.append(d.slot)
         elif d.kind == pb.MSG_KIND_DISCARD:
             self.layout.check_message(d.length)
@@ -315,6 +321,7 @@ class SessionCore:
                 region.array[d.src_offset : d.src_offset + d.length].data, dst[d.dst_offset : d.dst_offset + d.length]
             )
             st.bytes += d.length
+            p.delivered += d.length
         else:
             raise PipeLLMError(f"unknown delivery kind {d.kind}")
 

@@ -80,9 +80,22 @@ class Client:
             return method(request, metadata=metadata or self._metadata(), timeout=self.timeout)
         except grpc.RpcError as exc:
             err = from_rpc_error(exc)
+            if metadata is None and err.code == grpc.StatusCode.PERMISSION_DENIED and "ticket" in err.details:
+                # The daemon restarted: our control connection's ticket died with it. Greet it again, once.
+                self._drop_ctl()
+                return self.call(method, request, [(TICKET_KEY, self._greet())])
             if err.code == grpc.StatusCode.UNAVAILABLE:
                 raise DaemonUnavailable(f"pipellmd at {self.socket} is unavailable: {err.details}") from None
             raise err from None
+
+    def _greet(self) -> str:
+        self._metadata()
+        return self._ticket
+
+    def _drop_ctl(self) -> None:
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
 
     def status(self) -> pb.Status:
         status: pb.Status = self.call(self._stub.GetStatus, pb.GetStatusRequest())
