@@ -733,7 +733,7 @@ class Pipeline:
             pending = list(enumerate(msg.messages))
             offsets = list(itertools.accumulate((m.length for m in msg.messages), initial=msg.offset))
             preds = [self.d2h[m.ce].receiver.predict(m.key_version, m.chan_ctr) for m in msg.messages]
-            for attempt in range(3):
+            for _attempt in range(3):
                 jobs = [
                     self.workers.submit(
                         w.Kind.OPEN,

@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import pytest
-
 from pipellm_client import ChannelDead, Client, Intent
 
 pytestmark = pytest.mark.integration

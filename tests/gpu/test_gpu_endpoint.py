@@ -4,13 +4,14 @@ NVRTC, pinned memory, CUDA IPC between the daemon and this process). Skipped wit
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
-
 from pipellm_client import Client, Intent
 from pipellm_client.errors import ChannelDead
 from pipellm_client.gpu import cuda_available
+
 from pipellm_daemon.launcher import DaemonProcess
 
 OK, WHY = cuda_available()
@@ -32,34 +33,37 @@ def _weights(n: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("staging", [True, False])
 def test_gpu_endpoint_round_trips_and_hits(cp, staging: bool) -> None:
-    with DaemonProcess(workers=4) as d, Client(d.socket) as c:
-        with c.open_session("gpu", endpoint="cuda", device_staging=staging) as s:
-            assert s.core.endpoint.kind == "cuda"
-            data = _weights(16 * MiB, 1)
-            w = s.alloc_region(16 * MiB, readonly=True, data=data)
-            s.declare([Intent(w, j * MiB, MiB) for j in range(16)], cyclic=True)
-            dst = cp.zeros(MiB, dtype=cp.uint8)
-            for step in range(3):
-                for j in range(16):
-                    s.h2d(w, j * MiB, MiB, dst)
-                    assert (cp.asnumpy(dst) == data[j * MiB : (j + 1) * MiB]).all(), (step, j)
-            st = s.status()
-            assert st.counters.hits >= 40
-            assert st.device_staging == staging
-            if staging:
-                assert st.counters.staged > 0
-            # big transfers straight into a torch-free cupy buffer, and odd sizes
-            big = cp.zeros(16 * MiB - 3, dtype=cp.uint8)
-            s.h2d(w, 3, 16 * MiB - 3, big)
-            assert (cp.asnumpy(big) == data[3:]).all()
-            # D2H: the GPU encrypts with its own counter; the daemon decrypts into the region
-            kv = s.alloc_region(8 * MiB, name="kv")
-            src = cp.asarray(_weights(5 * MiB + 7, 2))
-            s.d2h(src, kv, 100, swap_out=True, wait=True)
-            assert (kv.read(100, 5 * MiB + 7) == cp.asnumpy(src)).all()
-            back = cp.zeros(5 * MiB + 7, dtype=cp.uint8)
-            s.h2d(kv, 100, 5 * MiB + 7, back)
-            assert (back == src).all()
+    with (
+        DaemonProcess(workers=4) as d,
+        Client(d.socket) as c,
+        c.open_session("gpu", endpoint="cuda", device_staging=staging) as s,
+    ):
+        assert s.core.endpoint.kind == "cuda"
+        data = _weights(16 * MiB, 1)
+        w = s.alloc_region(16 * MiB, readonly=True, data=data)
+        s.declare([Intent(w, j * MiB, MiB) for j in range(16)], cyclic=True)
+        dst = cp.zeros(MiB, dtype=cp.uint8)
+        for step in range(3):
+            for j in range(16):
+                s.h2d(w, j * MiB, MiB, dst)
+                assert (cp.asnumpy(dst) == data[j * MiB : (j + 1) * MiB]).all(), (step, j)
+        st = s.status()
+        assert st.counters.hits >= 40
+        assert st.device_staging == staging
+        if staging:
+            assert st.counters.staged > 0
+        # big transfers straight into a torch-free cupy buffer, and odd sizes
+        big = cp.zeros(16 * MiB - 3, dtype=cp.uint8)
+        s.h2d(w, 3, 16 * MiB - 3, big)
+        assert (cp.asnumpy(big) == data[3:]).all()
+        # D2H: the GPU encrypts with its own counter; the daemon decrypts into the region
+        kv = s.alloc_region(8 * MiB, name="kv")
+        src = cp.asarray(_weights(5 * MiB + 7, 2))
+        s.d2h(src, kv, 100, swap_out=True, wait=True)
+        assert (kv.read(100, 5 * MiB + 7) == cp.asnumpy(src)).all()
+        back = cp.zeros(5 * MiB + 7, dtype=cp.uint8)
+        s.h2d(kv, 100, 5 * MiB + 7, back)
+        assert (back == src).all()
 
 
 def test_gpu_endpoint_equals_cpu_endpoint(cp) -> None:
@@ -98,8 +102,6 @@ def test_gpu_tamper_kills_channel_and_leaves_destination_untouched(cp) -> None:
             s.h2d(w, 0, MiB, dst)
         assert (cp.asnumpy(dst) == 0x5A).all()
         assert "tag mismatch" in (s.core.endpoint.dead or "")
-        import time
-
         deadline = time.monotonic() + 5
         while c.status().totals.channel_deaths < 1 and time.monotonic() < deadline:
             time.sleep(0.02)  # the endpoint's report reaches the daemon on its own schedule
@@ -107,19 +109,22 @@ def test_gpu_tamper_kills_channel_and_leaves_destination_untouched(cp) -> None:
 
 
 def test_gpu_nops_and_discards(cp) -> None:
-    with DaemonProcess(workers=2, ahead_bytes=MiB, cost_rotate_us=1e9) as d, Client(d.socket) as c:
-        with c.open_session("burn", endpoint="cuda") as s:
-            data = _weights(8 * MiB, 5)
-            w = s.alloc_region(8 * MiB, readonly=True, data=data)
-            s.declare([Intent(w, j * MiB, MiB) for j in range(1, 6)])
-            import time
+    with (
+        DaemonProcess(workers=2, ahead_bytes=MiB, cost_rotate_us=1e9) as d,
+        Client(d.socket) as c,
+        c.open_session("burn", endpoint="cuda") as s,
+    ):
+        data = _weights(8 * MiB, 5)
+        w = s.alloc_region(8 * MiB, readonly=True, data=data)
+        s.declare([Intent(w, j * MiB, MiB) for j in range(1, 6)])
+        import time
 
-            time.sleep(0.3)
-            dst = cp.zeros(MiB, dtype=cp.uint8)
-            s.h2d(w, 4 * MiB, MiB, dst)  # skips 1 (encrypted: DISCARD), 2 and 3 (fresh IVs: NOPs)
-            assert (cp.asnumpy(dst) == data[4 * MiB : 5 * MiB]).all()
-            st = s.endpoint_stats
-            assert st["nops"] >= 1 and st["discards"] >= 1
+        time.sleep(0.3)
+        dst = cp.zeros(MiB, dtype=cp.uint8)
+        s.h2d(w, 4 * MiB, MiB, dst)  # skips 1 (encrypted: DISCARD), 2 and 3 (fresh IVs: NOPs)
+        assert (cp.asnumpy(dst) == data[4 * MiB : 5 * MiB]).all()
+        st = s.endpoint_stats
+        assert st["nops"] >= 1 and st["discards"] >= 1
 
 
 def test_pin_fallback_strategy(cp, monkeypatch) -> None:
