@@ -117,8 +117,6 @@ def test_gpu_nops_and_discards(cp) -> None:
         data = _weights(8 * MiB, 5)
         w = s.alloc_region(8 * MiB, readonly=True, data=data)
         s.declare([Intent(w, j * MiB, MiB) for j in range(1, 6)])
-        import time
-
         time.sleep(0.3)
         dst = cp.zeros(MiB, dtype=cp.uint8)
         s.h2d(w, 4 * MiB, MiB, dst)  # skips 1 (encrypted: DISCARD), 2 and 3 (fresh IVs: NOPs)
