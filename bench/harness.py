@@ -123,9 +123,19 @@ def machine() -> dict[str, Any]:
     mem = 0
     with contextlib.suppress(OSError, ValueError):
         mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    import subprocess
+
     import cryptography
 
+    def git(*a: str) -> str:
+        try:
+            r = subprocess.run(["git", *a], capture_output=True, text=True, timeout=5, check=False, cwd=RESULTS.parent)
+        except OSError:
+            return ""
+        return r.stdout.strip()
+
     return {
+        "code": git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "-uno") else ""),
         "cpu": cpu,
         "cpu_flags": flags,
         "cores": len(os.sched_getaffinity(0)),
@@ -248,10 +258,23 @@ def _fill(region_array: np.ndarray[Any, np.dtype[np.uint8]], seed: int) -> None:
         region_array[off : off + m] = blk[:m]
 
 
-class WorkerSampler(threading.Thread):
-    """Samples the workers' CPU time every `interval` s (for the timeline plot only; it costs some CPU)."""
+def _running(pid: int) -> bool:
+    """Is `pid` on a CPU right now (state R in /proc/<pid>/stat)? Exact to the instant it is read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 : stat.rindex(")") + 3] == "R"
 
-    def __init__(self, pids: list[int], interval: float = 0.0004) -> None:
+
+class WorkerSampler(threading.Thread):
+    """Samples how many crypto workers are running, every `interval` s, for the timeline plot only.
+
+    It reads each worker's scheduler state, which is exact at the instant of the read (CPU-time counters in
+    /proc only advance at scheduler ticks for a running task, too coarse for a millisecond step).
+    """
+
+    def __init__(self, pids: list[int], interval: float = 0.0001) -> None:
         super().__init__(daemon=True)
         self.pids = pids
         self.interval = interval
@@ -260,7 +283,7 @@ class WorkerSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.is_set():
-            self.samples.append((time.perf_counter(), sum(proc_cpu_s(p) for p in self.pids)))
+            self.samples.append((time.perf_counter(), float(sum(_running(p) for p in self.pids))))
             time.sleep(self.interval)
 
     def stop(self) -> list[tuple[float, float]]:
@@ -480,6 +503,12 @@ def summarize(
         per_rep = [100 * (1 - runs["plain"][i].seconds / runs[mode][i].seconds) for i in range(reps)]
         overhead[mode] = round(_median(per_rep), 2)
         out[mode]["overhead_reps"] = [round(x, 2) for x in per_rep]
+    cores = len(os.sched_getaffinity(0))
+    for mode in MODES:
+        m = out[mode]
+        m["cpu_util_pct"] = round(100 * sum(m["cpu_s"].values()) / (cores * m["wall_s"]), 1) if m["wall_s"] else 0.0
+    plain_h2d = out["plain"]["host_s"]["h2d"]
+    out["pipellm"]["h2d_host_vs_plain"] = round(out["pipellm"]["host_s"]["h2d"] / plain_h2d, 2) if plain_h2d else 0.0
     t_bound = max(t_plain, b / c) if c > 0 else t_plain
     bound_pct = 100 * (1 - t_plain / t_bound) if t_bound > 0 else 0.0
     ideal = scale.wall(trace.ideal_seconds(scale.testbed))
@@ -502,20 +531,20 @@ def summarize(
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     head = (
-        f"{'workload@regime':34s} {'plain':>11s} {'naive':>11s} {'pipellm':>11s} {'naive%':>7s} {'pllm%':>7s} "
+        f"{'workload@regime':30s} {'plain':>9s} {'naive':>9s} {'pipellm':>9s} {'naive%':>7s} {'pllm%':>7s} "
         f"{'bound%':>7s} {'target':>7s} {'hit':>6s} {'nops':>6s} {'rot':>4s} {'dmd/cap GB/s':>13s} "
-        f"{'cpu d+w':>8s} {'plain/ideal':>11s}"
+        f"{'h2d/pl':>6s} {'cpu%':>5s} {'plain/ideal':>11s}"
     )
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         x = r["pipellm"]
-        cpu = x["cpu_s"]["daemon"] + x["cpu_s"]["workers"]
         lines.append(
-            f"{name:34s} {r['plain']['throughput']:11.1f} {r['naive']['throughput']:11.1f} "
-            f"{x['throughput']:11.1f} {r['overhead_pct']['naive']:7.1f} {r['overhead_pct']['pipellm']:7.1f} "
+            f"{name:30s} {r['plain']['throughput']:9.0f} {r['naive']['throughput']:9.0f} "
+            f"{x['throughput']:9.0f} {r['overhead_pct']['naive']:7.1f} {r['overhead_pct']['pipellm']:7.1f} "
             f"{r['bound_pct']:7.1f} {r['target_pct']:6.1f}{'' if r['met'] else '!'} {x['hit_rate']:6.2f} "
             f"{x['counters']['nops']:6.0f} {x['counters']['iv_rotations']:4.0f} "
-            f"{r['demand_gbps']:6.2f}/{r['capacity_gbps']:<6.2f} {cpu:8.2f} {r['plain_vs_ideal']:11.2f}"
+            f"{r['demand_gbps']:6.2f}/{r['capacity_gbps']:<6.2f} {x['h2d_host_vs_plain']:6.1f} "
+            f"{x['cpu_util_pct']:5.0f} {r['plain_vs_ideal']:11.2f}"
         )
     return "\n".join(lines)
 
@@ -696,7 +725,9 @@ def main(argv: list[str] | None = None) -> int:
         f"\noverhead = throughput drop vs plain (median of {reps} interleaved reps); bound = 1 - T_plain/max(T_plain,"
         f" B/C) with C = {cap['aggregate_bps'] / GB:.2f} GB/s ({n_workers} workers, measured before/after: "
         f"{cap_before['aggregate_bps'] / GB:.2f}/{cap_after['aggregate_bps'] / GB:.2f}); '!' = target missed; "
-        f"plain/ideal = plain time over the device model alone. Testbed scale {tb.speed:.2f}x "
+        f"plain/ideal = plain time over the device model alone; h2d/pl = PipeLLM's host time in H2D calls over "
+        f"plain's (1 = every hit was ready); cpu% = PipeLLM run's client+daemon+workers CPU over all cores. "
+        f"Throughput in tokens/s (adversarial: steps/s), model time. Testbed scale {tb.speed:.2f}x "
         f"(link {tb.link_bps / GB:.0f} GB/s wall); {verify_note}."
         + (f" Capacity regime = testbed regime (demand fits) for: {', '.join(coincide)}." if coincide else "")
     )

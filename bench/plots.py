@@ -37,6 +37,7 @@ def overhead(report: dict[str, Any], path: Path) -> Path:
             ax.hlines(v["target_pct"], x + 0.02, x + 0.45, colors="k", linestyles="dotted", linewidth=1)
         ax.plot([], [], color=COLORS["bound"], linewidth=2.5, label="physical bound (B/C)")
         ax.plot([], [], color="k", linestyle="dotted", label="target")
+        ax.set_xlim(-0.6, max(len(items), 4) - 0.4)
         ax.set_xticks(list(xs))
         ax.set_xticklabels([n for n, _v in items], rotation=25, ha="right", fontsize=8)
         ax.set_ylabel("throughput drop vs plain (%)")
@@ -51,11 +52,11 @@ def overhead(report: dict[str, Any], path: Path) -> Path:
 
 
 def _busy(samples: list[tuple[float, float]], workers: int) -> list[tuple[float, float, float]]:
-    """(start, end, fraction of the workers busy) from cumulative CPU samples."""
+    """(start, end, fraction of the workers running) from (time, workers running) samples."""
     out = []
-    for (t0, c0), (t1, c1) in itertools.pairwise(samples):
+    for (t0, n), (t1, _n) in itertools.pairwise(samples):
         if t1 > t0:
-            out.append((t0, t1, min(1.0, (c1 - c0) / (t1 - t0) / max(1, workers))))
+            out.append((t0, t1, min(1.0, n / max(1, workers))))
     return out
 
 
@@ -81,7 +82,7 @@ def timeline(data: dict[str, Any], path: Path, layers: int = 6, workers: int = 2
         ax.set_xlim(0, end * 1e3)
         ax.invert_yaxis()
         ax.set_title(f"{mode}: first {layers} layers of a FlexGen token ({data[mode]['regime']} regime)", fontsize=9)
-    axes[-1, 0].set_xlabel("model time (ms); workers bar height = share of worker CPU in use")
+    axes[-1, 0].set_xlabel("model time (ms); workers: bar height = share of crypto workers on a CPU (sampled)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

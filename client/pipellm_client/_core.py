@@ -461,6 +461,26 @@ class SessionCore:
         else:
             region.write(0, raw)
 
+    def declare_request(self, intents: Any, *, replace: bool, cyclic: bool) -> pb.DeclareIntentsRequest:
+        req = pb.DeclareIntentsRequest(session_id=self.id, replace=replace, cyclic=cyclic)
+        for it in intents:
+            req.intents.append(
+                pb.Intent(
+                    region_id=it.region.id,
+                    offset=it.offset,
+                    length=it.length,
+                    direction=pb.DIRECTION_D2H if it.d2h else pb.DIRECTION_H2D,
+                    destination=it.destination,
+                )
+            )
+        return req
+
+    def own_status(self, resp: pb.ListSessionsResponse) -> pb.SessionStatus:
+        for s in resp.sessions:
+            if s.session_id == self.id:
+                return s
+        raise DaemonError(grpc.StatusCode.NOT_FOUND, f"session {self.id} is gone")
+
     def staging_request(self) -> pb.AttachDeviceStagingRequest | None:
         """For a CUDA endpoint in PipeLLM mode: export device staging so the daemon can DMA ahead."""
         if self.endpoint.kind != "cuda" or self.mode != pb.MODE_PIPELLM:

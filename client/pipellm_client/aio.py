@@ -336,17 +336,7 @@ class AsyncSession:
         await self._until(lambda: not self.core.landing)
 
     async def declare(self, intents: Sequence[Intent], *, replace: bool = False, cyclic: bool = False) -> int:
-        req = pb.DeclareIntentsRequest(session_id=self.id, replace=replace, cyclic=cyclic)
-        for it in intents:
-            req.intents.append(
-                pb.Intent(
-                    region_id=it.region.id,
-                    offset=it.offset,
-                    length=it.length,
-                    direction=pb.DIRECTION_D2H if it.d2h else pb.DIRECTION_H2D,
-                    destination=it.destination,
-                )
-            )
+        req = self.core.declare_request(intents, replace=replace, cyclic=cyclic)
         resp: pb.DeclareIntentsResponse = await self.client.call(self.client._stub.DeclareIntents, req, self.metadata)
         return resp.pending
 
@@ -359,10 +349,7 @@ class AsyncSession:
         resp: pb.ListSessionsResponse = await self.client.call(
             self.client._stub.ListSessions, pb.ListSessionsRequest(), self.metadata
         )
-        for s in resp.sessions:
-            if s.session_id == self.id:
-                return s
-        raise DaemonError(grpc.StatusCode.NOT_FOUND, f"session {self.id} is gone")
+        return self.core.own_status(resp)
 
     async def close(self) -> None:
         if self.closed:

@@ -446,17 +446,7 @@ class Session:
             self._cyclic_intents = list(intents)  # declared again after a re-key
         elif replace:
             self._cyclic_intents = []
-        req = pb.DeclareIntentsRequest(session_id=self.id, replace=replace, cyclic=cyclic)
-        for it in intents:
-            req.intents.append(
-                pb.Intent(
-                    region_id=it.region.id,
-                    offset=it.offset,
-                    length=it.length,
-                    direction=pb.DIRECTION_D2H if it.d2h else pb.DIRECTION_H2D,
-                    destination=it.destination,
-                )
-            )
+        req = self.core.declare_request(intents, replace=replace, cyclic=cyclic)
         resp: pb.DeclareIntentsResponse = self.client.call(self.client._stub.DeclareIntents, req, self.metadata)
         return resp.pending
 
@@ -469,10 +459,7 @@ class Session:
         resp: pb.ListSessionsResponse = self.client.call(
             self.client._stub.ListSessions, pb.ListSessionsRequest(), self.metadata
         )
-        for s in resp.sessions:
-            if s.session_id == self.id:
-                return s
-        raise DaemonError(grpc.StatusCode.NOT_FOUND, f"session {self.id} is gone")
+        return self.core.own_status(resp)
 
     @property
     def endpoint_stats(self) -> dict[str, int]:
