@@ -230,6 +230,8 @@ class RunResult:
 
 HOST_FIELDS: Final = ("h2d", "h2d_calls", "d2h", "d2h_wait", "declare")
 COUNTER_FIELDS: Final = (
+    "commits",
+    "chunks",
     "hits",
     "misses",
     "skips",
@@ -492,8 +494,11 @@ def summarize(
             "cpu_s": {k: _median([r.cpu[k] for r in rs]) for k in rs[0].cpu},
             "reps": [round(r.seconds, 6) for r in rs],
         }
+        m["counters"] = {k: _median([r.counters[k] for r in rs]) for k in rs[0].counters}
+        moved_mib = (m["counters"]["bytes_h2d"] + m["counters"]["bytes_d2h"]) / MiB
+        # The daemon's own CPU per MiB moved: its per-commit/per-chunk cost, next to plain's.
+        m["daemon_cpu_us_per_mib"] = round(1e6 * m["cpu_s"]["daemon"] / moved_mib, 1) if moved_mib else 0.0
         if mode != "plain":
-            m["counters"] = {k: _median([r.counters[k] for r in rs]) for k in rs[0].counters}
             m["hit_rate"] = m["counters"]["hit_rate"]
             m["endpoint"] = {k: _median([float(r.endpoint[k]) for r in rs]) for k in rs[0].endpoint}
         out[mode] = m

@@ -136,7 +136,8 @@ def test_swap_out_is_pre_encrypted_for_swap_in(loop_and_pool, order: str) -> Non
     for i in range(6):  # groups of two blocks: requests 1, 2, 3 swapped out in that order
         loop.run_until_complete(pair.d2h(blocks[i], kv, i * CHUNK, swap_out=True, group=i // 2 + 1))
     loop.run_until_complete(settle(2, [pair.pipeline]))
-    back = [0, 1, 2, 3, 4, 5] if order == "fifo" else [4, 5, 2, 3, 0, 1]
+    # fifo: swap-out order; lifo (vLLM V0): newest request first, one block per request per round
+    back = [0, 1, 2, 3, 4, 5] if order == "fifo" else [4, 2, 0, 5, 3, 1]
     for i in back:
         assert (fetch(loop, pair, kv, i) == blocks[i]).all()
     c = pair.pipeline.counters

@@ -72,21 +72,31 @@ def test_random_order_turns_speculation_off() -> None:
 
 
 def test_vllm_v0_swap_in_is_fcfs_over_requests() -> None:
-    """V0 preempts the newest request first; swap-in is FCFS, so requests return in reverse swap-out order,
-    each request's blocks in their original (layer-major, K before V) order."""
+    """V0 preempts the newest request first and swaps in FCFS, so requests come back newest-swapped-out
+    first; its CacheEngine copies layer by layer, K then V, and within each every request of the mapping:
+    the swap-in is round after round of one unit per request. The set is learned from the first round."""
     sp = SwapPredictor("lifo")
-    per_req = {}
-    for req in (3, 2, 1):  # newest (3) preempted first
-        ks = []
+    unit = 128 * 1024
+    per_req: dict[int, list[Key]] = {}
+    for group, req in enumerate((3, 2, 1), start=1):  # newest (3) preempted first
+        per_req[req] = []
         for layer in range(4):
             for kv in (0, 1):
-                ks.append(Key(50, (req * 100 + layer * 2 + kv) * 128 * 1024, 128 * 1024))
-        per_req[req] = ks
-        sp.swapped_out(ks, group=req)
-    expected = per_req[1] + per_req[2] + per_req[3]
-    assert sp.upcoming(100) == expected
-    for k in expected:
-        assert sp.upcoming(1) == [k]
+                k = Key(50, (req * 100 + layer * 2 + kv) * unit, unit)
+                per_req[req].append(k)
+                sp.swapped_out([k], group=group)
+
+    def swap_in(reqs: list[int]) -> list[Key]:
+        return [per_req[r][i] for i in range(8) for r in reqs]  # layer-major, K then V, requests FCFS
+
+    first = swap_in([1, 2])  # requests 1 and 2 come back (oldest first); 3 stays out
+    hits = 0
+    for k in first:
+        hits += sp.upcoming(1) == [k]
+        sp.observe(k)
+    assert hits >= len(first) - 1, "at most the set's edge is guessed wrong, then it is learned"
+    assert sp.upcoming(8) == per_req[3]
+    for k in per_req[3]:
         sp.observe(k)
     assert sp.upcoming(5) == []
 

@@ -1,13 +1,18 @@
 """KV swapping: a block swapped out is predicted to come back, in the serving engine's swap-in order.
 
-vLLM V0 preempts the newest request first and swaps in first-come-first-served, so requests come back in
-the reverse of their swap-out order while the blocks of one request keep their order (layer-major, K before
-V): "lifo" over groups. vLLM V1's offloading runs FIFO jobs per direction: "fifo".
+vLLM V1's offloading runs FIFO jobs per direction: "fifo", blocks come back in swap-out order.
+
+vLLM V0 ("lifo") preempts the newest request first and swaps in first-come-first-served, so requests come
+back newest-swapped-out first. Its CacheEngine copies layer by layer, K then V, and within each the blocks
+of every request in the mapping: a swap-in of requests S is round after round of one unit (one d2h/h2d
+range) per request of S. The set S is guessed as the most recent groups (as many as came back last time;
+all of them the first time) and learned exactly from the first round of the swap-in itself: a group seen
+twice starts round two.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from .base import Key
 
@@ -19,11 +24,18 @@ class SwapPredictor:
         if order not in ("fifo", "lifo"):
             raise ValueError("swap order must be fifo or lifo")
         self.order = order
-        self._groups: OrderedDict[int, list[Key]] = OrderedDict()  # group -> chunks, swap-out order
+        self._groups: OrderedDict[int, deque[list[Key]]] = OrderedDict()  # group -> units, swap-out order
         self._where: dict[Key, int] = {}
         self._anon = 0
+        # vLLM V0 swap-in state
+        self._round: list[int] = []  # groups whose unit this round has started, in order
+        self._active: list[int] | None = None  # the set coming back, in round order, once learned
+        self._current: int | None = None  # group whose head unit is part-way through
+        self._last_k = 0  # how many requests the last swap-in brought back (0: none seen yet: guess all)
 
     def swapped_out(self, keys: list[Key], group: int) -> None:
+        if not keys:
+            return
         if group == 0:
             self._anon -= 1
             group = self._anon  # an ungrouped block is a group of its own
@@ -32,28 +44,88 @@ class SwapPredictor:
             if old is not None:
                 self._drop(k, old)
             self._where[k] = group
-        self._groups.setdefault(group, []).extend(keys)
+        self._groups.setdefault(group, deque()).append(list(keys))
         self._groups.move_to_end(group)
 
-    def _drop(self, key: Key, group: int) -> None:
-        keys = self._groups[group]
-        keys.remove(key)
-        if not keys:
+    def _drop(self, key: Key, group: int) -> bool:
+        """Remove a key; returns whether its unit still has keys."""
+        units = self._groups[group]
+        rest = False
+        for unit in units:
+            if key in unit:
+                unit.remove(key)
+                rest = bool(unit)
+                if not unit:
+                    units.remove(unit)
+                break
+        if not units:
             del self._groups[group]
+        return rest
 
     def observe(self, key: Key) -> None:
         group = self._where.pop(key, None)
-        if group is not None:
-            self._drop(key, group)
+        if group is None:
+            return
+        started = self._current != group  # a unit's chunks arrive back to back
+        rest = self._drop(key, group)
+        if self.order != "lifo":
+            return
+        self._current = group if rest else None
+        if not started:
+            return
+        if self._active is not None and group not in self._active:
+            self._active, self._round = None, []  # a new swap-in: learn its set again
+        if group in self._round:
+            self._active = list(self._round)  # round two begins: the set is known exactly
+            self._last_k = len(self._active)
+            self._round = [group]
+        else:
+            self._round.append(group)
+
+    def _rounds(self, limit: int) -> list[Key]:
+        if not self._groups:
+            self._active, self._round, self._current = None, [], None
+            return []
+        order = [g for g in self._active if g in self._groups] if self._active is not None else []
+        if not order:  # nothing of the learned set is left: the next swap-in is a new one
+            self._active = None
+            self._round = [g for g in self._round if g in self._groups]
+        if self._active is None:
+            newest_first = list(reversed(self._groups))  # the oldest request comes back first
+            seen = [g for g in self._round if g in self._groups]
+            want = max(self._last_k or len(newest_first), len(seen))
+            order = seen + [g for g in newest_first if g not in seen][: want - len(seen)]
+        out: list[Key] = []
+        cursor = dict.fromkeys(order, 0)
+        if self._current is not None and self._current in self._groups:
+            out.extend(self._groups[self._current][0])  # the rest of the unit in flight
+            cursor[self._current] = 1
+        started = set(self._round)
+        for g in order:  # the rest of this round
+            if g not in started and len(out) < limit:
+                out.extend(self._groups[g][0])
+                cursor[g] = 1
+        while len(out) < limit:  # then whole rounds
+            progressed = False
+            for g in order:
+                units = self._groups[g]
+                if cursor[g] < len(units):
+                    out.extend(units[cursor[g]])
+                    cursor[g] += 1
+                    progressed = True
+            if not progressed:
+                break
+        return out[:limit]
 
     def upcoming(self, limit: int) -> list[Key]:
-        groups = reversed(self._groups.values()) if self.order == "lifo" else iter(self._groups.values())
+        if self.order == "lifo":
+            return self._rounds(limit)
         out: list[Key] = []
-        for keys in groups:
-            for k in keys:
-                out.append(k)
+        for units in self._groups.values():
+            for unit in units:
+                out.extend(unit)
                 if len(out) >= limit:
-                    return out
+                    return out[:limit]
         return out
 
     @property
@@ -61,8 +133,9 @@ class SwapPredictor:
         return len(self._where)
 
     def forget_region(self, region: int) -> None:
-        self._where = {k: g for k, g in self._where.items() if k.region != region}
-        for g in list(self._groups):
-            self._groups[g] = [k for k in self._groups[g] if k.region != region]
-            if not self._groups[g]:
-                del self._groups[g]
+        for k in [k for k in self._where if k.region == region]:
+            self._drop(k, self._where.pop(k))
+        self._current = None
+        self._round = [g for g in self._round if g in self._groups]
+        if self._active is not None:
+            self._active = [g for g in self._active if g in self._groups]
