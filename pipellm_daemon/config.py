@@ -55,12 +55,13 @@ class Config:
     metrics_address: str = ""  # e.g. 127.0.0.1:9464; empty = off
     watchdog: bool = True
     drain_timeout_s: float = 30.0
-    # Cost model for relinquishing (µs, and bytes per µs), measured by bench/costmodel.py on this host.
-    cost_nop_us: float = 6.0
-    cost_rotate_us: float = 4.0
-    cost_discard_fixed_us: float = 6.0
-    endpoint_bytes_per_us: float = 6000.0
-    worker_bytes_per_us: float = 6000.0
+    # Cost model for relinquishing (µs, and bytes per µs), measured by `python -m bench.costmodel` on the
+    # development host (2-vCPU Xeon, VAES); re-measure on yours.
+    cost_nop_us: float = 4.5
+    cost_rotate_us: float = 1.2
+    cost_discard_fixed_us: float = 2.3
+    endpoint_bytes_per_us: float = 7600.0
+    worker_bytes_per_us: float = 6300.0
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
