@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from pipellm_client import Client, Intent
 from pipellm_client.shm import SharedMemory
+
 from pipellm_daemon.launcher import DaemonProcess
 
 CHUNK = 1 << 20
@@ -61,41 +61,46 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     enc_us = encrypt_time_us()
     chunks = 16
-    with DaemonProcess(max_depth=64, h2d_slots=80, ahead_bytes=80 * CHUNK) as d, Client(d.socket) as c:
-        with c.open_session("bench-commit", verify=NO_DECRYPT) as s:
-            data = np.random.default_rng(0).integers(0, 256, 64 * CHUNK, dtype=np.uint8)
-            w = s.alloc_region(64 * CHUNK, readonly=True, data=data)
-            dst = np.empty(CHUNK, np.uint8)
-            s.declare([Intent(w, j * CHUNK, CHUNK) for j in range(chunks)], cyclic=True)
-            wait_ready(s, 8)
-            lat = []
-            for i in range(args.commits):
-                j = i % chunks
-                if i % 4 == 0:
-                    time.sleep(0.0015)  # slack between commits, as a GPU computing would leave
-                t0 = time.perf_counter()
-                s.h2d(w, j * CHUNK, CHUNK, dst)
-                lat.append(time.perf_counter() - t0)
-            single = s.status().counters
-            s.cancel_intents()
-            # Batched: 64 chunks per commit, all encrypted ahead.
-            s.declare([Intent(w, j * CHUNK, CHUNK) for j in range(64)], replace=True, cyclic=True)
-            batch = [(w, j * CHUNK, CHUNK, np.empty(CHUNK, np.uint8)) for j in range(64)]
-            per_chunk = []
-            for _ in range(8):
-                wait_ready(s, 60)
-                t0 = time.perf_counter()
-                s.h2d_many(batch)
-                per_chunk.append((time.perf_counter() - t0) / 64)
-            batched = s.status().counters
+    with (
+        DaemonProcess(max_depth=64, h2d_slots=80, ahead_bytes=80 * CHUNK) as d,
+        Client(d.socket) as c,
+        c.open_session("bench-commit", verify=NO_DECRYPT) as s,
+    ):
+        data = np.random.default_rng(0).integers(0, 256, 64 * CHUNK, dtype=np.uint8)
+        w = s.alloc_region(64 * CHUNK, readonly=True, data=data)
+        dst = np.empty(CHUNK, np.uint8)
+        s.declare([Intent(w, j * CHUNK, CHUNK) for j in range(chunks)], cyclic=True)
+        wait_ready(s, 8)
+        lat = []
+        for i in range(args.commits):
+            j = i % chunks
+            if i % 4 == 0:
+                time.sleep(0.0015)  # slack between commits, as a GPU computing would leave
+            t0 = time.perf_counter()
+            s.h2d(w, j * CHUNK, CHUNK, dst)
+            lat.append(time.perf_counter() - t0)
+        single = s.status().counters
+        s.cancel_intents()
+        # Batched: 64 chunks per commit, all encrypted ahead.
+        s.declare([Intent(w, j * CHUNK, CHUNK) for j in range(64)], replace=True, cyclic=True)
+        batch = [(w, j * CHUNK, CHUNK, np.empty(CHUNK, np.uint8)) for j in range(64)]
+        per_chunk = []
+        for _ in range(8):
+            wait_ready(s, 60)
+            t0 = time.perf_counter()
+            s.h2d_many(batch)
+            per_chunk.append((time.perf_counter() - t0) / 64)
+        batched = s.status().counters
     lat_us = sorted(x * 1e6 for x in lat[len(lat) // 10 :])  # drop the warm-up tenth
     p50 = statistics.median(lat_us)
     p99 = lat_us[int(0.99 * (len(lat_us) - 1))]
     b_us = statistics.median(per_chunk) * 1e6
     hit = single.hits / max(1, single.hits + single.misses + single.skips + single.late)
     print(f"encrypt 1 MiB in-process: {enc_us:.1f} µs ({CHUNK / enc_us / 1e3:.2f} GB/s)")
-    print(f"commit of a pre-encrypted 1 MiB chunk: p50 {p50:.1f} µs, p99 {p99:.1f} µs over {len(lat_us)} commits "
-          f"(hit rate {hit:.1%}; endpoint decryption excluded: it is the GPU's work)")
+    print(
+        f"commit of a pre-encrypted 1 MiB chunk: p50 {p50:.1f} µs, p99 {p99:.1f} µs over {len(lat_us)} commits "
+        f"(hit rate {hit:.1%}; endpoint decryption excluded: it is the GPU's work)"
+    )
     print(f"batched: 64 chunks per commit, {b_us:.1f} µs per chunk (hits {batched.hits - single.hits})")
     print(f"commit: p50_ratio={p50 / enc_us:.3f} p99_ratio={p99 / enc_us:.3f} batched_us_per_chunk={b_us:.1f}")
     return 0

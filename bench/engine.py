@@ -25,8 +25,8 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from pipellm_client.shm import SharedMemory
+
 from pipellm_daemon import jobwire as w
 from pipellm_daemon.workers import WorkerPool, default_worker_count
 
@@ -123,7 +123,9 @@ def openssl(size: int, multi: int) -> float | None:
 
 def openssl_version() -> str:
     exe = shutil.which("openssl")
-    return subprocess.run([exe, "version"], capture_output=True, text=True).stdout.strip() if exe else "not found"
+    if exe is None:
+        return "not found"
+    return subprocess.run([exe, "version"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def endpoint_strategies(size: int = 1 << 20, reps: int = 200) -> dict[str, float]:
@@ -156,8 +158,11 @@ def endpoint_strategies(size: int = 1 << 20, reps: int = 200) -> dict[str, float
         except InvalidTag:
             dst[:] = bytes(size)
 
-    return {"in_place_us": time_it(in_place), "scratch_copy_us": time_it(via_scratch),
-            "failure_with_wipe_us": time_it(failure_wipe)}
+    return {
+        "in_place_us": time_it(in_place),
+        "scratch_copy_us": time_it(via_scratch),
+        "failure_with_wipe_us": time_it(failure_wipe),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     n = default_worker_count()
     sizes = list(SIZES)
-    res: dict[str, dict[str, list[float]]] = {k: {s: [] for s in sizes} for k in
-                                               ("ours_1", "ours_all", "openssl_1", "openssl_multi", "ceiling")}
+    res: dict[str, dict[str, list[float]]] = {
+        k: {s: [] for s in sizes} for k in ("ours_1", "ours_all", "openssl_1", "openssl_multi", "ceiling")
+    }
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds} ...", file=sys.stderr, flush=True)
         one = asyncio.run(ours(1, sizes))
@@ -183,21 +189,31 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: {s: statistics.median(v) for s, v in d.items()} for k, d in res.items()}
     print(f"\nAES-256-GCM, GB/s, median of {args.rounds} interleaved rounds; {n} usable cores; {openssl_version()}")
     print(f"{'':>26}" + "".join(f"{s:>10}" for s in sizes))
-    labels = {"ours_1": "ours, 1 worker", "openssl_1": "openssl speed, 1 proc", "ours_all": f"ours, {n} workers",
-              "openssl_multi": f"openssl speed -multi {n}", "ceiling": "library in-process (1 core)"}
+    labels = {
+        "ours_1": "ours, 1 worker",
+        "openssl_1": "openssl speed, 1 proc",
+        "ours_all": f"ours, {n} workers",
+        "openssl_multi": f"openssl speed -multi {n}",
+        "ceiling": "library in-process (1 core)",
+    }
     for k, label in labels.items():
         print(f"{label:>26}" + "".join(f"{med[k][s]:>10.2f}" for s in sizes))
     ep = endpoint_strategies()
-    print(f"\nendpoint, 1 MiB message: decrypt in place {ep['in_place_us']:.0f} µs, via scratch + copy "
-          f"{ep['scratch_copy_us']:.0f} µs, tag failure + wipe {ep['failure_with_wipe_us']:.0f} µs "
-          "(we decrypt in place and wipe on failure)")
+    print(
+        f"\nendpoint, 1 MiB message: decrypt in place {ep['in_place_us']:.0f} µs, via scratch + copy "
+        f"{ep['scratch_copy_us']:.0f} µs, tag failure + wipe {ep['failure_with_wipe_us']:.0f} µs "
+        "(we decrypt in place and wipe on failure)"
+    )
     per_worker = med["ours_1"]["1MiB"] / med["openssl_1"]["1MiB"]
     aggregate = med["ours_all"]["1MiB"] / med["openssl_multi"]["1MiB"]
     ceiling_ratio = med["ours_1"]["1MiB"] / med["ceiling"]["1MiB"]
     print(f"ours(1 worker)/library in-process at 1 MiB: {ceiling_ratio:.2f} (the cost of the worker path itself)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"median_gbps": med, "rounds": res, "workers": n,
-                                           "openssl": openssl_version(), "endpoint_us": ep}, indent=1))
+    Path(args.json).write_text(
+        json.dumps(
+            {"median_gbps": med, "rounds": res, "workers": n, "openssl": openssl_version(), "endpoint_us": ep}, indent=1
+        )
+    )
     print(f"engine: per_worker_ratio={per_worker:.2f} aggregate_ratio={aggregate:.2f}")
     return 0
 

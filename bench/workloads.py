@@ -900,7 +900,7 @@ def adversarial(
     for _ in range(warmup + steps):
         ranges = []
         for _ in range(transfers):
-            n = _pages(rng.integers(min_bytes, max_bytes + 1))
+            n = _pages(float(rng.integers(min_bytes, max_bytes + 1)))
             off = int(rng.integers(0, (region_bytes - n) // PAGE + 1)) * PAGE
             ranges.append(Range("data", off, n))
         nbytes = sum(r.length for r in ranges)

@@ -79,6 +79,7 @@ class Counters:
     late: int = 0
     detours: int = 0
     staged: int = 0
+    waited: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -400,6 +401,7 @@ class Pipeline:
         if pos >= 0:
             e = s.queue[pos]
             if e.state == State.ENCRYPTING and e.fut is not None:
+                self.counters.waited += 1  # predicted right, but the encryption was still running
                 await asyncio.wait([e.fut])
             if e.state == State.FAILED or (e.state == State.READY and not self._valid(e)):
                 self.counters.stale += e.state == State.READY
@@ -722,9 +724,9 @@ class Pipeline:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         region.pending_writes.append((msg.offset, msg.length, fut))
         region.begin_write(msg.offset, msg.length)
-        if msg.swap_out and self.mode == "pipellm":
+        if msg.swap_out and self.mode == "pipellm" and msg.length >= self.small_threshold:
             # Record the swap-out in arrival order, not in decryption-completion order; speculation skips the
-            # range until its decryption lands.
+            # range until its decryption lands. (Small ones come back on the second channel, unspeculated.)
             keys = [
                 Key(region.id, c.offset, c.length) for c in chunks.split(msg.offset, msg.length, self.cfg.chunk_size)
             ]
