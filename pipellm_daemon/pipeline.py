@@ -406,7 +406,7 @@ class Pipeline:
             if e.state == State.FAILED or (e.state == State.READY and not self._valid(e)):
                 self.counters.stale += e.state == State.READY
                 pos = -1
-        self.predictors.observe(key)
+        self.predictors.observe(key, region.readonly)
         if pos >= 0:
             if pos > 0:
                 before, kept = list(s.queue)[:pos], list(s.queue)[pos:]

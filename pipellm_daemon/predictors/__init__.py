@@ -18,9 +18,12 @@ class Combined:
         self.all: list[Predictor] = [self.intents, self.swap, self.cycle, self.lora]
         self.last_source = ""
 
-    def observe(self, key: Key) -> None:
+    def observe(self, key: Key, readonly: bool = True) -> None:
+        """Learned cycles and adapter popularity are about read-only data (weights, adapters): a mutable
+        region's bytes change between passes, so guessing its chunks again mostly encrypts stale data."""
         for p in self.all:
-            p.observe(key)
+            if readonly or p.name in ("intents", "swap"):
+                p.observe(key)
 
     def upcoming(self, limit: int) -> list[Key]:
         for p in self.all:

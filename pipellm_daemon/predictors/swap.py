@@ -44,8 +44,9 @@ class SwapPredictor:
             if old is not None:
                 self._drop(k, old)
             self._where[k] = group
+        # A group's place is where it first appeared: requests swapped out in one step arrive interleaved,
+        # unit by unit, and must not reorder each other.
         self._groups.setdefault(group, deque()).append(list(keys))
-        self._groups.move_to_end(group)
 
     def _drop(self, key: Key, group: int) -> bool:
         """Remove a key; returns whether its unit still has keys."""
