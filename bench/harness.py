@@ -563,7 +563,9 @@ def daemons(workers: int, settings: dict[str, Any], log_level: str) -> Iterator[
             kw = dict(settings)
             if mode != "naive" and workers:
                 kw["workers"] = workers
-            ds[mode] = stack.enter_context(DaemonProcess(mode=mode, log_level=log_level, **kw))
+            ds[mode] = stack.enter_context(
+                DaemonProcess(os.environ.get("PIPELLM_BENCH_DIR_" + mode.upper()), mode=mode, log_level=log_level, **kw)
+            )
         yield ds
 
 

@@ -38,12 +38,14 @@ from . import jobwire as w
 from .config import Config
 from .events import EventBus
 from .latency import Latency
+from .logs import get as _get_log
 from .pool import Arena
 from .predictors import Combined, Key
 from .regions import Region
 from .workers import WorkerLost, WorkerPool
 
 FLAG_UNPREDICTED = 1
+_log = _get_log("pipellmd.pipeline")
 _BATCH = 64  # deliveries per Completion frame
 
 
@@ -397,7 +399,7 @@ class Pipeline:
 
     async def _commit_speculative(self, out: Outbox, region: Region, key: Key, ti: int, dst_off: int) -> None:
         s = self.spec
-        pos = s.find(key)
+        pos = found = s.find(key)
         if pos >= 0:
             e = s.queue[pos]
             if e.state == State.ENCRYPTING and e.fut is not None:
@@ -409,6 +411,7 @@ class Pipeline:
         self.predictors.observe(key, region.readonly)
         if pos >= 0:
             if pos > 0:
+                _log.debug("skip", session=self.session_id, key=tuple(key), pos=pos)
                 before, kept = list(s.queue)[:pos], list(s.queue)[pos:]
                 if self._burn_cost(before) > self._rotate_cost(kept):
                     self._relinquish_by_rotation(s, out)
@@ -432,6 +435,14 @@ class Pipeline:
             return
         # Miss. An extra transfer inside a cycle leaves the queue as the predictors still expect it.
         self.counters.misses += 1
+        _log.debug(
+            "miss",
+            session=self.session_id,
+            key=tuple(key),
+            head=tuple(s.queue[0].key) if s.queue else None,
+            queued=len(s.queue),
+            found_stale=found >= 0,
+        )
         if not s.queue:
             self.depth = min(self.cfg.max_depth, self.depth + 1)  # nothing was queued: speculate further ahead
             await self._on_demand(out, s, region, key, ti, dst_off)
@@ -607,7 +618,7 @@ class Pipeline:
                 preempt = head.key not in want and self.predictors.outranks(source, head.source)
         q = s.queue
         n = min(len(q), len(want))
-        if n and q[0].key == want[0] and q[n - 1].key == want[n - 1]:
+        if n and [e.key for e in itertools.islice(q, n)] == want[:n]:
             # The steady state: the queue is the prediction's prefix. Only its tail needs extending.
             for key in want[n:]:
                 region = self.regions.get(key.region)
@@ -617,6 +628,13 @@ class Pipeline:
             self._dispatch()
             return
         if preempt:
+            _log.debug(
+                "preempt",
+                session=self.session_id,
+                head=tuple(head.key) if head else None,
+                want=tuple(want[0]),
+                source=source,
+            )
             # A better-informed predictor disagrees with ciphertext at the head: abandon the queue now,
             # in band before the next commit's deliveries, rather than burning it chunk by chunk.
             self._abandon(s)
@@ -654,15 +672,9 @@ class Pipeline:
     def _dispatch(self) -> None:
         s = self.spec
         q = s.queue
-        # Entries still to encrypt are (nearly always) a suffix of the queue: find it from the end, so the
-        # common case, nothing to do, costs one step. One skipped earlier is served "late" at its commit.
-        start = len(q)
-        while start > 0 and q[start - 1].state == State.RESERVED:
-            start -= 1
-        if start == len(q):
-            return
-        for idx in range(start, len(q)):
-            e = q[idx]
+        for e in q:
+            if e.state != State.RESERVED:
+                continue
             if s.sender.epoch.usage + e.nbytes // 16 + 1 >= s.sender.policy.lower:
                 return  # never speculate into a pending key rotation: it would abandon the work anyway
             if self._ahead + e.nbytes > self.cfg.ahead_bytes or self._speculative_slot_budget() <= 0:

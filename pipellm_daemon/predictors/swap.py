@@ -32,6 +32,8 @@ class SwapPredictor:
         self._active: list[int] | None = None  # the set coming back, in round order, once learned
         self._current: int | None = None  # group whose head unit is part-way through
         self._last_k = 0  # how many requests the last swap-in brought back (0: none seen yet: guess all)
+        self._swapins = 0  # swap-ins started so far
+        self._group_epoch: dict[int, int] = {}  # group -> swap-ins that had started when it was swapped out
 
     def swapped_out(self, keys: list[Key], group: int) -> None:
         if not keys:
@@ -45,7 +47,13 @@ class SwapPredictor:
                 self._drop(k, old)
             self._where[k] = group
         # A group's place is where it first appeared: requests swapped out in one step arrive interleaved,
-        # unit by unit, and must not reorder each other.
+        # unit by unit, and must not reorder each other. A group swapped out again after a swap-in since its
+        # last swap-out is a new preemption of that request: its leftovers are stale, its place is newest.
+        if group in self._groups and self._group_epoch.get(group, self._swapins) < self._swapins:
+            for unit in self._groups.pop(group):
+                for k in unit:
+                    self._where.pop(k, None)
+        self._group_epoch[group] = self._swapins
         self._groups.setdefault(group, deque()).append(list(keys))
 
     def _drop(self, key: Key, group: int) -> bool:
@@ -76,6 +84,8 @@ class SwapPredictor:
             return
         if self._active is not None and group not in self._active:
             self._active, self._round = None, []  # a new swap-in: learn its set again
+        if not self._round:
+            self._swapins += 1
         if group in self._round:
             self._active = list(self._round)  # round two begins: the set is known exactly
             self._last_k = len(self._active)
