@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -162,8 +162,4 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **overrides
     return Config(**values)
 
 
-def as_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-__all__ = ["DEFAULT_SOCKET", "SETTINGS", "Config", "ConfigError", "as_dict", "field", "load"]
+__all__ = ["DEFAULT_SOCKET", "SETTINGS", "Config", "ConfigError", "load"]

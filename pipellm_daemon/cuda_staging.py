@@ -67,9 +67,6 @@ class DeviceStaging:
         ev = self._events.pop(slot, None)
         return ev is not None and bool(ev.done)
 
-    def forget(self, slot: int) -> None:
-        self._events.pop(slot, None)
-
     def close(self) -> None:
         cp = self.cp
         with contextlib.suppress(Exception):

@@ -56,9 +56,3 @@ class Job(NamedTuple):
     def unpack_from(cls, data: bytes | memoryview, offset: int) -> Job:
         _op, kind, *rest = JOB.unpack_from(data, offset)
         return cls(Kind(kind), *rest)
-
-
-class Done(NamedTuple):
-    job_id: int
-    status: Status
-    elapsed_ns: int

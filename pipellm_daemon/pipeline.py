@@ -264,8 +264,6 @@ class Pipeline:
         self.delivered_nops: set[int] = set()
         self.d2h_slots_busy: set[int] = set()
         self.dead: str | None = None
-        self.last_commit_end = 0.0
-        self.slack_s = 0.0
         self._directives: list[pb.Delivery] = []  # in-band rotations decided between commits
         self.staging: Any = None  # cuda_staging.DeviceStaging for CUDA sessions that attached one
         self._committing = False
@@ -306,8 +304,6 @@ class Pipeline:
     ) -> None:
         self._check_alive()
         start = time.monotonic()
-        if self.last_commit_end:
-            self.slack_s = 0.8 * self.slack_s + 0.2 * (start - self.last_commit_end)
         out = Outbox(seq, send)
         self.counters.commits += 1
         for d in self._directives:
@@ -355,8 +351,7 @@ class Pipeline:
             raise
         finally:
             self._committing = False
-            self.last_commit_end = time.monotonic()
-            self.latency.observe(self.last_commit_end - start)
+            self.latency.observe(time.monotonic() - start)
             self.refill()
 
     async def _abort(self, out: Outbox) -> None:
@@ -797,13 +792,6 @@ class Pipeline:
     # -- lifecycle -------------------------------------------------------------------------------
     def forget_region(self, region_id: int) -> None:
         self.predictors.forget_region(region_id)
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "depth": len(self.spec.queue),
-            "target_depth": self.depth,
-            "slack_ms": round(self.slack_s * 1e3, 3),
-        }
 
     def close(self) -> None:
         if self.staging is not None:

@@ -64,9 +64,6 @@ class SlotAllocator:
         self._free.append(i)
         return True
 
-    def held(self, i: int) -> bool:
-        return i in self._held
-
     def cancel_waiters(self, exc: BaseException) -> None:
         while self._waiters:
             w = self._waiters.popleft()
@@ -82,16 +79,9 @@ class Arena:
         self.h2d = SlotAllocator(layout.h2d_slots)
         self.nops = SlotAllocator(layout.nop_cells)
 
-    def slot_view(self, slot: int, length: int) -> memoryview:
-        off = self.layout.h2d_slot(slot)
-        return self.shm.view[off : off + length]
-
     def nop_view(self, cell: int, length: int) -> memoryview:
         off = self.layout.nop_cell(cell)
         return self.shm.view[off : off + length]
-
-    def d2h_offset(self, slot: int) -> int:
-        return self.layout.d2h_slot(slot)
 
 
 class BouncePool:

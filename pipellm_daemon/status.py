@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any
 
 from pipellm_client import keymem
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
@@ -85,8 +84,3 @@ class StatusBuilder:
             keys_locked=prot["mlock"] and prot["dontdump"],
             chunk_size=self.cfg.chunk_size,
         )
-
-    def as_dict(self) -> dict[str, Any]:
-        from google.protobuf.json_format import MessageToDict
-
-        return MessageToDict(self.build(), preserving_proto_field_name=True, always_print_fields_with_no_presence=True)

@@ -8,7 +8,7 @@ import itertools
 import os
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
@@ -152,7 +152,6 @@ class EndpointStats:
     discards: int = 0
     rotations: int = 0
     bytes: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 as_source_view = host_source_view

@@ -19,7 +19,7 @@ import numpy as np
 from . import crypto
 from .channel import KeyEpoch, RotationPolicy, Sender, StrictReceiver
 from .crypto import TAG_LEN, Buffer
-from .errors import ChannelDead, InvalidArgument, TagMismatch
+from .errors import InvalidArgument, TagMismatch
 from .keys import channel_label
 
 NOP_PLAINTEXT: Final = b"NOP\x00"
@@ -152,14 +152,6 @@ class Endpoint(ABC):
             if ch.dead is not None:
                 return f"{ch.name}: {ch.dead}"
         return None
-
-    def check_alive(self) -> None:
-        reason = self.dead
-        if reason is not None:
-            raise ChannelDead(reason)
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        return [c.snapshot() for c in (*self.h2d, *self.d2h)]
 
     def close(self) -> None:
         for ch in (*self.h2d, *self.d2h):
