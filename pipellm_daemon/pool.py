@@ -1,8 +1,9 @@
 """The bounce pool: per-session arenas of shared, untrusted memory, allocated and pre-faulted up front.
 
-An arena is pre-faulted before its session uses it, so the first-touch cost (≈1 GB/s) never lands on a
-transfer's critical path. Slots within an arena are handed out by `SlotAllocator`, which applies
-backpressure: a caller that needs a slot waits until the endpoint releases one.
+An arena is sealed (size fixed, seal set frozen) and pre-faulted before its session uses it, so a client
+cannot resize it under a worker and the first-touch cost (≈1 GB/s) never lands on a transfer's critical
+path. Slots within an arena are handed out by `SlotAllocator`, which applies backpressure: a caller that
+needs a slot waits until the endpoint releases one.
 """
 
 from __future__ import annotations
@@ -98,8 +99,12 @@ class BouncePool:
         self.created = 0
 
     def _create(self) -> SharedMemory:
+        """A pre-faulted arena whose seals are final before the client gets it: `create` sealed its size (a
+        truncated arena SIGBUSes the worker that writes a slot, in a crash loop), and `freeze` stops the
+        client from adding F_SEAL_FUTURE_WRITE, which would make every restarted worker's mapping fail."""
         shm = SharedMemory.create("pipellm-arena", self.layout.size)
         shm.prefault()
+        shm.freeze()
         self.created += 1
         return shm
 

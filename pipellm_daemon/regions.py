@@ -1,6 +1,9 @@
 """A host region as the daemon sees it: the client's memfd mapped here and in every worker.
 
-Read-only regions are valid forever once sealed (the kernel refuses every later write). Mutable regions
+Read-only regions are valid forever once sealed with F_SEAL_WRITE (the kernel then refuses every write,
+through any mapping or fd), and worth nothing before: until then the owner may still be filling them, so
+nothing is encrypted from them ahead of time (`snapshot` is None). The daemon and its workers map them
+from an O_RDONLY reopen of the memfd, which is what lets the owner add F_SEAL_WRITE. Mutable regions
 carry a table of write generations after their data, one per granule, used as a seqlock: a writer makes
 a granule odd while it writes and even after, so ciphertext made from an even snapshot that is still the
 current snapshot at commit time was made from exactly the bytes being committed.
@@ -62,9 +65,10 @@ class Region:
 
     # -- validation ------------------------------------------------------------------------------
     def snapshot(self, offset: int, length: int) -> bytes | None:
-        """The generations covering a range, or None while a writer is inside it (odd)."""
+        """The generations covering a range, or None while a writer may be inside it (odd, or read-only
+        and not sealed yet): None means "do not encrypt ahead from these bytes"."""
         if self.gens is None:
-            return b""
+            return b"" if self.sealed else None
         g = self.gens[offset // self.granule : (offset + length - 1) // self.granule + 1]
         if (g & 1).any():
             return None
@@ -91,8 +95,10 @@ class Region:
         if not self.readonly:
             raise InvalidArgument(f"region {self.id} is mutable; only read-only regions are sealed")
         if not is_sealed_readonly(self.shm.fd):
+            # F_SEAL_FUTURE_WRITE is not enough: mappings made before it stay writable.
             raise InvalidArgument(
-                f"region {self.id}: the memfd is not sealed against writes (F_SEAL_FUTURE_WRITE); seal it first"
+                f"region {self.id}: the memfd is not sealed with F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW;"
+                " seal it first (Region.seal() in the SDK)"
             )
         self.sealed = True
 

@@ -10,10 +10,12 @@ and in order. After the run, the same daemon process still serves a correct tran
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +25,7 @@ import numpy as np
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 from pipellm_client import Client
 from pipellm_client._core import TICKET_KEY
@@ -31,7 +33,15 @@ from pipellm_client._dataplane import FrameSocket
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
 from pipellm_client.client import Session
-from pipellm_client.shm import SharedMemory
+from pipellm_client.shm import (
+    F_ADD_SEALS,
+    F_GET_SEALS,
+    F_SEAL_FUTURE_WRITE,
+    F_SEAL_GROW,
+    F_SEAL_SHRINK,
+    F_SEAL_WRITE,
+    SharedMemory,
+)
 
 from pipellm_daemon.launcher import DaemonProcess
 
@@ -586,4 +596,149 @@ def test_fuzz_unframed_stream_and_abrupt_disconnects(env: Env) -> None:
     env.alive()
     with Client(env.d.socket) as c:
         assert c.status().healthy
+    served_correctly(env)
+
+
+# -- hostile shared memory ------------------------------------------------------------------------------
+# What a client may offer as a region's memory instead of the SDK's sealed memfd. Only memfds of a fixed
+# size may be accepted; as mutable regions only writable, not write-sealed ones (their seals get frozen).
+HOSTILE_FDS = [
+    "sealed-memfd",
+    "sealed-memfd-readonly-fd",
+    "unsealed-memfd",
+    "shrink-only-memfd",
+    "grow-only-memfd",
+    "memfd-without-sealing",
+    "future-write-sealed-memfd",
+    "pipe",
+    "socket",
+    "dev-zero",
+    "regular-file",
+    "tmpfs-file",
+]
+LATER = ["truncate", "grow", "future-write", "write-seal", "seal-region", "commit"]
+
+
+def hostile_fd(kind: str, size: int, tmp: str) -> int:
+    """A fresh fd of the given kind, `size` bytes where it has a size."""
+    if kind == "pipe":
+        r, wr = os.pipe()
+        os.close(wr)
+        return r
+    if kind == "socket":
+        a, b = socket.socketpair()
+        b.close()
+        return a.detach()
+    if kind == "dev-zero":
+        return os.open("/dev/zero", os.O_RDWR)
+    if kind in ("regular-file", "tmpfs-file"):
+        base = "/dev/shm" if kind == "tmpfs-file" and os.path.isdir("/dev/shm") else tmp
+        path = os.path.join(base, f"pipellm-fuzz-{os.getpid()}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.unlink(path)
+        os.ftruncate(fd, size)
+        return fd
+    flags = os.MFD_CLOEXEC | (0 if kind == "memfd-without-sealing" else os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create("fuzz-hostile", flags)
+    os.ftruncate(fd, size)
+    seals = {
+        "sealed-memfd": F_SEAL_SHRINK | F_SEAL_GROW,
+        "sealed-memfd-readonly-fd": F_SEAL_SHRINK | F_SEAL_GROW,
+        "shrink-only-memfd": F_SEAL_SHRINK,
+        "grow-only-memfd": F_SEAL_GROW,
+        "future-write-sealed-memfd": F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE,
+    }.get(kind, 0)
+    if seals:
+        fcntl.fcntl(fd, F_ADD_SEALS, seals)
+    if kind == "sealed-memfd-readonly-fd":
+        ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        os.close(fd)
+        return ro
+    return fd
+
+
+def _errno_of(fn: Callable[..., Any], *args: Any) -> int:
+    try:
+        fn(*args)
+    except OSError as exc:
+        return exc.errno or -1
+    return 0
+
+
+def test_fuzz_hostile_memfds(env: Env) -> None:
+    """Any fd as a region's memory, then resized, sealed late and committed: refused with INVALID_ARGUMENT
+    unless it is a memfd whose size can never change, and nothing done to it afterwards reaches the daemon
+    (no crash, no worker restart)."""
+    restarts = env.client.status().workers.restarts
+
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(
+        kind=st.one_of(st.just("sealed-memfd"), st.sampled_from(HOSTILE_FDS)),
+        readonly=st.booleans(),
+        right_size=st.sampled_from([True, True, True, False]),
+        later=st.lists(st.sampled_from(LATER), max_size=5),
+    )
+    @example("unsealed-memfd", False, True, ["truncate", "commit"])  # the attack that used to kill pipellmd
+    @example("sealed-memfd", False, True, ["truncate", "grow", "future-write", "write-seal", "commit"])
+    @example("sealed-memfd", True, True, ["future-write", "seal-region", "write-seal", "seal-region", "commit"])
+    @example("sealed-memfd-readonly-fd", True, True, ["grow", "seal-region", "commit"])
+    def run(kind: str, readonly: bool, right_size: bool, later: list[str]) -> None:
+        with victim(env) as (s, _ro, _rw), tempfile.TemporaryDirectory() as tmp:
+            n = 2 * CH
+            expected = n if readonly else n + -(-n // s.core.granule) * 8
+            fd = hostile_fd(kind, expected if right_size else expected + 4096, tmp)
+            try:
+                offer_id = next(s.core.offers)
+                s.fs.send(pb.Frame(offer=pb.Offer(offer_id=offer_id)), fds=[fd])
+                req = pb.RegisterRegionRequest(session_id=s.id, offer_id=offer_id, size=n, readonly=readonly)
+                try:
+                    region_id = env.stub.RegisterRegion(req, metadata=s.metadata, timeout=REPLY_TIMEOUT_S).region_id
+                    code = C.OK
+                except grpc.RpcError as exc:
+                    code, region_id = exc.code(), 0
+                    assert exc.details(), "a refusal says why"
+                env.count(f"hostile:{kind}:{code.name}")
+                acceptable = right_size and (
+                    kind == "sealed-memfd"
+                    or (readonly and kind in ("sealed-memfd-readonly-fd", "future-write-sealed-memfd"))
+                )
+                assert code == (C.OK if acceptable else C.INVALID_ARGUMENT), (kind, readonly, right_size, code)
+                sealed = False
+                for action in later:
+                    if action == "truncate":
+                        e = _errno_of(os.ftruncate, fd, 0)
+                        assert e != 0 or not acceptable, "an accepted memfd could be truncated"
+                    elif action == "grow":
+                        e = _errno_of(os.ftruncate, fd, 4 * expected)
+                        assert e != 0 or not acceptable, "an accepted memfd could grow"
+                    elif action == "future-write":
+                        e = _errno_of(fcntl.fcntl, fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE)
+                        assert e != 0 or not acceptable or readonly, "an accepted mutable memfd took a late seal"
+                    elif action == "write-seal":
+                        e = _errno_of(fcntl.fcntl, fd, F_ADD_SEALS, F_SEAL_WRITE)
+                        assert e != 0 or not acceptable or readonly, "a mapped mutable memfd was write-sealed"
+                    elif action == "seal-region" and code == C.OK and readonly:
+                        sreq = pb.SealRegionRequest(session_id=s.id, region_id=region_id)
+                        try:
+                            env.stub.SealRegion(sreq, metadata=s.metadata, timeout=REPLY_TIMEOUT_S)
+                            sealed = True
+                        except grpc.RpcError as exc:
+                            assert exc.code() == C.FAILED_PRECONDITION, exc
+                            assert not fcntl.fcntl(fd, F_GET_SEALS) & F_SEAL_WRITE
+                    elif action == "commit" and code == C.OK:
+                        commit = pb.Commit(seq=next(env.seq), transfers=[pb.Transfer(region_id=region_id, length=n)])
+                        s.fs.send(pb.Frame(commit=commit))
+                        sentinel = next(env.seq)
+                        s.fs.send(pb.Frame(commit=pb.Commit(seq=sentinel)))
+                        err = read_until_sentinel(env, s.fs, sentinel, endpoint_stub(s.fs))
+                        assert err.code == C.INVALID_ARGUMENT.value[0], err
+                        env.count(f"hostile-commit:{'sealed' if sealed or not readonly else 'unsealed'}")
+            finally:
+                os.close(fd)
+                s.core.dead = "fuzzed"  # raw commits went around the SDK: leave by disconnecting
+        env.alive()
+
+    run()
+    assert env.stats.get("hostile-commit:sealed", 0), f"no commit from accepted hostile memory: {env.stats}"
+    assert env.client.status().workers.restarts == restarts, "hostile memory made a crypto worker die"
     served_correctly(env)

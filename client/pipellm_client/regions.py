@@ -1,7 +1,10 @@
 """Host regions as the serving process sees them: shared memory the daemon maps too.
 
-Read-only regions (weights, adapters) are filled, then sealed: the memfd refuses every later write and this
-process's mapping becomes read-only, so a stray write faults instead of leaving stale ciphertext behind.
+Every region's memfd is sealed against resizing from birth (`SharedMemory.create`), or the daemon refuses it.
+Read-only regions (weights, adapters) are filled, then sealed: this process's mapping is swapped in place
+for a read-only one and the memfd gets F_SEAL_WRITE, so no process can change the bytes any more and a
+stray write faults instead of leaving stale ciphertext behind. The daemon encrypts nothing ahead from a
+read-only region before it is sealed.
 Mutable regions (KV cache) are changed through `write` / `writing`, which bump the write generations the
 daemon checks before it uses ciphertext it made ahead of time.
 """
@@ -108,7 +111,11 @@ class Region:
         return self.array[offset : offset + length]
 
     def seal(self) -> None:
-        """Read-only regions: freeze the contents once loaded. Every later write faults."""
+        """Read-only regions: freeze the contents once loaded. Every later write faults.
+
+        Fails (InvalidArgument, region still writable) while something else holds a writable mapping or a
+        pinned page of the region (cudaHostRegister, O_DIRECT, io_uring buffers): the kernel refuses the seal.
+        """
         if not self.readonly:
             raise InvalidArgument(f"region {self.id} is mutable; only read-only regions are sealed")
         if self.sealed:
