@@ -4,8 +4,10 @@ Ours: jobs of region -> bounce slot through the worker pool (processes over shar
 the daemon runs), chunk sizes 64 KiB / 1 MiB / 16 MiB, with 1 worker and with all workers; the source
 walks a 48 MiB region so it comes from memory, not cache. Theirs: `openssl speed -evp aes-256-gcm` at
 the same sizes, 1 process and `-multi N`. Rounds are interleaved (ours, theirs, ours, ...) and medians
-reported. Also measured: the same library encrypting in-process (the ceiling of our path), and the
-endpoint's two ways of never leaving unauthenticated plaintext in a destination.
+reported. Also measured: the same library encrypting in-process (the ceiling of our path), the
+endpoint's two ways of never leaving unauthenticated plaintext in a destination, and what the race-proof
+decryption (`crypto.open_into`: the host-writable arena copied through private memory, piece by piece)
+costs next to decrypting straight from the arena (`--open-only` runs just that part).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pipellm_client import crypto
 from pipellm_client.shm import SharedMemory
 
 from pipellm_daemon import jobwire as w
@@ -165,11 +168,91 @@ def endpoint_strategies(size: int = 1 << 20, reps: int = 200) -> dict[str, float
     }
 
 
+OPEN_PIECES = (32 << 10, 64 << 10, 128 << 10, 256 << 10)
+
+
+def race_proof_open(size: int = 1 << 20, rounds: int = 15, per_round: int = 96) -> dict[str, Any]:
+    """GB/s decrypting `size` messages that lie in a shared mapping (48 MiB of slots, walked so they come
+    from memory): `crypto.open_into` at each piece size vs `AESGCM.decrypt_into` straight from the
+    mapping (the old, raceable path). One process; variants interleaved in each round, in a rotating
+    order; medians. Also µs per NOP (a 4-byte message), the endpoint's cheapest message."""
+    key, nonce = os.urandom(32), os.urandom(12)
+    unsafe, safe = AESGCM(key), crypto.new_aead(key)
+    stride = size + 4096
+    slots = SRC_BYTES // stride
+    arena = SharedMemory.create("open-arena", slots * stride)
+    msg = unsafe.encrypt(nonce, os.urandom(size), None)
+    for i in range(slots):
+        arena.view[i * stride : i * stride + size + 16] = msg
+    dst = memoryview(bytearray(size))
+
+    def unsafe_open(view: memoryview) -> None:
+        unsafe.decrypt_into(nonce, view, None, dst)
+
+    def safe_open(piece: int) -> Any:
+        return lambda view: crypto.open_into(safe, nonce, view, dst, piece=piece)
+
+    variants: dict[str, Any] = {"unsafe": unsafe_open, **{f"{p >> 10}KiB": safe_open(p) for p in OPEN_PIECES}}
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    walk = 0
+    for r in range(rounds):
+        names = list(variants)
+        names = names[r % len(names) :] + names[: r % len(names)]
+        for name in names:
+            fn = variants[name]
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                off = (walk % slots) * stride
+                walk += 7
+                fn(arena.view[off : off + size + 16])
+            rates[name].append(per_round * size / (time.perf_counter() - t0) / 1e9)
+    arena.close()
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    nop = unsafe.encrypt(nonce, b"NOP\0", None)
+    nop_out = memoryview(bytearray(4))
+    nop_us: dict[str, list[float]] = {"unsafe": [], "open_into": []}
+    for _ in range(rounds):
+        for name, fn in (
+            ("unsafe", lambda: unsafe.decrypt_into(nonce, nop, None, nop_out)),
+            ("open_into", lambda: crypto.open_into(safe, nonce, nop, nop_out)),
+        ):
+            t0 = time.perf_counter()
+            for _ in range(2000):
+                fn()
+            nop_us[name].append((time.perf_counter() - t0) / 2000 * 1e6)
+    return {
+        "median_gbps": med,
+        "ratio": {k: med[k] / med["unsafe"] for k in med if k != "unsafe"},
+        "chosen_piece": crypto.OPEN_PIECE,
+        "rounds_n": rounds,
+        "nop_us": {k: statistics.median(v) for k, v in nop_us.items()},
+        "rounds": rates,
+    }
+
+
+def print_race_proof_open(res: dict[str, Any]) -> None:
+    med, ratio, rounds = res["median_gbps"], res["ratio"], res["rounds_n"]
+    print(f"\nD2H/H2D CPU decryption of 1 MiB from shared memory, GB/s, median of {rounds} interleaved rounds")
+    print(f"{'AESGCM.decrypt_into straight from the arena (raceable)':>58}{med['unsafe']:>8.2f}")
+    for p in OPEN_PIECES:
+        k = f"{p >> 10}KiB"
+        mark = "  <- crypto.OPEN_PIECE" if p == res["chosen_piece"] else ""
+        print(f"{'crypto.open_into, ' + k + ' private pieces':>58}{med[k]:>8.2f}  ({ratio[k]:.2f} of raceable){mark}")
+    nop = res["nop_us"]
+    print(f"NOP (4-byte message): decrypt_into {nop['unsafe']:.1f} µs, open_into {nop['open_into']:.1f} µs")
+    chosen = f"{res['chosen_piece'] >> 10}KiB"
+    print(f"race-proof open: safe/unsafe at 1 MiB = {ratio[chosen]:.2f} (piece {chosen})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default="bench/results/engine.json")
+    ap.add_argument("--open-only", action="store_true", help="only the race-proof decryption rows (no JSON)")
     args = ap.parse_args(argv)
+    if args.open_only:
+        print_race_proof_open(race_proof_open())
+        return 0
     n = default_worker_count()
     sizes = list(SIZES)
     res: dict[str, dict[str, list[float]]] = {
@@ -204,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{ep['scratch_copy_us']:.0f} µs, tag failure + wipe {ep['failure_with_wipe_us']:.0f} µs "
         "(we decrypt in place and wipe on failure)"
     )
+    race_open = race_proof_open()
+    print_race_proof_open(race_open)
     per_worker = med["ours_1"]["1MiB"] / med["openssl_1"]["1MiB"]
     aggregate = med["ours_all"]["1MiB"] / med["openssl_multi"]["1MiB"]
     ceiling_ratio = med["ours_1"]["1MiB"] / med["ceiling"]["1MiB"]
@@ -211,7 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(
         json.dumps(
-            {"median_gbps": med, "rounds": res, "workers": n, "openssl": openssl_version(), "endpoint_us": ep}, indent=1
+            {
+                "median_gbps": med,
+                "rounds": res,
+                "workers": n,
+                "openssl": openssl_version(),
+                "endpoint_us": ep,
+                "race_proof_open": race_open,
+            },
+            indent=1,
         )
     )
     print(f"engine: per_worker_ratio={per_worker:.2f} aggregate_ratio={aggregate:.2f}")

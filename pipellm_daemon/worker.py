@@ -1,14 +1,16 @@
 """A crypto worker process: AES-GCM straight from shared memory to shared memory, nothing else.
 
 Started by the daemon with one end of a SOCK_SEQPACKET socketpair as argv[1]. It imports only the
-standard library and `cryptography`, refuses to dump core (it holds keys), dies with its parent, and
-never logs data or keys.
+standard library, `cryptography` and the SDK's `crypto` module (the one door to AES-GCM: its
+`open_into` never decrypts straight from the host-writable arena), refuses to dump core (it holds keys),
+dies with its parent, and never logs data or keys.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import mmap
 import os
 import resource
@@ -17,16 +19,37 @@ import socket
 import sys
 import time
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from pipellm_daemon import jobwire as w
+def _crypto_without_sdk() -> None:
+    """Run as a worker, import `pipellm_client.crypto` without the SDK's `__init__`.
+
+    That `__init__` pulls in grpc and numpy (about 0.3 s and tens of MB per worker, paid again on every
+    restart); the worker needs only `crypto` and `errors`. The package is registered unexecuted, so only
+    its submodules load. Never done on import (tests, the daemon), where the real package may be needed.
+    """
+    if "pipellm_client" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pipellm_client")
+    if spec is not None and spec.submodule_search_locations is not None:
+        sys.modules["pipellm_client"] = importlib.util.module_from_spec(spec)
+
+
+if __name__ == "__main__":
+    _crypto_without_sdk()
+
+from pipellm_client import crypto, keymem  # noqa: E402
+from pipellm_client.errors import TagMismatch  # noqa: E402
+
+from pipellm_daemon import jobwire as w  # noqa: E402
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
 
 
 def _harden() -> None:
+    """No core dumps, no ptrace, death with the daemon; and all memory locked where the daemon's is (the
+    same limits are inherited, so both reach the same answer), so OpenSSL's key schedules stay off swap."""
+    keymem.lock_all_memory()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
@@ -40,7 +63,7 @@ class Worker:
         self.sock = sock
         self.maps: dict[int, memoryview] = {}
         self._mmaps: dict[int, mmap.mmap] = {}
-        self.keys: dict[int, AESGCM] = {}
+        self.keys: dict[int, crypto.Aead] = {}
 
     def handle(self, msg: bytes, fds: list[int]) -> bytes | None:
         op = msg[0]
@@ -54,6 +77,7 @@ class Worker:
                 m = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
             finally:
                 os.close(fd)
+            keymem.exempt(m, size)  # region and arena pages hold no keys: not pinned by mlockall
             self._drop_map(handle)
             self._mmaps[handle] = m
             self.maps[handle] = memoryview(m)
@@ -61,7 +85,7 @@ class Worker:
             self._drop_map(w.HANDLE.unpack(msg)[1])
         elif op == w.Op.KEY:
             _, key_id, key = w.KEY.unpack(msg)
-            self.keys[key_id] = AESGCM(key)
+            self.keys[key_id] = crypto.new_aead(key)
             del key
         elif op == w.Op.DROP_KEY:
             self.keys.pop(w.HANDLE.unpack(msg)[1], None)
@@ -90,15 +114,19 @@ class Worker:
                 aead.encrypt_into(
                     job.nonce,
                     src[job.src_offset : job.src_offset + job.length],
-                    None,
                     dst[job.dst_offset : job.dst_offset + job.length + 16],
                 )
             else:
-                out = dst[job.dst_offset : job.dst_offset + job.length]
+                # The slot is in the host-writable arena: open_into reads it once, through private memory,
+                # and wipes the region's bytes if the tag fails.
                 try:
-                    aead.decrypt_into(job.nonce, src[job.src_offset : job.src_offset + job.length + 16], None, out)
-                except InvalidTag:
-                    out[:] = bytes(len(out))
+                    crypto.open_into(
+                        aead,
+                        job.nonce,
+                        src[job.src_offset : job.src_offset + job.length + 16],
+                        dst[job.dst_offset : job.dst_offset + job.length],
+                    )
+                except TagMismatch:
                     return w.Status.TAG
             return w.Status.OK
         except (KeyError, ValueError, IndexError, TypeError) as exc:

@@ -1,4 +1,4 @@
-"""The H100 confidential-computing channel model (DESIGN.md §1), shared by the daemon and the endpoint.
+"""The H100 confidential-computing channel model (docs/design.md, the channel model), shared by daemon and endpoint.
 
 One `Sender` or receiver per direction of a channel. The sender reserves IVs in the order the receiver
 will consume them and may encrypt with a reserved IV at any time, exactly once. The strict receiver
@@ -13,8 +13,6 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Final
-
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import crypto
 from .crypto import NONCE_LEN, TAG_LEN
@@ -77,7 +75,7 @@ class KeyEpoch:
     def __init__(self, label: str, version: int, key: bytes, mask: bytes) -> None:
         if len(mask) != NONCE_LEN:
             raise InvalidArgument(f"IV mask must be {NONCE_LEN} bytes, got {len(mask)}")
-        self.aead: AESGCM = crypto.new_aead(key)
+        self.aead: crypto.Aead = crypto.new_aead(key)
         self._key = LockedKey(key)
         self.label = label
         self.version = version
@@ -303,6 +301,7 @@ class StrictReceiver(_Direction):
         return TagMismatch(f"channel {self.name}: tag mismatch at {where} (tampered, replayed, reordered or dropped)")
 
     def open_next(self, data: crypto.Buffer, out: memoryview) -> None:
+        """Decrypt message k into `out`; `data` may be host-writable (`crypto.open_into` reads it once)."""
         nonce = self.advance()
         try:
             crypto.open_into(self.epoch.aead, nonce, data, out)
@@ -370,14 +369,17 @@ class PredictingReceiver(_Direction):
         self._next[(version, chan_ctr)] = msg
         return Prediction(version, chan_ctr, msg, make_nonce(epoch.mask, chan_ctr, msg))
 
-    def aead_for(self, version: int) -> AESGCM:
+    def aead_for(self, version: int) -> crypto.Aead:
         epoch = self._ring.get(version)
         if epoch is None:
             raise KeyVersionExpired(f"channel {self.name}: key v{version} expired")
         return epoch.aead
 
     def open(self, pred: Prediction, data: crypto.Buffer, out: memoryview) -> None:
-        """Decrypt one predicted message here (workers use `aead_for` + the job path); fatal on failure."""
+        """Decrypt one predicted message here, race-proof like every `crypto.open_into`; fatal on failure.
+
+        Workers use `aead_for` + the job path, which ends in the same function.
+        """
         self._check_alive()
         try:
             crypto.open_into(self.aead_for(pred.version), pred.nonce, data, out)

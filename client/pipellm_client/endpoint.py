@@ -173,7 +173,9 @@ class CpuEndpoint(Endpoint):
         return memoryview(self._scratch)[:n]
 
     def _open(self, rx: StrictReceiver, message: Buffer, out: Any) -> None:
-        # In place, wiped on failure: cheaper than scratch + copy (bench/engine.py measures both).
+        # Straight into the destination, wiped on failure: cheaper than scratch + copy (bench/engine.py).
+        # `message` is in the host-writable arena; open_into copies it through private memory piece by
+        # piece, so the host cannot change a byte between the tag check and the decryption.
         rx.open_next(message, out)
 
     def _open_to_host(self, rx: StrictReceiver, message: Buffer, n: int) -> bytes:
