@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     with (
         DaemonProcess(max_depth=64, h2d_slots=80, ahead_bytes=80 * CHUNK) as d,
         Client(d.socket) as c,
-        c.open_session("bench-commit", verify=NO_DECRYPT) as s,
+        c.open_session("bench-commit", verify=NO_DECRYPT, allow_unverified=True) as s,
     ):
         data = np.random.default_rng(0).integers(0, 256, 64 * CHUNK, dtype=np.uint8)
         w = s.alloc_region(64 * CHUNK, readonly=True, data=data)

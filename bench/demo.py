@@ -55,13 +55,17 @@ class Device:
         return a if self.xp is np else self.xp.asnumpy(a)
 
 
-def workload(socket: str, seed: int = 7, show: bool = False, endpoint: str = "cpu") -> dict[str, float]:
-    """Run the workload once; returns timings and counters. Raises if any delivered byte is wrong."""
+def workload(
+    socket: str, seed: int = 7, show: bool = False, endpoint: str = "cpu", plain: bool = False
+) -> dict[str, float]:
+    """Run the workload once; returns timings and counters. Raises if any delivered byte is wrong.
+
+    `plain` accepts a daemon in plain mode (the no-encryption baseline of the comparison)."""
     dev = Device(endpoint)
     rng = np.random.default_rng(seed)
     weights = rng.integers(0, 256, LAYERS * LAYER_BYTES, dtype=np.uint8)
     blocks = [rng.integers(0, 256, KV_BLOCK, dtype=np.uint8) for _ in range(KV_BLOCKS)]
-    with Client(socket) as c, c.open_session("demo", endpoint=endpoint) as s:
+    with Client(socket) as c, c.open_session("demo", endpoint=endpoint, allow_plain=plain) as s:
         w = s.alloc_region(weights.size, readonly=True, name="weights", data=weights)
         kv = s.alloc_region(KV_BLOCKS * KV_BLOCK, name="kv-cache")
         layer = dev.empty(LAYER_BYTES)
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("plain", "naive", "pipellm"):
         settings = {"workers": args.workers} if mode != "naive" else {}
         with DaemonProcess(mode=mode, **settings) as d:
-            results[mode] = workload(d.socket, show=mode == "pipellm", endpoint=args.endpoint)
+            results[mode] = workload(d.socket, show=mode == "pipellm", endpoint=args.endpoint, plain=mode == "plain")
             code = d.stop()
             if code != 0:
                 print(f"demo: pipellmd ({mode}) exited with {code}", file=sys.stderr)

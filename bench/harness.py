@@ -304,7 +304,13 @@ class Replayer:
         self.overshoot = overshoot
         self.trace = trace
         self.daemon = daemon
-        self.s: Session = client.open_session(f"bench-{trace.name}", swap_order=trace.swap_order, verify=verify)
+        self.s: Session = client.open_session(
+            f"bench-{trace.name}",
+            swap_order=trace.swap_order,
+            verify=verify,
+            allow_plain=mode == "plain",
+            allow_unverified=verify != 1,
+        )
         self.regions = {}
         for i, spec in enumerate(trace.regions):
             if spec.readonly:

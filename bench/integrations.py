@@ -147,7 +147,8 @@ def sessions(daemons: dict[str, DaemonProcess], name: str, swap_order: str = "fi
         out = {}
         for mode, d in daemons.items():
             client = stack.enter_context(Client(d.socket))
-            out[mode] = stack.enter_context(client.open_session(name=f"{name}-{mode}", swap_order=swap_order))
+            session = client.open_session(name=f"{name}-{mode}", swap_order=swap_order, allow_plain=mode == "plain")
+            out[mode] = stack.enter_context(session)
         yield out
 
 

@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         "h2d_slots": args.h2d_slots,
         "d2h_slots": args.d2h_slots,
         "max_sessions": max(64, args.sessions),
+        "max_sessions_per_uid": max(64, args.sessions),  # every session of the load test is one uid
+        "max_connections_per_uid": max(64, 2 * args.sessions + 8),
         "pool_bytes": 64 << 30,  # a bound, not an allocation: arenas exist only for open sessions
     }
     ctx = mp.get_context("spawn")  # each session is a fresh process, as a serving process would be

@@ -43,11 +43,19 @@ def _groups_of(uid: int, gid: int) -> set[int]:
 
 
 class Policy:
-    """Root and the listed uids, or members of the listed gids; with no lists, the daemon's own uid."""
+    """Root and the listed uids, or members of the listed gids; with no lists, the daemon's own uid.
 
-    def __init__(self, uids: tuple[int, ...], gids: tuple[int, ...]) -> None:
+    Admins (`admin_uids` plus the daemon's own uid) see every tenant's sessions and events; everyone else
+    sees only their own, so one tenant learns nothing about another's clients or traffic.
+    """
+
+    def __init__(self, uids: tuple[int, ...], gids: tuple[int, ...], admins: tuple[int, ...] = (0,)) -> None:
         self.uids = set(uids) if uids or gids else {os.getuid()}
         self.gids = set(gids)
+        self.admins = {*admins, os.getuid()}
+
+    def is_admin(self, peer: Peer) -> bool:
+        return peer.uid in self.admins
 
     def allows(self, peer: Peer) -> bool:
         if peer.uid == 0 or peer.uid in self.uids:

@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 import uvloop
+from pipellm_client import keymem
 
 from . import __version__, logs
 from .config import MODES, ConfigError, load
@@ -41,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(cfg.log_level)
     _no_core_dumps()
+    if not keymem.lock_all_memory():
+        logs.get("pipellmd").warning(
+            "memory_not_locked",
+            msg="only key pages are locked; OpenSSL key schedules may reach swap: set LimitMEMLOCK=infinity",
+        )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(Daemon(cfg, args.config, {k: v for k, v in flags.items() if v is not None}).run())
 

@@ -20,6 +20,18 @@ MODES: Final = ("pipellm", "naive", "plain")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
+_COUNT_LIMITS: Final = (
+    "max_connections",
+    "max_connections_per_uid",
+    "max_sessions_per_uid",
+    "max_regions_per_uid",
+    "max_region_bytes_per_uid",
+    "max_inflight_bytes_per_uid",
+    "max_queued_commits",
+    "max_watches_per_uid",
+)
+
+
 class ConfigError(ValueError):
     """A setting with a bad value, an unknown name or an unreadable file; the message names it."""
 
@@ -51,6 +63,19 @@ class Config:
     iv_rotation_remaining: int = DEFAULT_IV_ROTATION_REMAINING
     allowed_uids: tuple[int, ...] = ()  # empty = the daemon's own uid (root always allowed)
     allowed_gids: tuple[int, ...] = ()
+    admin_uids: tuple[int, ...] = (0,)  # see every tenant's sessions and events (the daemon's own uid always does)
+    # Per-uid quotas, so one tenant cannot take every fd, session or byte of the daemon; each refusal is
+    # RESOURCE_EXHAUSTED naming the setting.
+    max_connections: int = 1024  # data-plane connections, all uids together (each is one fd)
+    max_connections_per_uid: int = 64  # a session uses one, each Client one more for its control calls
+    connect_rate_per_uid: float = 100.0  # key agreements (P-384 keygen) per second per uid; more wait
+    max_sessions_per_uid: int = 32
+    max_regions_per_uid: int = 8192  # each region is one memfd the daemon keeps open
+    max_region_bytes_per_uid: int = 1 << 40
+    max_inflight_bytes_per_uid: int = 64 << 30  # bytes of commits queued or in progress
+    max_queued_commits: int = 256  # per session: commits waiting for the one before them
+    max_outbox_bytes: int = 8 << 20  # per connection: frames the client has not read yet; beyond = closed
+    max_watches_per_uid: int = 8  # concurrent Watch streams
     log_level: str = "info"
     metrics_address: str = ""  # e.g. 127.0.0.1:9464; empty = off
     watchdog: bool = True
@@ -77,6 +102,11 @@ class Config:
         need(1 <= self.demand_slots < self.h2d_slots, "demand_slots must be in [1, h2d_slots)")
         need(self.channels in (1, 2), "channels must be 1 or 2")
         need(self.max_sessions >= 1 and self.max_regions >= 1 and self.max_intents >= 1, "limits must be >= 1")
+        for name in _COUNT_LIMITS:
+            need(getattr(self, name) >= 1, f"{name} must be >= 1")
+        need(self.connect_rate_per_uid > 0, "connect_rate_per_uid must be > 0")
+        need(self.max_outbox_bytes >= 256 << 10, "max_outbox_bytes must be >= 256 KiB (a few full frames)")
+        need(all(u >= 0 for u in self.admin_uids), "admin_uids must be uids (>= 0)")
         need(self.key_usage_upper > 1, "key_usage_upper must be > 1")
         need(0 <= self.key_usage_lower < self.key_usage_upper, "key_usage_lower must be < key_usage_upper")
         need(

@@ -205,9 +205,11 @@ class Outbox:
                 if batch:
                     self._send(pb.Completion(seq=self.seq, deliveries=batch, final=False))
                     batch = []
-                await asyncio.shield(fut)
-            if fut is not None and fut.exception() is not None:
-                raise CommitAborted(f"encryption failed: {fut.exception()}")
+                await asyncio.wait([fut])  # never raises: a failed job is judged just below
+            if fut is not None and (fut.cancelled() or fut.exception() is not None):
+                # A worker died under this job: the commit is ABORTED (the SDK retries from plaintext).
+                why = "cancelled" if fut.cancelled() else type(fut.exception()).__name__
+                raise CommitAborted(f"encryption of a delivery failed ({why}); IVs abandoned, retry the commit")
             self._items.popleft()
             batch.append(d)
             if len(batch) >= _BATCH:
@@ -345,6 +347,10 @@ class Pipeline:
                     if len(out) >= 8:
                         await out.flush(wait=False)
             await out.flush(wait=True, final=True)
+        except WorkerLost as exc:
+            # A worker died under a job this commit needed: abandon its IVs in band, and let the SDK retry.
+            await self._abort(out)
+            raise CommitAborted(f"a crypto worker died during the commit ({exc}); retry it") from exc
         except BaseException:
             # Whatever went wrong, IVs already taken for unsent messages must never shift the stream.
             await self._abort(out)
@@ -520,7 +526,11 @@ class Pipeline:
         if e.state == State.ENCRYPTING and e.fut is not None:
             await asyncio.wait([e.fut])
         if e.state == State.FAILED:
-            raise AssertionError("a FAILED entry is retired by rotation only")  # guarded by _burn_cost
+            # The worker died while we waited: partial ciphertext under this IV, so it cannot be burned.
+            # Only a rotation retires it; the commit's abort does that, in band, and the SDK retries.
+            self.counters.bytes_wasted += e.nbytes
+            self.arena.h2d.release(e.slot)  # its job is over: no worker can still write the slot
+            raise CommitAborted("a crypto worker died under a speculative entry being relinquished; retry")
         s.sender.submit(e.iv)
         self.delivered_slots.add(e.slot)
         out.add(pb.Delivery(ce=s.ce, kind=pb.MSG_KIND_DISCARD, slot=e.slot, length=e.nbytes), e.fut)

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -30,6 +31,28 @@ from .workers import WorkerPool
 
 SERVICE = pb.DESCRIPTOR.services_by_name["PipeLLM"].full_name
 _log = logs.get("pipellmd")
+
+
+@contextlib.contextmanager
+def socket_umask(mode: int) -> Iterator[None]:
+    """Sockets bound inside get exactly `mode` (a socket file is created 0777 & ~umask): no window, however
+    short, in which users the mode excludes could connect, and no dependence on the inherited umask.
+    The umask is process-wide; the daemon binds before it starts anything that creates files."""
+    old = os.umask(0o777 & ~mode)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def bind_control_socket(server: grpc.aio.Server, path: str, mode: int) -> None:
+    """Bind the gRPC server to a Unix socket that has `mode` from the moment it exists (gRPC binds here,
+    in add_insecure_port, not in start)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    with socket_umask(mode):
+        server.add_insecure_port("unix:" + path)
+    os.chmod(path, mode)  # a no-op after the umask; kept so the mode never depends on how gRPC binds
 
 
 class Daemon:
@@ -88,21 +111,19 @@ class Daemon:
             )
         )
         status = StatusBuilder(cfg, manager, workers, pool, self.started)
-        dataplane = DataPlane(cfg.data_socket, cfg.socket_mode, Policy(cfg.allowed_uids, cfg.allowed_gids), manager)
+        policy = Policy(cfg.allowed_uids, cfg.allowed_gids, cfg.admin_uids)
+        dataplane = DataPlane(cfg.data_socket, cfg.socket_mode, policy, manager)
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20), ("grpc.so_reuseport", 0)])
         pb_grpc.add_PipeLLMServicer_to_server(PipeLLMServicer(manager, dataplane, status, events), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(cfg.socket)
-        server.add_insecure_port("unix:" + cfg.socket)
+        bind_control_socket(server, cfg.socket, cfg.socket_mode)
         metrics: Any = None
         tasks: list[asyncio.Task[Any]] = []
         try:
             dataplane.start()
             await server.start()
-            os.chmod(cfg.socket, cfg.socket_mode)
             for svc in ("", SERVICE):
                 await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
             if cfg.metrics_address:

@@ -1,4 +1,8 @@
-"""gRPC method -> session manager. Validation and status codes live here; lifecycle lives in server.py."""
+"""gRPC method -> session manager. Validation and status codes live here; lifecycle lives in server.py.
+
+Visibility: a caller sees only its own uid's sessions (ListSessions, GetStatus) and their events (Watch),
+unless its uid is an admin (`admin_uids`, and the daemon's own uid); daemon-wide numbers stay visible.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +50,14 @@ class PipeLLMServicer(pb_grpc.PipeLLMServicer):
     def _session(self, context: grpc.aio.ServicerContext, session_id: str) -> Session:
         return self.manager.get(self._conn(context), session_id)
 
+    def _sees_all(self, conn: Connection) -> bool:
+        return self.dataplane.policy.is_admin(conn.peer)
+
+    def _visible(self, conn: Connection) -> list[Session]:
+        if self._sees_all(conn):
+            return list(self.manager.sessions.values())
+        return self.manager.owned_by(conn.peer.uid)
+
     def _live(self) -> None:
         if self.manager.draining:
             raise R.unavailable("pipellmd is shutting down")
@@ -56,7 +68,10 @@ class PipeLLMServicer(pb_grpc.PipeLLMServicer):
     ) -> pb.OpenSessionResponse:
         try:
             self._live()
-            session = self.manager.open(self._conn(context), request)
+            conn = self._conn(context)
+            if conn.session is None:  # (a second session on one connection gets its own, precise refusal)
+                self.manager.check_session_quota(conn.peer.uid)
+            session = self.manager.open(conn, request)
             return self.manager.response_for(session)
         except Exception as exc:
             await self._fail(context, exc)
@@ -94,11 +109,13 @@ class PipeLLMServicer(pb_grpc.PipeLLMServicer):
         self, request: pb.SealRegionRequest, context: grpc.aio.ServicerContext
     ) -> pb.SealRegionResponse:
         try:
-            region = self._session(context, request.session_id).region(request.region_id)
+            session = self._session(context, request.session_id)
+            region = session.region(request.region_id)
             try:
                 region.seal()
             except ValueError as exc:
                 raise R.precondition(str(exc)) from None
+            session.pipeline.refill()  # intents declared before the seal may be encrypted ahead now
             return pb.SealRegionResponse()
         except Exception as exc:
             await self._fail(context, exc)
@@ -150,8 +167,8 @@ class PipeLLMServicer(pb_grpc.PipeLLMServicer):
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.Status:
         try:
-            self._conn(context)
-            return self.status.build()
+            conn = self._conn(context)
+            return self.status.build(None if self._sees_all(conn) else conn.peer.uid)
         except Exception as exc:
             await self._fail(context, exc)
             raise
@@ -160,19 +177,22 @@ class PipeLLMServicer(pb_grpc.PipeLLMServicer):
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSessionsResponse:
         try:
-            self._conn(context)
-            return pb.ListSessionsResponse(sessions=[s.status() for s in self.manager.sessions.values()])
+            conn = self._conn(context)
+            return pb.ListSessionsResponse(sessions=[s.status() for s in self._visible(conn)])
         except Exception as exc:
             await self._fail(context, exc)
             raise
 
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Event]:
         try:
-            self._conn(context)
+            conn = self._conn(context)
+            uid, limit = conn.peer.uid, self.manager.cfg.max_watches_per_uid
+            if self.events.watchers(uid) >= limit:
+                raise R.exhausted(f"uid {uid} already has {limit} Watch streams open (max_watches_per_uid)")
         except Exception as exc:
             await self._fail(context, exc)
             raise
-        q = self.events.subscribe()
+        q = self.events.subscribe(uid, self._sees_all(conn))
         try:
             while True:
                 ev = await q.get()

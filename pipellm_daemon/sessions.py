@@ -2,6 +2,10 @@
 
 A session lives exactly as long as its data-plane connection. Every id a client names is looked up in its
 own session only, so another session's regions are NOT_FOUND, never "not yours".
+
+What a uid may hold is bounded (sessions, regions, region bytes, bytes of commits in flight; see the
+`*_per_uid` settings): a refusal is RESOURCE_EXHAUSTED naming the setting, so one tenant cannot starve
+the others.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pipellm_client import chunks
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client.arena import ArenaLayout
 from pipellm_client.channel import KeyEpoch, PredictingReceiver, RotationPolicy, Sender
+from pipellm_client.crypto import TAG_LEN
 from pipellm_client.errors import ChannelDead, InvalidArgument
 from pipellm_client.keys import Transcript, channel_label, derive_channel_key, open_masks
 from pipellm_client.shm import SharedMemory
@@ -71,15 +76,44 @@ class Session:
         self.client_name = client_name
         self.created = time.monotonic()
         self.closed = False
-        self._commits: asyncio.Queue[tuple[int, list[tuple[Region, pb.Transfer]]] | None] = asyncio.Queue()
+        self.verify_every = 1  # the client's endpoint verifies one DATA message in this many (1 = all)
+        # Bounded: enqueue_commit refuses past max_queued_commits (one place more for the end marker).
+        self._commits: asyncio.Queue[tuple[int, list[tuple[Region, pb.Transfer]], int] | None] = asyncio.Queue(
+            cfg.max_queued_commits + 1
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         self.in_flight = 0
+        self.queued_commits = 0  # queued or running
+        self.inflight_bytes = 0  # their bytes, counted against max_inflight_bytes_per_uid
+        self.region_bytes = 0  # sum of the sizes of self.regions, for max_region_bytes_per_uid
         self._runner = asyncio.get_running_loop().create_task(self._run_commits())
 
     # -- data plane --------------------------------------------------------------------------------
+    @property
+    def uid(self) -> int:
+        return self.conn.peer.uid
+
     def enqueue_commit(self, seq: int, transfers: list[tuple[Region, pb.Transfer]]) -> None:
+        cfg = self.cfg
+        if self.queued_commits >= cfg.max_queued_commits:
+            raise R.exhausted(
+                f"{self.queued_commits} commits already queued in this session "
+                f"(max_queued_commits={cfg.max_queued_commits}); wait for their completions"
+            )
+        nbytes = sum(t.length for _r, t in transfers)
+        limit = cfg.max_inflight_bytes_per_uid
+        if nbytes > limit:
+            raise R.exhausted(f"a commit of {nbytes} bytes is more than max_inflight_bytes_per_uid={limit}; split it")
+        used = self.conn.manager.inflight_bytes(self.uid)
+        if used + nbytes > limit:
+            raise R.exhausted(
+                f"uid {self.uid} has {used} bytes of commits in flight; {nbytes} more would pass "
+                f"max_inflight_bytes_per_uid={limit}"
+            )
         self.in_flight += 1
-        self._commits.put_nowait((seq, transfers))
+        self.queued_commits += 1
+        self.inflight_bytes += nbytes
+        self._commits.put_nowait((seq, transfers, nbytes))
 
     async def _run_commits(self) -> None:
         """Commits run one at a time, in arrival order: the IV stream is one ordered sequence."""
@@ -87,7 +121,7 @@ class Session:
             item = await self._commits.get()
             if item is None:
                 return
-            seq, transfers = item
+            seq, transfers, nbytes = item
             try:
                 await self.pipeline.commit(seq, transfers, lambda c: self.conn.send(pb.Frame(completion=c)))
             except asyncio.CancelledError:
@@ -101,6 +135,8 @@ class Session:
                 self.conn.send_error(ref, seq)
             finally:
                 self.in_flight -= 1
+                self.queued_commits -= 1
+                self.inflight_bytes -= nbytes
 
     def landed(self, msg: pb.Landed, region: Region) -> None:
         slots = [m.slot for m in msg.messages]
@@ -182,13 +218,25 @@ class Session:
 
     # -- control plane -----------------------------------------------------------------------------
     async def register_region(self, offer_id: int, size: int, readonly: bool, name: str, kind: int) -> Region:
-        if len(self.regions) >= self.cfg.max_regions:
-            raise R.exhausted(f"this session already has {len(self.regions)} regions (max_regions)")
-        if not 0 < size <= self.cfg.max_region_bytes:
-            raise R.invalid(f"region size must be 1..{self.cfg.max_region_bytes} bytes, got {size}")
-        if len(name) > MAX_NAME:
-            raise R.invalid(f"region name longer than {MAX_NAME} characters")
+        try:
+            if len(self.regions) >= self.cfg.max_regions:
+                raise R.exhausted(f"this session already has {len(self.regions)} regions (max_regions)")
+            if not 0 < size <= self.cfg.max_region_bytes:
+                raise R.invalid(f"region size must be 1..{self.cfg.max_region_bytes} bytes, got {size}")
+            if len(name) > MAX_NAME:
+                raise R.invalid(f"region name longer than {MAX_NAME} characters")
+            self.conn.manager.check_region_quota(self.uid, size)
+        except R.Refusal:
+            self.conn.discard_offer(offer_id)  # (its memfd, if it already came, would otherwise stay open)
+            raise
         fd = await self.conn.take_offer(offer_id, OFFER_WAIT_S)
+        try:  # again: other registrations of this uid may have finished while this one waited
+            self.conn.manager.check_region_quota(self.uid, size)
+            if len(self.regions) >= self.cfg.max_regions:
+                raise R.exhausted(f"this session already has {len(self.regions)} regions (max_regions)")
+        except R.Refusal:
+            os.close(fd)
+            raise
         expected = size if readonly else size + generation_table_bytes(size, self.cfg.generation_granule)
         try:
             shm = SharedMemory.attach(fd, expected, writable=not readonly)
@@ -204,6 +252,7 @@ class Session:
         )
         self.workers.map(handle, shm)
         self.regions[region.id] = region
+        self.region_bytes += size
         if kind == pb.REGION_KIND_ADAPTER:
             keys = [Key(region.id, c.offset, c.length) for c in chunks.split(0, size, self.cfg.chunk_size)]
             self.pipeline.predictors.lora.add_adapter(region.id, keys)
@@ -214,8 +263,20 @@ class Session:
             raise R.precondition("device staging is for sessions with a CUDA endpoint")
         if self.pipeline.staging is not None:
             raise R.precondition("this session already has device staging")
-        if req.stride < self.cfg.chunk_size + 16:
-            raise R.invalid(f"staging stride {req.stride} is smaller than a chunk plus its tag")
+        # The daemon copies up to `stride` bytes into slot i at i * stride: a stride or size the session
+        # does not need would aim those copies past the client's allocation (into whatever the daemon has
+        # mapped next to it). Only what H2D slots of one chunk plus its tag need is accepted.
+        layout = self.arena.layout
+        least = layout.chunk_size + TAG_LEN
+        if not least <= req.stride <= layout.slot_stride:
+            raise R.invalid(
+                f"staging stride {req.stride} must be {least}..{layout.slot_stride} bytes (one chunk plus its tag)"
+            )
+        if req.size != req.stride * layout.h2d_slots:
+            raise R.invalid(
+                f"device staging of {req.size} bytes; this session needs {layout.h2d_slots} slots of "
+                f"{req.stride} bytes = {req.stride * layout.h2d_slots}"
+            )
         from .cuda_staging import DeviceStaging
 
         self.pipeline.staging = DeviceStaging(
@@ -227,6 +288,7 @@ class Session:
         if r.pending_writes:
             raise R.precondition(f"region {region_id} still has D2H data landing")
         del self.regions[region_id]
+        self.region_bytes -= r.size
         self.pipeline.forget_region(region_id)
         r.close(self.workers)
 
@@ -276,6 +338,7 @@ class Session:
             intents_pending=self.pipeline.predictors.intents.pending,
             device_staging=self.pipeline.staging is not None,
             endpoint=self.endpoint,  # type: ignore[arg-type]
+            verify_every=self.verify_every,
         )
 
     async def drain(self) -> None:
@@ -294,6 +357,7 @@ class Session:
         for r in list(self.regions.values()):
             r.close(self.workers)
         self.regions.clear()
+        self.region_bytes = 0
         self.workers.unmap(self.arena.handle)
         pool.release(self.arena.shm)
 
@@ -329,6 +393,40 @@ class SessionManager:
         self.layout = ArenaLayout(cfg.chunk_size, cfg.h2d_slots, cfg.d2h_slots)
         self.on_change: list[Callable[[], None]] = []
         self.latency = Latency()
+        events.owner_of = self.owner_of  # so each Watch subscriber sees only the events it may see
+
+    # -- per-uid quotas and visibility (see the *_per_uid settings) ---------------------------------
+    def owned_by(self, uid: int) -> list[Session]:
+        return [s for s in self.sessions.values() if s.conn.peer.uid == uid]
+
+    def owner_of(self, session_id: str) -> int | None:
+        s = self.sessions.get(session_id)
+        return s.conn.peer.uid if s is not None else None
+
+    def check_session_quota(self, uid: int) -> None:
+        """Before OpenSession: one uid holds at most max_sessions_per_uid of the max_sessions."""
+        n = len(self.owned_by(uid))
+        if n >= self.cfg.max_sessions_per_uid:
+            raise R.exhausted(
+                f"uid {uid} already has {n} sessions open (max_sessions_per_uid={self.cfg.max_sessions_per_uid})"
+            )
+
+    def check_region_quota(self, uid: int, size: int) -> None:
+        mine = self.owned_by(uid)
+        count = sum(len(s.regions) for s in mine)
+        if count >= self.cfg.max_regions_per_uid:
+            raise R.exhausted(
+                f"uid {uid} already has {count} regions registered (max_regions_per_uid={self.cfg.max_regions_per_uid})"
+            )
+        used = sum(s.region_bytes for s in mine)
+        if used + size > self.cfg.max_region_bytes_per_uid:
+            raise R.exhausted(
+                f"uid {uid} has {used} bytes of regions registered; {size} more would pass "
+                f"max_region_bytes_per_uid={self.cfg.max_region_bytes_per_uid}"
+            )
+
+    def inflight_bytes(self, uid: int) -> int:
+        return sum(s.inflight_bytes for s in self.sessions.values() if s.conn.peer.uid == uid)
 
     def next_region_id(self) -> int:
         self._region_ids += 1
@@ -346,6 +444,10 @@ class SessionManager:
             raise R.unavailable("pipellmd is shutting down; no new sessions")
         if conn.session is not None:
             raise R.precondition("this connection already has a session; open a new connection for another")
+        if self.cfg.mode == "plain" and not req.allow_plain:
+            raise R.precondition(
+                "pipellmd runs in plain mode (NO ENCRYPTION); open the session with allow_plain=True to accept that"
+            )
         if conn.agreement is None:
             raise R.precondition("this connection's key agreement was already used")
         if len(self.sessions) >= self.cfg.max_sessions:
@@ -425,6 +527,7 @@ class SessionManager:
             req.endpoint,
             req.client_name,
         )
+        session.verify_every = max(1, req.verify_every)
         self.sessions[sid] = session
         conn.session = session
         conn.send(pb.Frame(attach=pb.Attach(session_id=sid, size=shm.size)), fds=[shm.fd])
@@ -437,6 +540,16 @@ class SessionManager:
             channels=channels,
             client=req.client_name,
         )
+        if self.cfg.mode == "plain":
+            self.events.emit("plaintext_session", sid, "plain mode: NO ENCRYPTION for this session", level="warning")
+        if session.verify_every > 1:
+            self.events.emit(
+                "sampled_verification",
+                sid,
+                f"the endpoint verifies 1 DATA message in {session.verify_every} (benchmark setting)",
+                level="warning",
+                verify_every=session.verify_every,
+            )
         for cb in self.on_change:
             cb()
         return session
@@ -452,9 +565,9 @@ class SessionManager:
             return
         self.closed_totals.add(session.pipeline.counters)
         session.close(self.pool)
+        self.events.emit("session_closed", session.id, reason)  # while still listed: its owner's watchers see it
         self.sessions.pop(session.id, None)
         session.conn.session = None
-        self.events.emit("session_closed", session.id, reason)
         for cb in self.on_change:
             cb()
 

@@ -52,9 +52,11 @@ class StatusBuilder:
             return False, "crypto workers missing"
         return True, "ok"
 
-    def build(self) -> pb.Status:
+    def build(self, uid: int | None = None) -> pb.Status:
+        """The whole status; with a uid, only that uid's sessions are listed (the totals stay daemon-wide)."""
         totals = self.manager.totals()
-        sessions = [s.status() for s in self.manager.sessions.values()]
+        shown = self.manager.sessions.values() if uid is None else self.manager.owned_by(uid)
+        sessions = [s.status() for s in shown]
         ws = self.workers.stats()
         prot = keymem.protection()
         return pb.Status(
@@ -81,6 +83,19 @@ class StatusBuilder:
             throughput_bytes_per_s=self.throughput.sample(totals.bytes_h2d + totals.bytes_d2h),
             healthy=self.healthy()[0],
             draining=self.manager.draining,
-            keys_locked=prot["mlock"] and prot["dontdump"],
+            keys_locked=prot["all_memory"] and prot["mlock"] and prot["dontdump"],
+            key_protection=key_protection(prot),
             chunk_size=self.cfg.chunk_size,
         )
+
+
+def key_protection(prot: dict[str, bool]) -> str:
+    """What `keys_locked` rests on, said exactly (status and `pipellmctl status`)."""
+    if prot["all_memory"] and prot["mlock"] and prot["dontdump"]:
+        return "all memory locked (mlockall), key pages excluded from core dumps"
+    held = "locked" if prot["mlock"] else "NOT locked"
+    dump = "excluded from core dumps" if prot["dontdump"] else "NOT excluded from core dumps"
+    return (
+        f"key pages only: {held}, {dump}; OpenSSL key schedules and cipher objects are in unlocked memory "
+        "(mlockall needs RLIMIT_MEMLOCK=infinity, e.g. LimitMEMLOCK=infinity, or CAP_IPC_LOCK)"
+    )

@@ -27,7 +27,11 @@ def rand(n: int, seed: int) -> np.ndarray:
 def test_round_trips_of_random_sizes_both_directions(mode: str) -> None:
     from pipellm_daemon.launcher import DaemonProcess
 
-    with DaemonProcess(mode=mode, workers=2, pool_bytes=1 << 30) as d, Client(d.socket) as c, c.open_session("rt") as s:
+    with (
+        DaemonProcess(mode=mode, workers=2, pool_bytes=1 << 30) as d,
+        Client(d.socket) as c,
+        c.open_session("rt", allow_plain=mode == "plain") as s,
+    ):
         total = sum(SIZES) + 4096
         data = rand(total, 1)
         w = s.alloc_region(total, readonly=True, name="w", data=data)

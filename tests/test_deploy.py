@@ -154,7 +154,7 @@ def test_unit_settings_fit_the_daemon():
         assert d.get(key) == want, key
     assert "PrivateDevices" not in d and "PrivateUsers" not in d  # GPUs, and SO_PEERCRED uids
     assert values(UNIT, "DeviceAllow") == ["char-nvidia* rw"]
-    assert d["LimitMEMLOCK"].endswith("M") and int(d["LimitMEMLOCK"][:-1]) >= 1
+    assert d["LimitMEMLOCK"] == "infinity"  # mlockall of the daemon and its workers (keys off swap)
     drop = dict((k, v) for _s, k, v in directives(DROPIN))
     assert drop["PrivateNetwork"] == "no"
     assert values(DROPIN, "RestrictAddressFamilies") == ["", "AF_UNIX AF_INET AF_INET6"]
@@ -311,7 +311,10 @@ U = ctypes.c_ulong
 os.umask(0o077)
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-want = spec["memlock"] if hard == resource.RLIM_INFINITY else min(spec["memlock"], hard)
+if spec["memlock"] < 0:  # as the unit: LimitMEMLOCK=infinity (the most the hard limit allows)
+    want = hard
+else:
+    want = spec["memlock"] if hard == resource.RLIM_INFINITY else min(spec["memlock"], hard)
 resource.setrlimit(resource.RLIMIT_MEMLOCK, (want, hard))
 assert libc.prctl(U(38), U(1), U(0), U(0), U(0)) == 0  # PR_SET_NO_NEW_PRIVS
 if spec["mdwe"]:
@@ -364,7 +367,7 @@ class SandboxedDaemon:
         tmp.chmod(0o755)
         self.socket = str(tmp / "pipellmd.sock")
         self.log_path = tmp / "pipellmd.log"
-        spec = {"families": families, "mdwe": self.mdwe, "memlock": 16 << 20, "arch": arch[0], "nr_socket": arch[1]}
+        spec = {"families": families, "mdwe": self.mdwe, "memlock": -1, "arch": arch[0], "nr_socket": arch[1]}
         argv = [sys.executable, "-c", _SANDBOX, json.dumps(spec), "--socket", self.socket, "--log-level", "info"]
         if self.private_network:
             argv = ["unshare", "--net", *argv]
@@ -436,8 +439,8 @@ def test_daemon_works_inside_the_units_sandbox(tmp_path, variant):
             assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660, (path, oct(mode))
         st = _workload(d.socket)
         assert st.healthy and st.totals.bytes_d2h == 1 << 20 and st.workers.restarts == 0
-        if resource.getrlimit(resource.RLIMIT_MEMLOCK)[1] != 0:
-            assert st.keys_locked  # LimitMEMLOCK lets the unprivileged daemon lock its key pages
+        if resource.getrlimit(resource.RLIMIT_MEMLOCK)[1] == resource.RLIM_INFINITY:
+            assert st.keys_locked, st.key_protection  # LimitMEMLOCK=infinity: the unprivileged daemon mlockalls
         if variant == "metrics-dropin":
             line = next(x for x in d.log().splitlines() if '"metrics_listening"' in x)
             with urllib.request.urlopen(f"http://{json.loads(line)['address']}/metrics", timeout=10) as resp:

@@ -311,6 +311,62 @@ def test_daemon_reports_locked_keys(daemon: Any):
     assert st.keys_locked
 
 
+def _vm_locked_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmLck:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mlockall is a Linux facility here")
+def test_daemon_and_workers_lock_all_their_memory(daemon: Any):
+    """keys_locked means every key copy, OpenSSL's schedules included: the daemon and each worker mlockall."""
+    if not keymem.may_lock_all_memory():
+        pytest.skip("neither RLIMIT_MEMLOCK=infinity nor CAP_IPC_LOCK here: mlockall is not attempted")
+    import psutil
+
+    n = 64 << 20
+    with Client(daemon.socket) as c, c.open_session("mlock") as s:
+        w = s.alloc_region(n, readonly=True, data=np.ones(n, np.uint8))
+        s.h2d(w, 0, n, np.zeros(n, np.uint8))  # the workers hold a key schedule and read all of the region
+        st = c.status()
+        procs = [psutil.Process(daemon.pid), *psutil.Process(daemon.pid).children()]
+        locked = {p.pid: _vm_locked_kib(p.pid) for p in procs}
+    assert st.keys_locked and st.key_protection.startswith("all memory locked"), st.key_protection
+    workers = [p for p in procs if "pipellm_daemon.worker" in " ".join(p.cmdline())]
+    assert len(workers) >= 1
+    for p in procs:
+        assert locked[p.pid] > 1024, (p.cmdline(), locked[p.pid])  # MBs locked (heap, libraries), not a few pages
+    for p in workers:  # ... but region and arena pages are exempt: a tenant's bytes are never pinned
+        assert locked[p.pid] < (n >> 10), (p.cmdline(), locked[p.pid])
+
+
+_NO_MLOCKALL = r"""
+import os, resource, sys
+from pipellm_client import keymem
+from pipellm_daemon.status import key_protection
+resource.setrlimit(resource.RLIMIT_MEMLOCK, (1 << 20, 1 << 20))
+os.setgid(65534); os.setuid(65534)  # no CAP_IPC_LOCK any more
+assert not keymem.may_lock_all_memory()
+assert keymem.lock_all_memory() is False
+prot = keymem.protection()
+print(prot["all_memory"], key_protection(prot))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mlockall is a Linux facility here")
+def test_a_finite_memlock_limit_is_reported_exactly():
+    """Under a finite limit mlockall is not attempted (later mmaps would fail), and status says exactly that."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to an unprivileged uid")
+    argv = [sys.executable, "-c", _NO_MLOCKALL]
+    r = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("False key pages only:") and "unlocked memory" in r.stdout, r.stdout
+
+
 def test_key_objects_do_not_show_their_bytes():
     """repr/str of the objects holding keys (what a log line or a traceback would print)."""
     from pipellm_client.channel import KeyEpoch

@@ -81,8 +81,17 @@ class Handshake:
         self.masks = [keys.new_mask() for _ in range(2 * channels)]
 
     def request(
-        self, *, client_name: str, endpoint: str, swap_order: int, small_transfer_threshold: int | None = None
+        self,
+        *,
+        client_name: str,
+        endpoint: str,
+        swap_order: int,
+        small_transfer_threshold: int | None = None,
+        allow_plain: bool = False,
+        verify: str | int = "all",
+        allow_unverified: bool = False,
     ) -> pb.OpenSessionRequest:
+        """The OpenSession request; refuses `verify=N` without `allow_unverified` before anything is sent."""
         req = pb.OpenSessionRequest(
             endpoint_public_key=self.agreement.public_bytes,
             sealed_masks=keys.seal_masks(self.master, self.transcript, self.masks),
@@ -90,6 +99,8 @@ class Handshake:
             endpoint=pb.ENDPOINT_KIND_CUDA if endpoint == "cuda" else pb.ENDPOINT_KIND_CPU,
             client_name=client_name,
             swap_order=swap_order,  # type: ignore[arg-type]
+            allow_plain=allow_plain,
+            verify_every=verify_every(verify, allow_unverified),
         )
         if small_transfer_threshold is not None:
             req.small_transfer_threshold = small_transfer_threshold
@@ -157,11 +168,27 @@ class EndpointStats:
 as_source_view = host_source_view
 
 
+def verify_every(verify: str | int, allow_unverified: bool = False) -> int:
+    """`verify` as "one DATA message in N is decrypted" (1 = all); N > 1 only with the benchmark opt-in."""
+    if verify == "all":
+        return 1
+    if not isinstance(verify, int) or isinstance(verify, bool) or verify < 1:
+        raise InvalidArgument("verify must be 'all' or a positive int N (verify one DATA message in N)")
+    if verify > 1 and not allow_unverified:
+        raise InvalidArgument(
+            f"verify={verify!r} skips decrypting most DATA messages: a benchmark setting that needs "
+            "allow_unverified=True"
+        )
+    return verify
+
+
 class SessionCore:
     """One session's client-side state: its endpoint (the "GPU"), arena, regions, and pending transfers.
 
     `verify` is "all" (default: every message decrypted and checked) or an int N: a benchmark setting
-    in which only every N-th DATA message is decrypted, the rest only advance the endpoint's counter.
+    in which only every N-th DATA message is decrypted, the rest only advance the endpoint's counter; N > 1
+    needs `allow_unverified=True`. A daemon in plain mode (no encryption) is accepted only with
+    `allow_plain=True`: neither may ever happen to a client that did not ask for it.
     """
 
     def __init__(
@@ -171,7 +198,13 @@ class SessionCore:
         verify: str | int = "all",
         endpoint: str = "cpu",
         device: int | None = None,
+        *,
+        allow_plain: bool = False,
+        allow_unverified: bool = False,
     ) -> None:
+        self.verify_every = verify_every(verify, allow_unverified)
+        if resp.mode == pb.MODE_PLAIN and not allow_plain:
+            raise PipeLLMError("the daemon runs in plain mode (NO ENCRYPTION); open the session with allow_plain=True")
         self.id = resp.session_id
         self.mode = resp.mode
         self.channels = resp.channels
@@ -202,13 +235,8 @@ class SessionCore:
         self.landing: dict[int, Landing] = {}
         self.d2h_free: deque[int] = deque(range(self.layout.d2h_slots))
         self.dead: str | None = None
+        self.pid = os.getpid()  # a forked child must not use it: its D2H nonces would repeat the parent's
         self.stats = EndpointStats()
-        if verify == "all":
-            self.verify_every = 1
-        elif isinstance(verify, int) and verify >= 1:
-            self.verify_every = verify
-        else:
-            raise InvalidArgument("verify must be 'all' or a positive int N (verify one DATA message in N)")
         self._data_seen = 0
 
     # -- arena -------------------------------------------------------------------------------------
@@ -508,6 +536,11 @@ class SessionCore:
         return e
 
     def check_alive(self) -> None:
+        if os.getpid() != self.pid:
+            raise PipeLLMError(
+                f"this session belongs to process {self.pid}; a forked child must open its own session "
+                "(sharing one would encrypt D2H messages under nonces the parent also uses)"
+            )
         if self.dead is not None:
             raise ChannelDead(f"session is dead ({self.dead}); open a new session")
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import socket
+import struct
 import sys
 from typing import Final
 
@@ -21,8 +24,32 @@ class DaemonUnavailable(PipeLLMError):
     """pipellmd is not running at that socket, or went away."""
 
 
+class UntrustedDaemon(PipeLLMError):
+    """The process listening at the socket does not run as a uid this client trusts to be pipellmd."""
+
+
 def default_socket() -> str:
     return os.environ.get("PIPELLM_SOCKET", DEFAULT_SOCKET)
+
+
+def expected_daemon_uids() -> frozenset[int]:
+    """Who may be pipellmd: `PIPELLM_DAEMON_UIDS` (comma-separated) if set; else root, the user "pipellm"
+    (the packaged unit's) and this process's own uid (a same-uid process could read our memory anyway)."""
+    env = os.environ.get("PIPELLM_DAEMON_UIDS", "").strip()
+    if env:
+        try:
+            return frozenset(int(x) for x in env.split(",") if x.strip())
+        except ValueError:
+            raise PipeLLMError(f"PIPELLM_DAEMON_UIDS must be comma-separated uids, got {env!r}") from None
+    uids = {0, os.getuid()}
+    with contextlib.suppress(KeyError):
+        uids.add(pwd.getpwnam("pipellm").pw_uid)
+    return frozenset(uids)
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
 
 
 def data_socket_path(control_socket: str) -> str:
@@ -30,7 +57,12 @@ def data_socket_path(control_socket: str) -> str:
 
 
 class FrameSocket:
-    def __init__(self, control_socket: str, timeout: float | None = 30.0) -> None:
+    """One data-plane connection. The peer's uid (SO_PEERCRED) is checked before anything is sent: memfds
+    of our regions and our key agreement go only to a process running as a uid we expect for pipellmd."""
+
+    def __init__(
+        self, control_socket: str, timeout: float | None = 30.0, daemon_uids: frozenset[int] | None = None
+    ) -> None:
         path = data_socket_path(control_socket)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)  # connect and the greeting; `greeted()` makes it blocking after
@@ -45,6 +77,14 @@ class FrameSocket:
         except TimeoutError:
             self.sock.close()
             raise DaemonUnavailable(f"pipellmd at {path} did not accept the connection in time") from None
+        expected = expected_daemon_uids() if daemon_uids is None else daemon_uids
+        uid = peer_uid(self.sock)
+        if uid not in expected:
+            self.sock.close()
+            raise UntrustedDaemon(
+                f"the process listening at {path} runs as uid {uid}, not one expected for pipellmd "
+                f"({', '.join(map(str, sorted(expected)))}); set PIPELLM_DAEMON_UIDS if that is intended"
+            )
 
     def greeted(self) -> None:
         """After the Welcome: transfers may wait on the daemon as long as they need to."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -43,9 +43,14 @@ _RETRIES_ON_ABORT = 2
 
 
 class AsyncClient:
-    def __init__(self, socket: str | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, socket: str | None = None, *, timeout: float = 30.0, daemon_uids: Collection[int] | None = None
+    ) -> None:
+        """`daemon_uids`: the uids pipellmd may run as (checked by SO_PEERCRED before anything is sent);
+        default `PIPELLM_DAEMON_UIDS`, else root, the user "pipellm" and our own uid."""
         self.socket = socket or default_socket()
         self.timeout = timeout
+        self.daemon_uids = None if daemon_uids is None else frozenset(daemon_uids)
         self._channel = grpc.aio.insecure_channel("unix:" + self.socket)
         self._stub = pb_grpc.PipeLLMStub(self._channel)
         self._ctl: FrameSocket | None = None
@@ -60,7 +65,7 @@ class AsyncClient:
 
     async def _metadata(self) -> list[tuple[str, str]]:
         if self._ctl is None:
-            fs = FrameSocket(self.socket, self.timeout)
+            fs = FrameSocket(self.socket, self.timeout, self.daemon_uids)
             welcome = await asyncio.to_thread(_welcome, fs)
             self._ctl, self._ticket = fs, welcome.ticket
         return [(TICKET_KEY, self._ticket)]
@@ -114,8 +119,10 @@ class AsyncClient:
         device: int | None = None,
         device_staging: bool = True,
         small_transfer_threshold: int | None = None,
+        allow_plain: bool = False,
+        allow_unverified: bool = False,
     ) -> AsyncSession:
-        fs = FrameSocket(self.socket, self.timeout)
+        fs = FrameSocket(self.socket, self.timeout, self.daemon_uids)
         try:
             welcome = await asyncio.to_thread(_welcome, fs)
             hs = Handshake(welcome.daemon_public_key, channels)
@@ -125,9 +132,20 @@ class AsyncClient:
                 endpoint=endpoint,
                 swap_order=swap_order_value(swap_order),
                 small_transfer_threshold=small_transfer_threshold,
+                allow_plain=allow_plain,
+                verify=verify,
+                allow_unverified=allow_unverified,
             )
             resp: pb.OpenSessionResponse = await self.call(self._stub.OpenSession, req, md)
-            core = SessionCore(resp, hs.secrets(resp.channels), verify, endpoint=endpoint, device=device)
+            core = SessionCore(
+                resp,
+                hs.secrets(resp.channels),
+                verify,
+                endpoint=endpoint,
+                device=device,
+                allow_plain=allow_plain,
+                allow_unverified=allow_unverified,
+            )
             s = AsyncSession(self, fs, md, core)
             await s._until(lambda: core.arena is not None)
             staging = core.staging_request() if device_staging else None
@@ -161,6 +179,7 @@ class AsyncSession:
         self.core = core
         self.id = core.id
         self.closed = False
+        self.aborted_retries = 0  # commits retried from plaintext after a worker died under them (ABORTED)
         self._loop = asyncio.get_running_loop()
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._failure: BaseException | None = None
@@ -309,6 +328,7 @@ class AsyncSession:
                 return
             if pending.error.code != grpc.StatusCode.ABORTED or attempt == _RETRIES_ON_ABORT:
                 raise pending.error
+            self.aborted_retries += 1
 
     async def d2h(
         self, src: Any, region: Region, offset: int, *, swap_out: bool = False, group: int = 0, wait: bool = False

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -54,9 +54,14 @@ def _welcome(fs: FrameSocket) -> pb.Welcome:
 
 
 class Client:
-    def __init__(self, socket: str | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, socket: str | None = None, *, timeout: float = 30.0, daemon_uids: Collection[int] | None = None
+    ) -> None:
+        """`daemon_uids`: the uids pipellmd may run as (checked by SO_PEERCRED before anything is sent);
+        default `PIPELLM_DAEMON_UIDS`, else root, the user "pipellm" and our own uid."""
         self.socket = socket or default_socket()
         self.timeout = timeout
+        self.daemon_uids = None if daemon_uids is None else frozenset(daemon_uids)
         self._channel = grpc.insecure_channel("unix:" + self.socket)
         self._stub = pb_grpc.PipeLLMStub(self._channel)
         self._ctl: FrameSocket | None = None
@@ -71,7 +76,7 @@ class Client:
 
     def _metadata(self) -> list[tuple[str, str]]:
         if self._ctl is None:
-            self._ctl = FrameSocket(self.socket, self.timeout)
+            self._ctl = FrameSocket(self.socket, self.timeout, self.daemon_uids)
             self._ticket = _welcome(self._ctl).ticket
         return [(TICKET_KEY, self._ticket)]
 
@@ -132,12 +137,17 @@ class Client:
         small_transfer_threshold: int | None = None,
         recover: bool = False,
         max_rekeys: int = 3,
+        allow_plain: bool = False,
+        allow_unverified: bool = False,
     ) -> Session:
         """Open a session: a fresh key agreement, its own channels, arena and regions.
 
         With `recover=True`, a transfer that fails because the channel died (a tag failure: tampering, or a
         bug) is retried once on a new session with new keys, from the plaintext (never by resending old
         ciphertext); every such death stays visible (daemon log, counters, `Session.rekeys`).
+
+        Downgrades need an explicit opt-in: `allow_plain=True` accepts a daemon in plain mode (NO
+        ENCRYPTION), `allow_unverified=True` lets a benchmark pass `verify=N` (decrypt one DATA message in N).
         """
         opts = _SessionOptions(
             name,
@@ -150,6 +160,8 @@ class Client:
             small_transfer_threshold,
             recover,
             max_rekeys,
+            allow_plain,
+            allow_unverified,
         )
         fs, md, core = self._connect(opts)
         s = Session(self, fs, md, core, opts)
@@ -158,7 +170,7 @@ class Client:
 
     def _connect(self, o: _SessionOptions) -> tuple[FrameSocket, list[tuple[str, str]], SessionCore]:
         """Data-plane connection, key agreement, OpenSession, arena, device staging: a ready SessionCore."""
-        fs = FrameSocket(self.socket, self.timeout)
+        fs = FrameSocket(self.socket, self.timeout, self.daemon_uids)
         try:
             welcome = _welcome(fs)
             hs = Handshake(welcome.daemon_public_key, o.channels)
@@ -168,9 +180,20 @@ class Client:
                 endpoint=o.endpoint,
                 swap_order=swap_order_value(o.swap_order),
                 small_transfer_threshold=o.small_transfer_threshold,
+                allow_plain=o.allow_plain,
+                verify=o.verify,
+                allow_unverified=o.allow_unverified,
             )
             resp = self.call(self._stub.OpenSession, req, md)
-            core = SessionCore(resp, hs.secrets(resp.channels), o.verify, endpoint=o.endpoint, device=o.device)
+            core = SessionCore(
+                resp,
+                hs.secrets(resp.channels),
+                o.verify,
+                endpoint=o.endpoint,
+                device=o.device,
+                allow_plain=o.allow_plain,
+                allow_unverified=o.allow_unverified,
+            )
             while core.arena is None:
                 frame, fds = fs.recv()
                 core.handle(frame, fds)
@@ -206,6 +229,8 @@ class _SessionOptions:
     small_transfer_threshold: int | None
     recover: bool
     max_rekeys: int
+    allow_plain: bool
+    allow_unverified: bool
 
 
 class Session:
@@ -226,6 +251,7 @@ class Session:
         self.closed = False
         self.rekeys = 0
         self.deaths: list[str] = []  # why each channel died; a recovered death is still recorded here
+        self.aborted_retries = 0  # commits retried from plaintext after a worker died under them (ABORTED)
         self._cyclic_intents: list[Intent] = []
 
     def __enter__(self) -> Session:
@@ -395,6 +421,7 @@ class Session:
             # ABORTED: a worker died; the daemon abandoned those IVs. Retry from plaintext, new IVs.
             if pending.error.code != grpc.StatusCode.ABORTED or attempt == _RETRIES_ON_ABORT:
                 raise pending.error
+            self.aborted_retries += 1
 
     def d2h(
         self,

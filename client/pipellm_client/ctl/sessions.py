@@ -1,4 +1,7 @@
-"""`pipellmctl sessions [--json]`: who is connected (uid, pid, client name) and how each session fares."""
+"""`pipellmctl sessions [--json]`: who is connected (uid, pid, client name) and how each session fares.
+
+The daemon lists every session only to admins (`admin_uids`); anyone else gets their own uid's.
+"""
 
 from __future__ import annotations
 
@@ -68,4 +71,9 @@ def run(client: Client, args: argparse.Namespace) -> int:
     return int(Exit.OK)
 
 
-VERB = Verb("sessions", "list open sessions: owner uid/pid, client name, regions, traffic, state", configure, run)
+VERB = Verb(
+    "sessions",
+    "list open sessions (every uid's for admins, else your own): owner uid/pid, client name, regions, traffic, state",
+    configure,
+    run,
+)

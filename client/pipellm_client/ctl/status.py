@@ -105,9 +105,9 @@ def human(st: pb.Status, socket: str) -> str:
         ("mode", _MODE_TEXT.get(st.mode, render.enum_name(pb.Mode.DESCRIPTOR, st.mode))),
         (
             "keys",
-            "locked in RAM, excluded from core dumps"
+            "locked in RAM (all memory), excluded from core dumps"
             if st.keys_locked
-            else "NOT locked (mlock refused: raise LimitMEMLOCK / RLIMIT_MEMLOCK)",
+            else f"NOT fully locked: {st.key_protection or 'mlock refused: raise LimitMEMLOCK / RLIMIT_MEMLOCK'}",
         ),
         ("sessions", str(len(st.sessions))),
         (
