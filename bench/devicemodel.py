@@ -44,7 +44,7 @@ PR_SET_TIMERSLACK: Final = 29
 
 @dataclass(frozen=True)
 class Testbed:
-    """The published testbed the model reproduces (see the project's shared REFERENCE.md and docs/benchmarks.md).
+    """The published testbed the model reproduces (sources in docs/design.md and docs/benchmarks.md).
 
     `enc_core_bps`: AES-256-GCM per encrypting CPU core, 4-5 GB/s (CC bounce path about 4.9 GiB/s);
     `link_bps`: PCIe Gen5 x16 without CC, 35-53 GB/s measured (we take 50);

@@ -6,7 +6,7 @@ and synchronisation, and the intents a PipeLLM integration of that system would 
 replays a trace through the real daemon and SDK against the device model (bench/devicemodel.py); the same
 trace runs in every mode, so the modes differ only in how the bytes are protected.
 
-The shapes come from the systems' own code (see the project's shared REFERENCE.md):
+The shapes come from the systems' own code (sources in docs/design.md, figures we build on):
 
 * **FlexGen** weight offloading of OPT-30B/66B/175B: per layer 4h^2 attention + 8h^2 MLP fp16 weights, a
   GPU-resident fraction stays on the GPU, the rest crosses once per token; layer j+1 loads while layer j

@@ -1,4 +1,4 @@
-"""One test (or a few) per fidelity row of DESIGN.md §1: the channel must behave like the H100's."""
+"""One test (or a few) per fidelity rule of docs/design.md, the channel model: it must behave like the H100's."""
 
 from __future__ import annotations
 
