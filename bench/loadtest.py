@@ -11,7 +11,9 @@ The endpoint decrypts and verifies every message ("all"), and every delivered by
 was sent. Reported: transfers/s, client-side commit latency p50/p99/p999, daemon RSS and CPU (the daemon
 process plus its crypto workers), and errors, which must be 0 (the exit status says so). The final line is
 
-    load: sessions=<n> transfers_per_s=<x> p99_ms=<y> errors=<e> rss_mb=<m>
+    load: sessions=<n> transfers_per_s=<t> gbps=<g> p99_ms=<p> errors=<e> rss_mb=<m>
+
+gbps is the bytes moved in both directions during the window, over its wall time, in GB/s.
 
 rss_mb is the peak, during the measured window, of the daemon's RSS plus its workers' USS (the bounce
 arenas are shared with the workers; counting their RSS too would count the arenas twice).
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     for e in errors[:20]:
         print(f"  ERROR {e}", file=sys.stderr)
     print(
-        f"load: sessions={args.sessions} transfers_per_s={tps:.1f} p99_ms={p99:.2f} "
+        f"load: sessions={args.sessions} transfers_per_s={tps:.1f} gbps={moved / wall / 1e9:.2f} p99_ms={p99:.2f} "
         f"errors={len(errors)} rss_mb={probe.peak_mb:.0f}"
     )
     return 1 if errors else 0

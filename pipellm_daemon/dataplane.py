@@ -238,6 +238,8 @@ class Connection:
             if self.manager.draining:
                 raise R.unavailable("pipellmd is shutting down; no new transfers")
             s.enqueue_commit(frame.commit.seq, s.validate_commit(frame.commit))
+        elif body == "declare":
+            self._session().declare_frame(frame.declare)
         elif body == "release":
             self._session().pipeline.release(list(frame.release.slots), list(frame.release.nop_cells))
         elif body == "landed":
@@ -319,6 +321,8 @@ def _seq_of(data: bytes) -> int:
         return f.commit.seq
     if body == "landed":
         return f.landed.seq
+    if body == "declare":
+        return f.declare.seq
     return 0
 
 

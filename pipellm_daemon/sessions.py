@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from .dataplane import Connection
 
 MAX_NAME = 64
+_INTENT_RECORD = struct.Struct("<QQQQ")  # a data-plane intent: region_id, offset, length, flags
+_INTENT_D2H = 1
 OFFER_WAIT_S = 2.0
 
 
@@ -77,6 +80,7 @@ class Session:
         self.created = time.monotonic()
         self.closed = False
         self.verify_every = 1  # the client's endpoint verifies one DATA message in this many (1 = all)
+        self._declaring: list[tuple[int, int, int, bool]] = []  # a Declare split over frames, until the last
         # Bounded: enqueue_commit refuses past max_queued_commits (one place more for the end marker).
         self._commits: asyncio.Queue[tuple[int, list[tuple[Region, pb.Transfer]], int] | None] = asyncio.Queue(
             cfg.max_queued_commits + 1
@@ -293,29 +297,59 @@ class Session:
         r.close(self.workers)
 
     def declare(self, req: pb.DeclareIntentsRequest) -> int:
-        pending = self.pipeline.predictors.intents.pending
-        keys: list[Key] = []
+        """The DeclareIntents RPC (the SDK uses the data plane's Declare frames instead)."""
         for i, it in enumerate(req.intents):
-            r = self.region(it.region_id)
             if it.direction not in (pb.DIRECTION_H2D, pb.DIRECTION_D2H):
                 raise R.invalid(f"intent {i}: direction must be H2D or D2H")
+        intents = [(it.region_id, it.offset, it.length, it.direction == pb.DIRECTION_D2H) for it in req.intents]
+        self._declare(intents, replace=req.replace, cyclic=req.cyclic)
+        return self.pipeline.predictors.intents.pending
+
+    def declare_frame(self, msg: pb.Declare) -> None:
+        """A data-plane Declare: records of four little-endian u64 (region, offset, length, flags)."""
+        if msg.cancel:
+            if msg.records or msg.more:
+                raise R.invalid("a cancelling Declare carries no records")
+            self._declaring = []
+            self.cancel_intents()
+            return
+        raw = msg.records
+        if len(raw) % _INTENT_RECORD.size:
+            raise R.invalid(f"Declare records are {_INTENT_RECORD.size} bytes each; got {len(raw)} bytes")
+        records = list(_INTENT_RECORD.iter_unpack(raw))
+        for i, (_r, _o, _n, flags) in enumerate(records):
+            if flags & ~_INTENT_D2H:
+                raise R.invalid(f"intent {i}: unknown flags {flags:#x}")
+        self._declaring.extend((r, o, n, bool(f & _INTENT_D2H)) for r, o, n, f in records)
+        if len(self._declaring) > self.cfg.max_intents:
+            self._declaring = []
+            raise R.exhausted(f"a declaration of more than max_intents={self.cfg.max_intents} intents")
+        if msg.more:
+            return
+        intents, self._declaring = self._declaring, []
+        self._declare(intents, replace=msg.replace, cyclic=msg.cyclic)
+
+    def _declare(self, intents: list[tuple[int, int, int, bool]], *, replace: bool, cyclic: bool) -> None:
+        """Check every intent first (all or nothing), then hand their chunks to the intent predictor."""
+        pending = self.pipeline.predictors.intents.pending
+        keys: list[Key] = []
+        for i, (region_id, offset, length, d2h) in enumerate(intents):
+            r = self.region(region_id)
             try:
-                r.check_range(it.offset, it.length)
+                r.check_range(offset, length)
             except InvalidArgument as exc:
                 raise R.invalid(f"intent {i}: {exc}") from None
-            if it.direction == pb.DIRECTION_H2D and not (
-                self.channels > 1 and it.length < self.pipeline.small_threshold
-            ):
+            if not d2h and not (self.channels > 1 and length < self.pipeline.small_threshold):
                 # (small transfers take the second channel and are never speculated: no intent needed)
-                keys.extend(
-                    Key(r.id, c.offset, c.length) for c in chunks.split(it.offset, it.length, self.cfg.chunk_size)
-                )
-        total = len(keys) + (0 if req.replace else pending)
+                keys.extend(Key(r.id, c.offset, c.length) for c in chunks.split(offset, length, self.cfg.chunk_size))
+        total = len(keys) + (0 if replace else pending)
         if total > self.cfg.max_intents:
             raise R.exhausted(f"{total} pending intent chunks would exceed max_intents={self.cfg.max_intents}")
-        self.pipeline.predictors.intents.declare(keys, replace=req.replace, cyclic=req.cyclic)
+        self.pipeline.predictors.intents.declare(keys, replace=replace, cyclic=cyclic)
         self.pipeline.refill()
-        return self.pipeline.predictors.intents.pending
+
+    def cancel_intents(self) -> int:
+        return self.pipeline.predictors.intents.cancel()
 
     # -- status and lifecycle ------------------------------------------------------------------------
     def status(self) -> pb.SessionStatus:

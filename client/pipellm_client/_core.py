@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -70,6 +71,9 @@ class Intent:
     destination: int = 0
 
 
+DECLARE_RECORDS_PER_FRAME: Final = 1024  # 32 bytes each: a Declare frame stays well under MAX_FRAME
+
+
 class Handshake:
     """The endpoint's half of the key agreement: it chooses the IV masks, as the GPU does."""
 
@@ -100,7 +104,7 @@ class Handshake:
             client_name=client_name,
             swap_order=swap_order,  # type: ignore[arg-type]
             allow_plain=allow_plain,
-            verify_every=verify_every(verify, allow_unverified),
+            verify_every=min(verify_every(verify, allow_unverified), 0xFFFFFFFF),  # for status; uint32 on the wire
         )
         if small_transfer_threshold is not None:
             req.small_transfer_threshold = small_transfer_threshold
@@ -152,6 +156,20 @@ class Landing:
     slots: list[int]
     done: bool = False
     error: DaemonError | None = None
+
+
+@dataclass
+class _Backlogged:
+    """One D2H message encrypted while no bounce slot was free: ciphertext || tag in private memory."""
+
+    landing: Landing
+    message: pb.D2HMessage  # slot still to be chosen
+    ciphertext: bytearray
+    swap_out: bool
+    group: int
+
+
+D2H_BACKLOG_MAX: Final = 1 << 30  # past this much queued ciphertext, `d2h` waits for slots after all
 
 
 @dataclass
@@ -234,8 +252,13 @@ class SessionCore:
         self.pending: dict[int, Pending] = {}
         self.landing: dict[int, Landing] = {}
         self.d2h_free: deque[int] = deque(range(self.layout.d2h_slots))
+        # D2H ciphertext made while every bounce slot was taken: it waits here (on a GPU it would wait in
+        # device memory) and moves into slots, in encryption order, as the daemon frees them.
+        self.d2h_backlog: deque[_Backlogged] = deque()
+        self.d2h_backlog_bytes = 0
         self.dead: str | None = None
         self.pid = os.getpid()  # a forked child must not use it: its D2H nonces would repeat the parent's
+        self.deferred: DaemonError | None = None  # a refused fire-and-forget request, raised at the next call
         self.stats = EndpointStats()
         self._data_seen = 0
 
@@ -364,8 +387,11 @@ class SessionCore:
     ) -> Iterator[tuple[pb.Frame, Landing]]:
         """Encrypt device data into D2H slots (the endpoint's own counter) and describe it for the daemon.
 
-        Yields a frame whenever the free slots are used up or the data ends; the caller sends it and, when
-        `d2h_free` is empty, reads frames until the daemon frees slots, before resuming the generator.
+        Yields (frame, landing) whenever the free slots are used up or the data ends; the caller sends the
+        frame. A chunk that finds no free slot (or finds others already waiting) is encrypted now into
+        private memory and queued: it yields (None, landing), and `drain_d2h` sends it once a slot frees,
+        so the serving loop never waits for the daemon. Only when `can_queue_d2h()` is false (a CUDA
+        endpoint, or D2H_BACKLOG_MAX queued) must the caller read frames until a slot frees first.
         """
         self.check_alive()
         if region.readonly:
@@ -377,8 +403,25 @@ class SessionCore:
         start = 0
         slots: list[int] = []
         for c in chunks.split(0, data.nbytes, self.chunk_size):
-            if not self.d2h_free:
-                raise PipeLLMError("no free D2H slot: the caller must wait for LandedDone first")
+            if self.d2h_backlog or not self.d2h_free:
+                if msgs:  # what already has slots goes first: the daemon sees messages in encryption order
+                    seq = next(self.seq)
+                    n = sum(m.length for m in msgs)
+                    landing = Landing(seq, region, offset + start, n, slots)
+                    self.landing[seq] = landing
+                    yield self._landed(seq, region, offset + start, n, msgs, swap_out, group), landing
+                    start += n
+                    msgs, slots = [], []
+                if not self.can_queue_d2h():
+                    raise PipeLLMError("no free D2H slot: the caller must wait for LandedDone first")
+                yield (
+                    None,
+                    self._queue_d2h(
+                        ce, data[c.offset : c.offset + c.length], region, offset + c.offset, swap_out, group
+                    ),
+                )
+                start += c.length
+                continue
             slot = self.d2h_free.popleft()
             view = self._arena_view(self.layout.d2h_slot(slot), c.length + TAG_LEN)
             version, chan = self.endpoint.send(ce, data[c.offset : c.offset + c.length], view)
@@ -389,22 +432,59 @@ class SessionCore:
                 n = sum(m.length for m in msgs)
                 landing = Landing(seq, region, offset + start, n, slots)
                 self.landing[seq] = landing
-                yield (
-                    pb.Frame(
-                        landed=pb.Landed(
-                            seq=seq,
-                            region_id=region.id,
-                            offset=offset + start,
-                            length=n,
-                            messages=msgs,
-                            swap_out=swap_out,
-                            group=group,
-                        )
-                    ),
-                    landing,
-                )
+                yield self._landed(seq, region, offset + start, n, msgs, swap_out, group), landing
                 start += n
                 msgs, slots = [], []
+
+    @staticmethod
+    def _landed(
+        seq: int, region: Region, offset: int, n: int, msgs: list[pb.D2HMessage], swap_out: bool, group: int
+    ) -> pb.Frame:
+        return pb.Frame(
+            landed=pb.Landed(
+                seq=seq, region_id=region.id, offset=offset, length=n, messages=msgs, swap_out=swap_out, group=group
+            )
+        )
+
+    def can_queue_d2h(self) -> bool:
+        """Whether a D2H chunk without a free slot may wait in private memory (CPU endpoint, under the cap)."""
+        return self.endpoint.kind == "cpu" and self.d2h_backlog_bytes < D2H_BACKLOG_MAX
+
+    def _queue_d2h(self, ce: int, src: Any, region: Region, offset: int, swap_out: bool, group: int) -> Landing:
+        n = len(src)
+        buf = bytearray(n + TAG_LEN)
+        version, chan = self.endpoint.send(ce, src, memoryview(buf))
+        seq = next(self.seq)
+        landing = Landing(seq, region, offset, n, [])
+        self.landing[seq] = landing  # a read or swap-in of the range waits for it like for any landing
+        msg = pb.D2HMessage(ce=ce, length=n, key_version=version, chan_ctr=chan)
+        self.d2h_backlog.append(_Backlogged(landing, msg, buf, swap_out, group))
+        self.d2h_backlog_bytes += len(buf)
+        return landing
+
+    def queued_over(self, region: Region, offset: int, length: int) -> bool:
+        """Whether D2H data for this range still waits for a slot (the daemon does not know of it yet)."""
+        end = offset + length
+        return any(
+            b.landing.region is region and b.landing.offset < end and offset < b.landing.offset + b.landing.length
+            for b in self.d2h_backlog
+        )
+
+    def drain_d2h(self) -> list[pb.Frame]:
+        """Move queued D2H ciphertext into the slots the daemon has freed, in order; frames to send."""
+        frames: list[pb.Frame] = []
+        while self.d2h_backlog and self.d2h_free:
+            b = self.d2h_backlog.popleft()
+            self.d2h_backlog_bytes -= len(b.ciphertext)
+            if b.landing.seq not in self.landing:  # failed meanwhile (the session died): nothing to send
+                continue
+            slot = self.d2h_free.popleft()
+            self._arena_view(self.layout.d2h_slot(slot), len(b.ciphertext))[:] = b.ciphertext
+            b.landing.slots = [slot]
+            b.message.slot = slot
+            x = b.landing
+            frames.append(self._landed(x.seq, x.region, x.offset, x.length, [b.message], b.swap_out, b.group))
+        return frames
 
     def landed_done(self, done: pb.LandedDone) -> None:
         landing = self.landing.pop(done.seq, None)
@@ -488,19 +568,35 @@ class SessionCore:
         else:
             region.write(0, raw)
 
-    def declare_request(self, intents: Any, *, replace: bool, cyclic: bool) -> pb.DeclareIntentsRequest:
-        req = pb.DeclareIntentsRequest(session_id=self.id, replace=replace, cyclic=cyclic)
-        for it in intents:
-            req.intents.append(
-                pb.Intent(
-                    region_id=it.region.id,
-                    offset=it.offset,
-                    length=it.length,
-                    direction=pb.DIRECTION_D2H if it.d2h else pb.DIRECTION_H2D,
-                    destination=it.destination,
+    def declare_frames(self, intents: Sequence[Intent], *, replace: bool, cyclic: bool) -> list[pb.Frame]:
+        """Intents as data-plane Declare frames (fire-and-forget; a refusal is raised at a later call).
+
+        Records are packed by `struct` rather than as protobuf messages: 64 intents cost microseconds.
+        """
+        self.check_alive()
+        seq = next(self.seq)
+        frames: list[pb.Frame] = []
+        for start in range(0, max(1, len(intents)), DECLARE_RECORDS_PER_FRAME):
+            part = intents[start : start + DECLARE_RECORDS_PER_FRAME]
+            flat: list[int] = []
+            for it in part:
+                flat += (it.region.id, it.offset, it.length, 1 if it.d2h else 0)
+            frames.append(
+                pb.Frame(
+                    declare=pb.Declare(
+                        seq=seq,
+                        records=struct.pack(f"<{len(flat)}Q", *flat),
+                        replace=replace,
+                        cyclic=cyclic,
+                        more=start + DECLARE_RECORDS_PER_FRAME < len(intents),
+                    )
                 )
             )
-        return req
+        return frames
+
+    def cancel_frame(self) -> pb.Frame:
+        self.check_alive()
+        return pb.Frame(declare=pb.Declare(seq=next(self.seq), cancel=True))
 
     def own_status(self, resp: pb.ListSessionsResponse) -> pb.SessionStatus:
         for s in resp.sessions:
@@ -531,8 +627,12 @@ class SessionCore:
             self.fail_commit(err.seq, e)
         elif err.seq in self.landing:
             self.fail_landing(err.seq, e)
+        elif err.seq and self.deferred is None:
+            self.deferred = e  # a fire-and-forget request (a Declare) was refused: raised at the next call
         if e.code == grpc.StatusCode.DATA_LOSS:
             self.dead = e.details
+            for queued in self.d2h_backlog:  # never sent: they fail with the session
+                self.fail_landing(queued.landing.seq, e)
         return e
 
     def check_alive(self) -> None:
@@ -543,6 +643,9 @@ class SessionCore:
             )
         if self.dead is not None:
             raise ChannelDead(f"session is dead ({self.dead}); open a new session")
+        if self.deferred is not None:
+            err, self.deferred = self.deferred, None
+            raise err
 
     def close(self) -> None:
         for r in self.regions.values():

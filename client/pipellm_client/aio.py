@@ -212,6 +212,9 @@ class AsyncSession:
             if reply is not None:
                 with contextlib.suppress(DaemonUnavailable):
                     self.fs.send(reply)
+            with contextlib.suppress(DaemonUnavailable):
+                for landed in self.core.drain_d2h():  # slots the daemon freed take queued D2H ciphertext
+                    self.fs.send(landed)
             if err is not None:
                 self._fail(err)
                 return
@@ -341,12 +344,14 @@ class AsyncSession:
         async with self._d2h_lock:
             gen = self.core.landed_frames(data, region, offset, swap_out=swap_out, group=group)
             while True:
-                await self._until(lambda: bool(self.core.d2h_free))
+                # Never waits on a CPU endpoint: without a free slot the ciphertext queues (core.drain_d2h).
+                await self._until(lambda: bool(self.core.d2h_free) or self.core.can_queue_d2h())
                 try:
                     frame, landing = next(gen)
                 except StopIteration:
                     break
-                self.fs.send(frame)
+                if frame is not None:
+                    self.fs.send(frame)
                 landings.append(landing)
         if wait:
             await self.wait_landed(region, offset, data.nbytes)
@@ -356,14 +361,15 @@ class AsyncSession:
         await self._until(lambda: not self.core.landing)
 
     async def declare(self, intents: Sequence[Intent], *, replace: bool = False, cyclic: bool = False) -> int:
-        req = self.core.declare_request(intents, replace=replace, cyclic=cyclic)
-        resp: pb.DeclareIntentsResponse = await self.client.call(self.client._stub.DeclareIntents, req, self.metadata)
-        return resp.pending
+        """Tell the daemon what will be transferred next (fire-and-forget on the data plane; a refusal is
+        raised at a later call). Returns the number of intents sent."""
+        for frame in self.core.declare_frames(intents, replace=replace, cyclic=cyclic):
+            self.fs.send(frame)
+        return len(intents)
 
-    async def cancel_intents(self) -> int:
-        req = pb.CancelIntentsRequest(session_id=self.id)
-        resp: pb.CancelIntentsResponse = await self.client.call(self.client._stub.CancelIntents, req, self.metadata)
-        return resp.cancelled
+    async def cancel_intents(self) -> None:
+        """Drop every pending intent and the declared cycle (fire-and-forget, like `declare`)."""
+        self.fs.send(self.core.cancel_frame())
 
     async def status(self) -> pb.SessionStatus:
         resp: pb.ListSessionsResponse = await self.client.call(

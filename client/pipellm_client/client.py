@@ -289,6 +289,8 @@ class Session:
             # The bytes are already in place; a daemon that went away needs no release.
             with contextlib.suppress(DaemonUnavailable):
                 self.fs.send(reply)
+        for landed in self.core.drain_d2h():  # slots the daemon freed take queued D2H ciphertext
+            self.fs.send(landed)
         if err is not None:
             raise err
 
@@ -412,6 +414,10 @@ class Session:
             self.declare(self._cyclic_intents, replace=True, cyclic=True)
 
     def _commit(self, items: list[tuple[Region, int, int, Any, bool]]) -> None:
+        for r, o, n, _d, _u in items:
+            # A swap-in of a range whose swap-out still waits for a D2H slot: the daemon must see it first
+            # (it then holds the commit until that decryption has landed).
+            self._pump(lambda r=r, o=o, n=n: not self.core.queued_over(r, o, n))  # type: ignore[misc]
         for attempt in range(_RETRIES_ON_ABORT + 1):
             frame, pending = self.core.commit_frame(items)
             self.fs.send(frame)
@@ -452,12 +458,14 @@ class Session:
         landings: list[Landing] = []
         gen = self.core.landed_frames(data, region, offset, swap_out=swap_out, group=group)
         while True:
-            self._pump(lambda: bool(self.core.d2h_free))
+            # Never waits on a CPU endpoint: without a free slot the ciphertext queues (core.drain_d2h).
+            self._pump(lambda: bool(self.core.d2h_free) or self.core.can_queue_d2h())
             try:
                 frame, landing = next(gen)
             except StopIteration:
                 break
-            self.fs.send(frame)
+            if frame is not None:
+                self.fs.send(frame)
             landings.append(landing)
         if wait:
             self._wait_landed(region, offset, data.nbytes)
@@ -469,18 +477,23 @@ class Session:
 
     # -- intents ------------------------------------------------------------------------------------
     def declare(self, intents: Sequence[Intent], *, replace: bool = False, cyclic: bool = False) -> int:
+        """Tell the daemon what will be transferred next, so it encrypts it ahead.
+
+        Fire-and-forget: the intents travel as data-plane frames, in order with commits, and the call never
+        waits for the daemon; a refusal (an unknown region, a range outside it, too many intents) is raised
+        at the session's next call. Returns the number of intents sent.
+        """
         if cyclic:
             self._cyclic_intents = list(intents)  # declared again after a re-key
         elif replace:
             self._cyclic_intents = []
-        req = self.core.declare_request(intents, replace=replace, cyclic=cyclic)
-        resp: pb.DeclareIntentsResponse = self.client.call(self.client._stub.DeclareIntents, req, self.metadata)
-        return resp.pending
+        for frame in self.core.declare_frames(intents, replace=replace, cyclic=cyclic):
+            self.fs.send(frame)
+        return len(intents)
 
-    def cancel_intents(self) -> int:
-        req = pb.CancelIntentsRequest(session_id=self.id)
-        resp: pb.CancelIntentsResponse = self.client.call(self.client._stub.CancelIntents, req, self.metadata)
-        return resp.cancelled
+    def cancel_intents(self) -> None:
+        """Drop every pending intent and the declared cycle (fire-and-forget, like `declare`)."""
+        self.fs.send(self.core.cancel_frame())
 
     def status(self) -> pb.SessionStatus:
         resp: pb.ListSessionsResponse = self.client.call(
