@@ -73,29 +73,76 @@ class Daemon:
         _log.info("log_level_reloaded", level=level)
 
     async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT. Every acquisition is paired with its cleanup on one exit stack, so a
+        step that fails at start (a busy socket, say) still stops the workers started before it."""
+        systemd.claim()  # before the workers start: they must not inherit NOTIFY_SOCKET
         cfg = self.cfg
-        loop = asyncio.get_running_loop()
         if cfg.mode == "plain":
             _log.warning(
                 "plain_mode",
                 msg="NO ENCRYPTION: plain mode moves bytes in the clear; benchmark baseline only",
             )
-        workers = WorkerPool(cfg.effective_workers())
-        await workers.start()
-        events = EventBus()
-        manager = SessionManager(
-            cfg,
-            workers,
-            BouncePool(ArenaLayout(cfg.chunk_size, cfg.h2d_slots, cfg.d2h_slots), cfg.pool_bytes),
-            events,
-        )
-        pool = manager.pool
-        await asyncio.to_thread(pool.replenish)
+        async with contextlib.AsyncExitStack() as stack:
+            workers = WorkerPool(cfg.effective_workers())
+            stack.push_async_callback(workers.close)
+            await workers.start()
+            pool = BouncePool(ArenaLayout(cfg.chunk_size, cfg.h2d_slots, cfg.d2h_slots), cfg.pool_bytes)
+            stack.callback(pool.close)
+            events = EventBus()
+            stack.callback(events.close)
+            manager = SessionManager(cfg, workers, pool, events)
+            await asyncio.to_thread(pool.replenish)
+            self._wire(manager, workers, events)
+            status = StatusBuilder(cfg, manager, workers, pool, self.started)
+            policy = Policy(cfg.allowed_uids, cfg.allowed_gids, cfg.admin_uids)
+            dataplane = DataPlane(cfg.data_socket, cfg.socket_mode, policy, manager)
+            server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20), ("grpc.so_reuseport", 0)])
+            pb_grpc.add_PipeLLMServicer_to_server(PipeLLMServicer(manager, dataplane, status, events), server)
+            health_servicer = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+            stack.callback(_unlink, cfg.socket)
+            bind_control_socket(server, cfg.socket, cfg.socket_mode)
+            stack.callback(dataplane.close)
+            dataplane.start()
+            stack.push_async_callback(server.stop, 2.0)
+            await server.start()
+            for svc in ("", SERVICE):
+                await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+            if cfg.metrics_address:
+                from .metrics import MetricsServer
+
+                metrics = MetricsServer(cfg.metrics_address, status, events, workers)
+                stack.callback(metrics.stop)
+                metrics.start()
+            self._handle_signals(stack)
+            interval = systemd.watchdog_interval()
+            if interval and cfg.watchdog:
+                stack.callback(asyncio.get_running_loop().create_task(self._watchdog(interval, status)).cancel)
+            stack.push_async_callback(self._drain, manager, health_servicer)  # the first thing done on the way out
+            _log.info(
+                "ready",
+                socket=cfg.socket,
+                data_socket=cfg.data_socket,
+                mode=cfg.mode,
+                workers=workers.count,
+                worker_pids=workers.pids(),
+                pool_arenas=pool.max_arenas,
+                pid=os.getpid(),
+            )
+            systemd.ready(f"serving on {cfg.socket} ({cfg.mode} mode, {workers.count} workers)")
+            await self.stopping.wait()
+        _log.info("stopped")
+        return 0
+
+    @staticmethod
+    def _wire(manager: SessionManager, workers: WorkerPool, events: EventBus) -> None:
+        """Keep a spare arena ready after every session change, and log every worker restart."""
         refill: set[asyncio.Future[None]] = set()
 
         def replenish() -> None:
             if not refill:
-                fut = asyncio.ensure_future(asyncio.to_thread(pool.replenish))
+                fut = asyncio.ensure_future(asyncio.to_thread(manager.pool.replenish))
                 refill.add(fut)
                 fut.add_done_callback(refill.discard)
 
@@ -110,77 +157,42 @@ class Daemon:
                 jobs=jobs,
             )
         )
-        status = StatusBuilder(cfg, manager, workers, pool, self.started)
-        policy = Policy(cfg.allowed_uids, cfg.allowed_gids, cfg.admin_uids)
-        dataplane = DataPlane(cfg.data_socket, cfg.socket_mode, policy, manager)
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20), ("grpc.so_reuseport", 0)])
-        pb_grpc.add_PipeLLMServicer_to_server(PipeLLMServicer(manager, dataplane, status, events), server)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        bind_control_socket(server, cfg.socket, cfg.socket_mode)
-        metrics: Any = None
-        tasks: list[asyncio.Task[Any]] = []
-        try:
-            dataplane.start()
-            await server.start()
-            for svc in ("", SERVICE):
-                await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-            if cfg.metrics_address:
-                from .metrics import MetricsServer
 
-                metrics = MetricsServer(cfg.metrics_address, status, events, workers)
-                metrics.start()
-            loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-            loop.add_signal_handler(signal.SIGINT, self.stopping.set)
-            loop.add_signal_handler(signal.SIGHUP, self._reload_log_level)
-            interval = systemd.watchdog_interval()
-            if interval and cfg.watchdog:
-                tasks.append(loop.create_task(self._watchdog(interval, status)))
-            _log.info(
-                "ready",
-                socket=cfg.socket,
-                data_socket=cfg.data_socket,
-                mode=cfg.mode,
-                workers=workers.count,
-                worker_pids=workers.pids(),
-                pool_arenas=pool.max_arenas,
-                pid=os.getpid(),
+    def _handle_signals(self, stack: contextlib.AsyncExitStack) -> None:
+        loop = asyncio.get_running_loop()
+        for sig, handler in (
+            (signal.SIGTERM, self.stopping.set),
+            (signal.SIGINT, self.stopping.set),
+            (signal.SIGHUP, self._reload_log_level),
+        ):
+            loop.add_signal_handler(sig, handler)
+            stack.callback(loop.remove_signal_handler, sig)
+
+    async def _drain(self, manager: SessionManager, health_servicer: health.aio.HealthServicer) -> None:
+        """No new sessions or transfers; in-flight commits finish (at most drain_timeout_s)."""
+        systemd.stopping()
+        manager.draining = True
+        _log.info("draining", sessions=len(manager.sessions))
+        with contextlib.suppress(Exception):
+            await health_servicer.enter_graceful_shutdown()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(s.drain() for s in list(manager.sessions.values()))), self.cfg.drain_timeout_s
             )
-            systemd.notify("READY=1", f"STATUS=serving on {cfg.socket} ({cfg.mode} mode, {workers.count} workers)")
-            await self.stopping.wait()
-        finally:
-            systemd.notify("STOPPING=1", "STATUS=draining")
-            manager.draining = True
-            _log.info("draining", sessions=len(manager.sessions))
-            with contextlib.suppress(Exception):
-                await health_servicer.enter_graceful_shutdown()
-            try:
-                await asyncio.wait_for(
-                    asyncio.gather(*(s.drain() for s in list(manager.sessions.values()))), cfg.drain_timeout_s
-                )
-            except TimeoutError:
-                _log.warning("drain_timeout", seconds=cfg.drain_timeout_s)
-            for t in tasks:
-                t.cancel()
-            await server.stop(grace=2.0)
-            dataplane.close()
-            events.close()
-            if metrics is not None:
-                metrics.stop()
-            await workers.close()
-            pool.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(cfg.socket)
-            _log.info("stopped")
-        return 0
+        except TimeoutError:
+            _log.warning("drain_timeout", seconds=self.cfg.drain_timeout_s)
 
     async def _watchdog(self, interval: float, status: StatusBuilder) -> None:
         """Keep-alives only while the loop runs and the workers are there; systemd restarts us otherwise."""
         while True:
             ok, why = status.healthy()
             if ok:
-                systemd.notify("WATCHDOG=1")
+                systemd.watchdog()
             else:
                 _log.warning("watchdog_withheld", reason=why)
             await asyncio.sleep(interval)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -7,7 +7,9 @@ unless its uid is an admin (`admin_uids`, and the daemon's own uid); daemon-wide
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
@@ -21,6 +23,25 @@ from .status import StatusBuilder
 
 TICKET_KEY = "pipellm-ticket"
 MAX_INTENTS_PER_CALL = 1 << 16
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Rpc = Callable[["PipeLLMServicer", Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+
+def _statuses(rpc: Rpc[Req, Resp]) -> Rpc[Req, Resp]:
+    """The one place exceptions become statuses: a Refusal keeps its code, the rest map by type (refusal.py)."""
+
+    @functools.wraps(rpc)
+    async def answer(self: PipeLLMServicer, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await rpc(self, request, context)
+        except Exception as exc:
+            await self._fail(context, exc)  # aborts the call: raises
+            raise
+
+    return answer
 
 
 class PipeLLMServicer(pb_grpc.PipeLLMServicer):
@@ -62,126 +83,93 @@ class PipeLLMServicer(pb_grpc.PipeLLMServicer):
         if self.manager.draining:
             raise R.unavailable("pipellmd is shutting down")
 
-    # -- RPCs ------------------------------------------------------------------------------------
+    # -- RPCs: each a few lines; `_statuses` answers every exception with its status -------------------
+    @_statuses
     async def OpenSession(
         self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.OpenSessionResponse:
-        try:
-            self._live()
-            conn = self._conn(context)
-            if conn.session is None:  # (a second session on one connection gets its own, precise refusal)
-                self.manager.check_session_quota(conn.peer.uid)
-            session = self.manager.open(conn, request)
-            return self.manager.response_for(session)
-        except Exception as exc:
-            await self._fail(context, exc)
-            raise
+        self._live()
+        conn = self._conn(context)
+        if conn.session is None:  # (a second session on one connection gets its own, precise refusal)
+            self.manager.check_session_quota(conn.peer.uid)
+        return self.manager.response_for(self.manager.open(conn, request))
 
+    @_statuses
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CloseSessionResponse:
-        try:
-            s = self._session(context, request.session_id)
-            await s.drain()
-            self.manager.close(s, "closed by client")
-            return pb.CloseSessionResponse()
-        except Exception as exc:
-            await self._fail(context, exc)
-            raise
+        s = self._session(context, request.session_id)
+        await s.drain()
+        self.manager.close(s, "closed by client")
+        return pb.CloseSessionResponse()
 
+    @_statuses
     async def RegisterRegion(
         self, request: pb.RegisterRegionRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterRegionResponse:
-        try:
-            self._live()
-            s = self._session(context, request.session_id)
-            if request.kind not in (pb.REGION_KIND_UNSPECIFIED, pb.REGION_KIND_ADAPTER):
-                raise R.invalid(f"unknown region kind {request.kind}")
-            region = await s.register_region(
-                request.offer_id, request.size, request.readonly, request.name, request.kind
-            )
-            return pb.RegisterRegionResponse(region_id=region.id)
-        except Exception as exc:
-            await self._fail(context, exc)
-            raise
+        self._live()
+        s = self._session(context, request.session_id)
+        if request.kind not in (pb.REGION_KIND_UNSPECIFIED, pb.REGION_KIND_ADAPTER):
+            raise R.invalid(f"unknown region kind {request.kind}")
+        region = await s.register_region(request.offer_id, request.size, request.readonly, request.name, request.kind)
+        return pb.RegisterRegionResponse(region_id=region.id)
 
+    @_statuses
     async def SealRegion(
         self, request: pb.SealRegionRequest, context: grpc.aio.ServicerContext
     ) -> pb.SealRegionResponse:
+        session = self._session(context, request.session_id)
+        region = session.region(request.region_id)
         try:
-            session = self._session(context, request.session_id)
-            region = session.region(request.region_id)
-            try:
-                region.seal()
-            except ValueError as exc:
-                raise R.precondition(str(exc)) from None
-            session.pipeline.refill()  # intents declared before the seal may be encrypted ahead now
-            return pb.SealRegionResponse()
-        except Exception as exc:
-            await self._fail(context, exc)
-            raise
+            region.seal()
+        except ValueError as exc:
+            raise R.precondition(str(exc)) from None
+        session.pipeline.refill()  # intents declared before the seal may be encrypted ahead now
+        return pb.SealRegionResponse()
 
+    @_statuses
     async def AttachDeviceStaging(
         self, request: pb.AttachDeviceStagingRequest, context: grpc.aio.ServicerContext
     ) -> pb.AttachDeviceStagingResponse:
-        try:
-            self._live()
-            self._session(context, request.session_id).attach_staging(request)
-            return pb.AttachDeviceStagingResponse()
-        except Exception as exc:
-            await self._fail(context, exc)
-            raise
+        self._live()
+        self._session(context, request.session_id).attach_staging(request)
+        return pb.AttachDeviceStagingResponse()
 
+    @_statuses
     async def UnregisterRegion(
         self, request: pb.UnregisterRegionRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnregisterRegionResponse:
-        try:
-            self._session(context, request.session_id).unregister_region(request.region_id)
-            return pb.UnregisterRegionResponse()
-        except Exception as exc:
-            await self._fail(context, exc)
-            raise
+        self._session(context, request.session_id).unregister_region(request.region_id)
+        return pb.UnregisterRegionResponse()
 
+    @_statuses
     async def DeclareIntents(
         self, request: pb.DeclareIntentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeclareIntentsResponse:
-        try:
-            self._live()
-            s = self._session(context, request.session_id)
-            if len(request.intents) > MAX_INTENTS_PER_CALL:
-                raise R.exhausted(f"{len(request.intents)} intents in one call; the limit is {MAX_INTENTS_PER_CALL}")
-            return pb.DeclareIntentsResponse(pending=s.declare(request))
-        except Exception as exc:
-            await self._fail(context, exc)
-            raise
+        self._live()
+        s = self._session(context, request.session_id)
+        if len(request.intents) > MAX_INTENTS_PER_CALL:
+            raise R.exhausted(f"{len(request.intents)} intents in one call; the limit is {MAX_INTENTS_PER_CALL}")
+        return pb.DeclareIntentsResponse(pending=s.declare(request))
 
+    @_statuses
     async def CancelIntents(
         self, request: pb.CancelIntentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelIntentsResponse:
-        try:
-            s = self._session(context, request.session_id)
-            return pb.CancelIntentsResponse(cancelled=s.pipeline.predictors.intents.cancel())
-        except Exception as exc:
-            await self._fail(context, exc)
-            raise
+        s = self._session(context, request.session_id)
+        return pb.CancelIntentsResponse(cancelled=s.cancel_intents())
 
+    @_statuses
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.Status:
-        try:
-            conn = self._conn(context)
-            return self.status.build(None if self._sees_all(conn) else conn.peer.uid)
-        except Exception as exc:
-            await self._fail(context, exc)
-            raise
+        conn = self._conn(context)
+        return self.status.build(None if self._sees_all(conn) else conn.peer.uid)
 
+    @_statuses
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSessionsResponse:
-        try:
-            conn = self._conn(context)
-            return pb.ListSessionsResponse(sessions=[s.status() for s in self._visible(conn)])
-        except Exception as exc:
-            await self._fail(context, exc)
-            raise
+        conn = self._conn(context)
+        return pb.ListSessionsResponse(sessions=[s.status() for s in self._visible(conn)])
 
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Event]:
         try:

@@ -1,14 +1,33 @@
-"""sd_notify without a dependency: one datagram to $NOTIFY_SOCKET, as systemd's protocol defines it."""
+"""sd_notify without a dependency: one datagram to $NOTIFY_SOCKET, as systemd's protocol defines it.
+
+Intent-named calls (`ready`, `stopping`, `watchdog`) instead of raw fields at the call sites. `claim()`
+takes NOTIFY_SOCKET and the watchdog variables out of the environment at start, so the crypto workers
+(our children) never inherit them: only the main process may notify (the unit's NotifyAccess=main).
+"""
 
 from __future__ import annotations
 
 import os
 import socket
 
+_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+_claimed: dict[str, str] = {}
 
-def notify(*fields: str) -> bool:
-    """Send READY=1, STATUS=..., STOPPING=1, WATCHDOG=1 ... ; False when not under systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
+
+def claim() -> None:
+    """Move systemd's variables from the environment into this module (idempotent)."""
+    for name in _ENV:
+        value = os.environ.pop(name, None)
+        if value is not None:
+            _claimed[name] = value
+
+
+def _get(name: str) -> str | None:
+    return _claimed.get(name, os.environ.get(name))
+
+
+def _notify(*fields: str) -> bool:
+    addr = _get("NOTIFY_SOCKET")
     if not addr:
         return False
     if addr.startswith("@"):
@@ -22,10 +41,24 @@ def notify(*fields: str) -> bool:
     return True
 
 
+def ready(status: str) -> bool:
+    """Both sockets accept connections; False when not under systemd."""
+    return _notify("READY=1", f"STATUS={status}")
+
+
+def stopping(status: str = "draining") -> bool:
+    return _notify("STOPPING=1", f"STATUS={status}")
+
+
+def watchdog() -> bool:
+    """One keep-alive: the loop runs and the workers are there."""
+    return _notify("WATCHDOG=1")
+
+
 def watchdog_interval() -> float | None:
     """Half of WatchdogSec (seconds), when systemd asked this process for keep-alives."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
+    usec = _get("WATCHDOG_USEC")
+    pid = _get("WATCHDOG_PID")
     if not usec or (pid and pid != str(os.getpid())):
         return None
     try:
