@@ -33,6 +33,7 @@ from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client.channel import PredictingReceiver, ReservedIv, Sender
 from pipellm_client.endpoint import NOP_MESSAGE_LEN, NOP_PLAINTEXT
 from pipellm_client.errors import ChannelDead, PipeLLMError, StaleSource, TagMismatch
+from pipellm_client.ring import FLAG_STAGED, KIND_DATA, Record, RingView, source_digest
 
 from . import jobwire as w
 from .config import Config
@@ -82,6 +83,8 @@ class Counters:
     detours: int = 0
     staged: int = 0
     waited: int = 0
+    ring_hits: int = 0
+    ring_discards: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -106,6 +109,7 @@ class State(enum.IntEnum):
     ENCRYPTING = 1
     READY = 2
     FAILED = 3  # the worker died mid-job: partial ciphertext under this IV; only a rotation can retire it
+    PUBLISHED = 4  # READY and in the delivery ring: its IV is submitted, only consuming or DISCARD retires it
 
 
 class Entry:
@@ -246,6 +250,7 @@ class Pipeline:
         swap_order: str = "fifo",
         latency: Latency | None = None,
         small_threshold: int | None = None,
+        ring: RingView | None = None,
     ) -> None:
         self.session_id = session_id
         self.cfg = cfg
@@ -270,6 +275,14 @@ class Pipeline:
         self.staging: Any = None  # cuda_staging.DeviceStaging for CUDA sessions that attached one
         self._committing = False
         self._ahead = 0  # bytes of queued entries whose encryption has started (the ahead_bytes budget)
+        # The delivery ring (None: every hit is a commit round trip). `published` mirrors its records from
+        # `_ring_base` on, as the daemon wrote them (this copy, not the shared memory, is what we trust);
+        # the first `_ring_assigned` of them were handed out by slow-path deliveries, awaiting consumption.
+        self.ring = ring
+        self.published: deque[tuple[Entry | None, Record]] = deque()
+        self.ring_slots: set[int] = set()
+        self._ring_base = 0
+        self._ring_assigned = 0
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -308,6 +321,9 @@ class Pipeline:
         start = time.monotonic()
         out = Outbox(seq, send)
         self.counters.commits += 1
+        self._ring_sync()
+        if self._directives:
+            self._flush_published(out)  # rotations decided between commits come after what is published
         for d in self._directives:
             out.add(d)
         self._directives = []
@@ -335,8 +351,16 @@ class Pipeline:
                 parts = list(chunks.split(t.offset, t.length, self.cfg.chunk_size))
                 for ci, c in enumerate(parts):
                     self.counters.chunks += 1
-                    await self._maybe_rotate(out)
                     key = Key(region.id, c.offset, c.length)
+                    if ce == 0 and self.mode == "pipellm" and self.published:
+                        taken = self._from_published(out, region, key, ti, c.dst_offset)
+                        if taken == "hit":
+                            continue
+                        if taken == "detour":
+                            await self._maybe_rotate(out)  # copy engine 1's key may be due as well
+                            await self._on_demand(out, self.h2d[1], region, key, ti, c.dst_offset)
+                            continue
+                    await self._maybe_rotate(out)
                     if ce == 0 and self.mode == "pipellm":
                         await self._commit_speculative(out, region, key, ti, c.dst_offset)
                     else:
@@ -359,6 +383,7 @@ class Pipeline:
             self._committing = False
             self.latency.observe(time.monotonic() - start)
             self.refill()
+            self._publish()
 
     async def _abort(self, out: Outbox) -> None:
         """Drop what was not sent and abandon every IV it used, in band, so the endpoint stays in step."""
@@ -367,7 +392,9 @@ class Pipeline:
             await asyncio.wait(pending)  # no worker may still be writing into a slot we hand back
         rotations = pb.Completion(seq=out.seq)
         for d in out.drop_unsent():
-            if d.kind in (pb.MSG_KIND_DATA, pb.MSG_KIND_DISCARD) and d.slot in self.delivered_slots:
+            if d.ring:
+                self._ring_assigned -= 1  # never sent: the record is still the SDK's to take, first in line
+            elif d.kind in (pb.MSG_KIND_DATA, pb.MSG_KIND_DISCARD) and d.slot in self.delivered_slots:
                 self.delivered_slots.discard(d.slot)
                 self.arena.h2d.release(d.slot)
             elif d.kind == pb.MSG_KIND_NOP and d.slot in self.delivered_nops:
@@ -375,6 +402,9 @@ class Pipeline:
                 self.arena.nops.release(d.slot)
             elif d.kind in (pb.MSG_KIND_ROTATE_IV, pb.MSG_KIND_ROTATE_KEY):
                 rotations.deliveries.append(d)  # already applied at the sender: the endpoint must follow
+        flushed = Outbox(out.seq, lambda _c: None)
+        self._flush_published(flushed)  # published records precede the abandoning rotation in the stream
+        rotations.deliveries.extend(flushed.drop_unsent())
         for s in self.h2d:
             if s.sender.dead is None:
                 self._abandon(s)
@@ -387,6 +417,8 @@ class Pipeline:
 
     async def _maybe_rotate(self, out: Outbox) -> None:
         for s in self.h2d:
+            if s is self.spec and (s.sender.key_rotation_pending or s.sender.iv_rotation_due):
+                self._flush_published(out)  # what is published was encrypted before the rotation
             if s.sender.key_rotation_pending:
                 self._abandon(s)
                 version = s.sender.rotate_key()
@@ -461,7 +493,7 @@ class Pipeline:
         return bool(want) and [e.key for e in list(self.spec.queue)[: len(want)]] == want
 
     def _valid(self, e: Entry) -> bool:
-        if e.state != State.READY or e.snapshot is None:
+        if e.state not in (State.READY, State.PUBLISHED) or e.snapshot is None:
             return False
         r = e.region
         if r.shm.closed:
@@ -608,8 +640,15 @@ class Pipeline:
         s = self.spec
         if s.sender.key_rotation_pending or s.sender.dead is not None:
             return
-        want = self.predictors.upcoming(self.cfg.max_depth)
+        # Published records the SDK has not taken yet are predicted chunks the predictors have not seen
+        # committed: they stand first in the prediction, and are already on their way.
+        published = [e.key for e, _r in itertools.islice(self.published, self._ring_assigned, None) if e is not None]
+        want = self.predictors.upcoming(self.cfg.max_depth + len(published))
         source = self.predictors.last_source
+        n = 0
+        while n < len(published) and n < len(want) and want[n] == published[n]:
+            n += 1
+        want = want[n:]
         if source not in ("intents", "swap"):
             want = want[: self.depth]  # learned guesses earn depth by hitting; declared ones get it all
         head = s.queue[0] if s.queue else None
@@ -718,6 +757,147 @@ class Pipeline:
         e.state = State.FAILED if fut.cancelled() or fut.exception() is not None else State.READY
         if e.state == State.READY and self.staging is not None:
             self.staging.prefetch(e.slot, self.arena.layout.h2d_slot(e.slot), e.nbytes + 16)
+        if e.state == State.READY and self.spec.queue and self.spec.queue[0] is e:
+            self._publish()
+
+    # -- the delivery ring ----------------------------------------------------------------------------
+    def _publish(self) -> None:
+        """Put ready ciphertext at the head of the queue into the ring, in IV order, for the SDK to take.
+
+        Publishing submits the IV: the record can then only be consumed (a hit) or burned by DISCARD, never
+        abandoned by a rotation, so no more is published than the learned depth.
+        """
+        ring = self.ring
+        if ring is None or self.mode != "pipellm" or self.dead is not None or self._committing:
+            return
+        s = self.spec
+        produced = self._ring_base + len(self.published)
+        room = ring.capacity - len(self.published)
+        if self._directives:  # in-band rotations decided between commits: next in the stream
+            if len(self._directives) > room:
+                return
+            for d in self._directives:
+                rec = Record(d.kind, d.ce, 0, 0, 0, 0, 0, 0, d.value)
+                ring.write(produced, rec)
+                self.published.append((None, rec))
+                produced += 1
+                room -= 1
+            self._directives = []
+        depth = min(room, max(2, self.depth) - len(self.published))
+        while s.queue and depth > 0 and not s.sender.key_rotation_pending:
+            e = s.queue[0]
+            if e.state != State.READY or e.fingerprint is not None or not self._valid(e):
+                break
+            self._pop(s)
+            s.sender.submit(e.iv)
+            e.state = State.PUBLISHED
+            self.ring_slots.add(e.slot)
+            staged = self.staging is not None and self.staging.ready(e.slot)
+            k = e.key
+            digest = source_digest(e.snapshot or b"")
+            rec = Record(KIND_DATA, 0, e.slot, FLAG_STAGED if staged else 0, k.region, k.offset, k.length, digest, 0)
+            ring.write(produced, rec)
+            self.published.append((e, rec))
+            produced += 1
+            depth -= 1
+        ring.produced = produced
+
+    def _ring_sync(self) -> None:
+        """Learn from the consumer index which records the SDK took; their slots are free again."""
+        if self.ring is None:
+            return
+        consumed = self.ring.consumed
+        top = self._ring_base + len(self.published)
+        if not self._ring_base <= consumed <= top:
+            why = f"delivery ring consumer index {consumed} outside [{self._ring_base}, {top}]"
+            self.kill(why)
+            raise ProtocolViolation(f"{why}: the session's channels are dead")
+        while self._ring_base < consumed:
+            e, _rec = self.published.popleft()
+            self._ring_base += 1
+            if self._ring_assigned:
+                self._ring_assigned -= 1  # a slow-path delivery, counted when it was handed out
+            elif e is not None:
+                self.counters.hits += 1  # the SDK's fast path: a hit the daemon hears of only now
+                self.counters.ring_hits += 1
+                self.counters.chunks += 1
+                self.counters.bytes_h2d += e.nbytes
+                self.depth = min(self.cfg.max_depth, self.depth + 1)
+                self.predictors.observe(e.key, e.region.readonly)
+            if e is not None:
+                self.ring_slots.discard(e.slot)
+                self.arena.h2d.release(e.slot)
+
+    def doorbell(self) -> None:
+        """The SDK took ring records: free their slots, speculate and publish further."""
+        if self.ring is None or self.dead is not None or self._committing:
+            return  # a running commit syncs the ring itself, and publishes when it ends
+        self._ring_sync()
+        self.refill()
+        self._publish()
+
+    def _from_published(self, out: Outbox, region: Region, key: Key, ti: int, dst_off: int) -> str:
+        """A slow-path chunk while records are published (they come first in the stream): "hit" when one of
+        them carries it, "detour" for an extra transfer the second channel takes, "" after burning them all."""
+        avail = list(itertools.islice(self.published, self._ring_assigned, None))
+        pos = next((i for i, (e, _r) in enumerate(avail) if e is not None and e.key == key), -1)
+        if pos < 0:
+            queued = [e.key for e, _r in avail if e is not None] + [e.key for e in self.spec.queue]
+            want = self.predictors.upcoming(min(len(queued), 4))
+            if len(self.h2d) > 1 and want and queued[: len(want)] == want and key not in queued:
+                self.counters.misses += 1
+                self.counters.detours += 1
+                return "detour"
+            self._flush_published(out)
+            return ""
+        for item in avail[:pos]:
+            self._ring_out(out, item, discard=True)
+        e = avail[pos][0]
+        assert e is not None
+        if not self._valid(e):
+            self.counters.stale += 1
+            self._flush_published(out)  # it and everything published after it: the chunk is made anew
+            return ""
+        self._ring_out(out, avail[pos], discard=False, ti=ti, dst_off=dst_off)
+        self.counters.hits += pos == 0
+        self.counters.skips += pos > 0
+        self.depth = min(self.cfg.max_depth, self.depth + 1)
+        self.predictors.observe(key, region.readonly)
+        return "hit"
+
+    def _flush_published(self, out: Outbox) -> None:
+        """Burn every published record not yet handed out: DISCARD (the same ciphertext, never a second
+        message under its IV), rotations applied; the stream then continues after them."""
+        for item in list(itertools.islice(self.published, self._ring_assigned, None)):
+            self._ring_out(out, item, discard=True)
+
+    def _ring_out(
+        self, out: Outbox, item: tuple[Entry | None, Record], *, discard: bool, ti: int = 0, dst_off: int = 0
+    ) -> None:
+        e, rec = item
+        self._ring_assigned += 1
+        if e is None:
+            out.add(pb.Delivery(ce=rec.ce, kind=rec.kind, value=rec.value, ring=True))  # type: ignore[arg-type]
+        elif discard:
+            out.add(pb.Delivery(ce=0, kind=pb.MSG_KIND_DISCARD, slot=e.slot, length=e.nbytes, ring=True))
+            self.counters.discards += 1
+            self.counters.ring_discards += 1
+            self.counters.bytes_wasted += e.nbytes
+        else:
+            staged = self.staging is not None and self.staging.ready(e.slot)
+            self.counters.staged += staged
+            out.add(
+                pb.Delivery(
+                    ce=0,
+                    kind=pb.MSG_KIND_DATA,
+                    slot=e.slot,
+                    length=e.nbytes,
+                    transfer=ti,
+                    dst_offset=dst_off,
+                    staged=staged,
+                    ring=True,
+                )
+            )
 
     # -- releases from the endpoint ----------------------------------------------------------------
     def release(self, slots: list[int], nop_cells: list[int]) -> None:
@@ -733,6 +913,7 @@ class Pipeline:
             self.arena.nops.release(c)
         if self.mode == "pipellm" and self.dead is None:
             self._dispatch()  # freed slots can take queued entries; the queue itself changes at commit end
+            self._publish()
 
     # -- D2H -------------------------------------------------------------------------------------
     async def landed(self, msg: pb.Landed, region: Region) -> list[pb.Delivery]:
@@ -804,6 +985,8 @@ class Pipeline:
         self.predictors.forget_region(region_id)
 
     def close(self) -> None:
+        self.ring = None  # the session unmaps it: a commit still unwinding must not publish any more
+        self.published.clear()
         if self.staging is not None:
             self.staging.close()
             self.staging = None

@@ -11,6 +11,7 @@ the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import struct
@@ -26,6 +27,7 @@ from pipellm_client.channel import KeyEpoch, PredictingReceiver, RotationPolicy,
 from pipellm_client.crypto import TAG_LEN
 from pipellm_client.errors import ChannelDead, InvalidArgument
 from pipellm_client.keys import Transcript, channel_label, derive_channel_key, open_masks
+from pipellm_client.ring import RingView, ring_bytes
 from pipellm_client.shm import SharedMemory
 
 from . import refusal as R
@@ -45,6 +47,26 @@ MAX_NAME = 64
 _INTENT_RECORD = struct.Struct("<QQQQ")  # a data-plane intent: region_id, offset, length, flags
 _INTENT_D2H = 1
 OFFER_WAIT_S = 2.0
+
+
+class DeliveryRing:
+    """One session's delivery ring: trusted shared memory (never the arena) and its doorbell eventfd."""
+
+    def __init__(self, shm: SharedMemory, capacity: int, bell: int) -> None:
+        self.shm = shm
+        self.capacity = capacity
+        self.bell = bell
+        self.view = RingView(shm.view, capacity)
+
+    @classmethod
+    def create(cls, capacity: int) -> DeliveryRing:
+        shm = SharedMemory.create("pipellm-ring", ring_bytes(capacity))
+        return cls(shm, capacity, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+
+    def close(self) -> None:
+        self.view.view.release()
+        self.shm.close()
+        os.close(self.bell)
 
 
 def rotation_policy(cfg: Config) -> RotationPolicy:
@@ -80,6 +102,7 @@ class Session:
         self.created = time.monotonic()
         self.closed = False
         self.verify_every = 1  # the client's endpoint verifies one DATA message in this many (1 = all)
+        self.ring: DeliveryRing | None = None
         self._declaring: list[tuple[int, int, int, bool]] = []  # a Declare split over frames, until the last
         # Bounded: enqueue_commit refuses past max_queued_commits (one place more for the end marker).
         self._commits: asyncio.Queue[tuple[int, list[tuple[Region, pb.Transfer]], int] | None] = asyncio.Queue(
@@ -368,7 +391,7 @@ class Session:
             region_bytes=sum(r.size for r in self.regions.values()),
             channels=chans,
             counters=self.pipeline.counters.to_proto(),
-            depth=len(self.pipeline.spec.queue),
+            depth=len(self.pipeline.spec.queue) + len(self.pipeline.published),
             intents_pending=self.pipeline.predictors.intents.pending,
             device_staging=self.pipeline.staging is not None,
             endpoint=self.endpoint,  # type: ignore[arg-type]
@@ -388,12 +411,32 @@ class Session:
         for t in list(self._tasks):
             t.cancel()
         self.pipeline.close()
+        if self.ring is not None:
+            asyncio.get_running_loop().remove_reader(self.ring.bell)
+            self.ring.close()
+            self.ring = None
         for r in list(self.regions.values()):
             r.close(self.workers)
         self.regions.clear()
         self.region_bytes = 0
         self.workers.unmap(self.arena.handle)
         pool.release(self.arena.shm)
+
+    # -- the delivery ring ---------------------------------------------------------------------------
+    def attach_ring(self, ring: DeliveryRing) -> None:
+        """The SDK rings `ring.bell` after taking records; a bad consumer index ends this session only."""
+        self.ring = ring
+        asyncio.get_running_loop().add_reader(ring.bell, self._on_doorbell)
+
+    def _on_doorbell(self) -> None:
+        if self.ring is None:
+            return
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.ring.bell)
+        try:
+            self.pipeline.doorbell()
+        except Exception as exc:
+            self.conn.send_error(R.from_exception(exc))
 
 
 def _channel_status(snap: dict[str, Any], ce: int, direction: int) -> pb.ChannelStatus:
@@ -511,6 +554,7 @@ class SessionManager:
         shm = self.pool.acquire()
         arena = Arena(self.layout, shm, self.workers.new_handle())
         self.workers.map(arena.handle, shm)
+        ring = DeliveryRing.create(2 * self.cfg.h2d_slots + 8) if self.cfg.delivery_ring else None
         h2d: list[H2DStream] = []
         d2h: list[D2HStream] = []
         for ce in range(channels):
@@ -548,6 +592,7 @@ class SessionManager:
             swap_order="lifo" if req.swap_order == pb.SWAP_ORDER_LIFO_GROUPS else "fifo",
             latency=self.latency,
             small_threshold=small,
+            ring=ring.view if ring is not None else None,
         )
         session = Session(
             sid,
@@ -564,7 +609,12 @@ class SessionManager:
         session.verify_every = max(1, req.verify_every)
         self.sessions[sid] = session
         conn.session = session
-        conn.send(pb.Frame(attach=pb.Attach(session_id=sid, size=shm.size)), fds=[shm.fd])
+        if ring is None:
+            conn.send(pb.Frame(attach=pb.Attach(session_id=sid, size=shm.size)), fds=[shm.fd])
+        else:
+            session.attach_ring(ring)
+            attach = pb.Attach(session_id=sid, size=shm.size, ring_size=ring.shm.size, ring_capacity=ring.capacity)
+            conn.send(pb.Frame(attach=attach), fds=[shm.fd, ring.shm.fd, ring.bell])
         self.events.emit(
             "session_opened",
             sid,

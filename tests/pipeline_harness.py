@@ -19,6 +19,7 @@ from pipellm_client.channel import KeyEpoch, PredictingReceiver, RotationPolicy,
 from pipellm_client.endpoint import ChannelSecrets
 from pipellm_client.regions import Region as ClientRegion
 from pipellm_client.regions import generation_table_bytes
+from pipellm_client.ring import RingView
 from pipellm_client.shm import SharedMemory
 
 from pipellm_daemon.config import Config
@@ -27,6 +28,7 @@ from pipellm_daemon.pipeline import D2HStream, H2DStream, Pipeline
 from pipellm_daemon.pool import Arena
 from pipellm_daemon.predictors import Key
 from pipellm_daemon.regions import Region as DaemonRegion
+from pipellm_daemon.sessions import DeliveryRing
 from pipellm_daemon.workers import WorkerPool
 
 
@@ -42,6 +44,7 @@ class PipelinePair:
         policy: RotationPolicy | None = None,
         swap_order: str = "fifo",
         endpoint: str = "cpu",
+        ring: bool = False,
     ):
         self.cfg = cfg
         self.workers = workers
@@ -64,6 +67,7 @@ class PipelinePair:
         workers.map(self.arena.handle, shm)
         self.regions: dict[int, DaemonRegion] = {}
         self.events = EventBus()
+        self.ring = DeliveryRing.create(2 * cfg.h2d_slots + 8) if ring else None
         self.pipeline = Pipeline(
             session_id="test",
             cfg=cfg,
@@ -75,6 +79,7 @@ class PipelinePair:
             events=self.events,
             endpoint_bytes_per_us=cfg.endpoint_bytes_per_us,
             swap_order=swap_order,
+            ring=self.ring.view if self.ring is not None else None,
         )
         resp = pb.OpenSessionResponse(
             session_id="test", mode=pb.MODE_PIPELLM, channels=cfg.channels, generation_granule=cfg.generation_granule,
@@ -90,6 +95,10 @@ class PipelinePair:
         self.core = SessionCore(resp, secrets, endpoint=endpoint)
         self.core.arena = SharedMemory.attach(os.dup(shm.fd), layout.size, writable=True)
         self.core.endpoint.attach_arena(self.core.arena)
+        if self.ring is not None:  # the SDK side maps the same memory; its doorbell is `pipeline.doorbell()`
+            self.core.ring_shm = SharedMemory.attach(os.dup(self.ring.shm.fd), self.ring.shm.size, writable=True)
+            self.core.ring = RingView(self.core.ring_shm.view, self.ring.capacity)
+            self.core.bell = os.dup(self.ring.bell)
         self.seq = 0
 
     def region(self, size: int, *, readonly: bool, data: np.ndarray[Any, Any] | None = None) -> ClientRegion:
@@ -123,8 +132,10 @@ class PipelinePair:
 
     async def commit(self, transfers: list[tuple[ClientRegion, int, int, np.ndarray[Any, Any], bool]]) -> None:
         frame, pending = self.core.commit_frame(transfers)
-        daemon_side = [(self.regions[t.region_id], t) for t in frame.commit.transfers]
-        await self.pipeline.commit(frame.commit.seq, daemon_side, self._send)
+        if frame is not None:
+            daemon_side = [(self.regions[t.region_id], t) for t in frame.commit.transfers]
+            await self.pipeline.commit(frame.commit.seq, daemon_side, self._send)
+        self.pipeline.doorbell()  # as the eventfd would wake the daemon
         assert pending.done and pending.error is None
 
     async def d2h(
@@ -146,6 +157,8 @@ class PipelinePair:
     def close(self) -> None:
         self.pipeline.close()
         self.core.close()
+        if self.ring is not None:
+            self.ring.close()
 
 
 async def settle(rounds: int = 3, pipelines: list[Any] | None = None, timeout: float = 5.0) -> None:

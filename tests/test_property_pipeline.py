@@ -64,15 +64,16 @@ offsets = st.integers(0, REGION - 1)
 
 
 class PipelineMachine(RuleBasedStateMachine):
-    @initialize(tight_keys=st.booleans())
-    def setup(self, tight_keys: bool) -> None:
+    @initialize(tight_keys=st.booleans(), ring=st.booleans())
+    def setup(self, tight_keys: bool, ring: bool) -> None:
         assert WORLD is not None
         self.w = WORLD
         self.ledger = NonceLedger()
         crypto.set_auditor(self.ledger)
         # Tight key thresholds make key rotations happen inside the run.
         policy = RotationPolicy(upper=40_000, lower=20_000) if tight_keys else RotationPolicy()
-        self.sessions = [PipelinePair(CFG, self.w.workers, policy) for _ in range(2)]
+        # With the delivery ring, hits are taken by the SDK straight from the published records.
+        self.sessions = [PipelinePair(CFG, self.w.workers, policy, ring=ring) for _ in range(2)]
         self.regions = []
         rng = np.random.default_rng(0)
         for s in self.sessions:
@@ -138,6 +139,7 @@ class PipelineMachine(RuleBasedStateMachine):
         s.pipeline.predictors.intents.declare(keys, replace=replace, cyclic=cyclic)
         s.pipeline.refill()
         self.w.run(settle())
+        s.pipeline.doorbell()
         if follow:
             for c in chunks:
                 self._commit(si, [(0, c * CHUNK, CHUNK, False)])
@@ -189,6 +191,10 @@ class PipelineMachine(RuleBasedStateMachine):
             assert ep.dead is None
             if c.hits:
                 event("some hits")
+            if c.ring_hits:
+                event("ring hits")
+            if c.ring_discards:
+                event("ring discards")
             if c.iv_rotations:
                 event("iv rotations")
             if c.key_rotations:

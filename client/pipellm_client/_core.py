@@ -4,6 +4,7 @@ for turning deliveries into bytes in destinations. No I/O happens here; the clie
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import struct
@@ -23,6 +24,7 @@ from .crypto import TAG_LEN
 from .endpoint import NOP_MESSAGE_LEN, ChannelSecrets, CpuEndpoint, Endpoint, MsgKind, host_source_view
 from .errors import ChannelDead, InvalidArgument, PipeLLMError, TagMismatch
 from .regions import Region, generation_table_bytes
+from .ring import FLAG_STAGED, KIND_DATA, KIND_ROTATE_IV, KIND_ROTATE_KEY, Record, RingView, source_digest
 from .shm import SharedMemory
 
 TICKET_KEY: Final = "pipellm-ticket"
@@ -256,6 +258,11 @@ class SessionCore:
         # device memory) and moves into slots, in encryption order, as the daemon frees them.
         self.d2h_backlog: deque[_Backlogged] = deque()
         self.d2h_backlog_bytes = 0
+        # The delivery ring (ring.py), when the daemon offers one: hits without a round trip.
+        self.ring: RingView | None = None
+        self.ring_shm: SharedMemory | None = None
+        self.bell = -1
+        self.ring_hits = 0
         self.dead: str | None = None
         self.pid = os.getpid()  # a forked child must not use it: its D2H nonces would repeat the parent's
         self.deferred: DaemonError | None = None  # a refused fire-and-forget request, raised at the next call
@@ -264,12 +271,17 @@ class SessionCore:
 
     # -- arena -------------------------------------------------------------------------------------
     def attach(self, frame: pb.Attach, fds: list[int]) -> None:
-        if len(fds) != 1 or frame.session_id != self.id:
+        want = 3 if frame.ring_capacity else 1
+        if len(fds) != want or frame.session_id != self.id:
             for fd in fds:
                 os.close(fd)
             raise PipeLLMError("bad Attach frame from the daemon")
         self.arena = SharedMemory.attach(fds[0], frame.size, writable=True)
         self.endpoint.attach_arena(self.arena)
+        if frame.ring_capacity:
+            self.ring_shm = SharedMemory.attach(fds[1], frame.ring_size, writable=True)
+            self.ring = RingView(self.ring_shm.view, frame.ring_capacity)
+            self.bell = fds[2]
 
     def _arena_view(self, off: int, n: int) -> memoryview:
         assert self.arena is not None
@@ -279,13 +291,15 @@ class SessionCore:
     def route_ce(self, length: int, unpredicted: bool) -> int:
         return 1 if self.channels > 1 and (unpredicted or length < self.small_threshold) else 0
 
-    def commit_frame(self, transfers: list[tuple[Region, int, int, Any, bool]]) -> tuple[pb.Frame, Pending]:
+    def commit_frame(self, transfers: list[tuple[Region, int, int, Any, bool]]) -> tuple[pb.Frame | None, Pending]:
+        """The Commit frame for what the delivery ring cannot serve (None when it served everything)."""
         self.check_alive()
         if not transfers:
             raise InvalidArgument("nothing to transfer")
         seq = next(self.seq)
         commit = pb.Commit(seq=seq)
         targets = []
+        checked = []
         for region, offset, length, dst, unpredicted in transfers:
             if region.id not in self.regions or self.regions[region.id] is not region:
                 raise InvalidArgument(f"{region!r} does not belong to this session")
@@ -293,6 +307,11 @@ class SessionCore:
             view = self.endpoint.dest_view(dst)
             if view.nbytes < length:
                 raise InvalidArgument(f"destination holds {view.nbytes} bytes, the transfer is {length}")
+            checked.append((region, offset, length, view, unpredicted))
+        rest = self._from_ring(checked) if self.ring is not None and not self.pending else checked
+        if not rest:
+            return None, Pending(seq, [], expected=0, done=True)
+        for region, offset, length, view, unpredicted in rest:
             targets.append((region, view))
             commit.transfers.append(
                 pb.Transfer(
@@ -316,6 +335,8 @@ class SessionCore:
         try:
             for d in comp.deliveries:
                 self._deliver(d, p, release)
+            if any(d.ring for d in comp.deliveries):
+                self._ring_bell()  # the records' slots are free: tell the daemon
         except (TagMismatch, ChannelDead) as exc:
             self.dead = str(exc)
             p.error = DaemonError(grpc.StatusCode.DATA_LOSS, f"endpoint refused a message: {exc}")
@@ -330,24 +351,101 @@ class SessionCore:
         self.stats.messages = ep.accepted
         return pb.Frame(release=release) if (release.slots or release.nop_cells) else None
 
+    # -- the delivery ring -----------------------------------------------------------------------------
+    def _from_ring(
+        self, transfers: list[tuple[Region, int, int, Any, bool]]
+    ) -> list[tuple[Region, int, int, Any, bool]]:
+        """Serve what the ring's records carry, in order; returns what is left for the slow path."""
+        ring = self.ring
+        assert ring is not None
+        cons, prod = ring.consumed, ring.produced
+        start = cons
+        rest: list[tuple[Region, int, int, Any, bool]] = []
+        for region, offset, length, view, unpredicted in transfers:
+            if rest or self.mode != pb.MODE_PIPELLM or self.route_ce(length, unpredicted) != 0:
+                rest.append((region, offset, length, view, unpredicted))
+                continue
+            done = 0
+            for c in chunks.split(offset, length, self.chunk_size):
+                while cons < prod:  # in-band rotations published between chunks: apply them in place
+                    rec = ring.record(cons)
+                    if rec.kind == KIND_ROTATE_IV:
+                        self.endpoint.rotate_iv(rec.ce, rec.value)
+                    elif rec.kind == KIND_ROTATE_KEY:
+                        self.endpoint.rotate_key(rec.ce, rec.value)
+                    else:
+                        break
+                    self.stats.rotations += 1
+                    cons += 1
+                if cons >= prod or not self._ring_takes(ring.record(cons), region, c.offset, c.length):
+                    break
+                rec = ring.record(cons)
+                self._take_data(rec.ce, rec.slot, rec.length, bool(rec.flags & FLAG_STAGED), view[c.dst_offset :])
+                cons += 1
+                self.ring_hits += 1
+                done += c.length
+            if done < length:
+                rest.append((region, offset + done, length - done, view[done:], unpredicted))
+        if cons != start:
+            ring.consumed = cons
+            self._ring_bell()
+        return rest
+
+    def _ring_takes(self, rec: Record, region: Region, offset: int, length: int) -> bool:
+        """A DATA record for exactly this chunk, made from the bytes the region holds now."""
+        if rec.kind != KIND_DATA or (rec.region, rec.offset, rec.length) != (region.id, offset, length):
+            return False
+        if self.landings_over(region, offset, length) or self.queued_over(region, offset, length):
+            return False  # a D2H write is on its way into the range: only the daemon can order it
+        gens = region.generations(offset, length)
+        return gens is not None and source_digest(gens) == rec.digest
+
+    def _ring_bell(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.eventfd_write(self.bell, 1)
+
+    def _take_ring_record(self, d: pb.Delivery) -> None:
+        """A slow-path delivery consumes the next ring record: it must be that record."""
+        ring = self.ring
+        if ring is None:
+            raise ChannelDead("the daemon delivered a ring record, but this session has no ring")
+        cons = ring.consumed
+        if cons >= ring.produced:
+            raise ChannelDead("the daemon delivered a ring record that was never published")
+        rec = ring.record(cons)
+        if d.kind in (pb.MSG_KIND_DATA, pb.MSG_KIND_DISCARD):
+            same = rec.kind == KIND_DATA and rec.slot == d.slot and rec.length == d.length and rec.ce == d.ce
+        else:
+            same = rec.kind == d.kind and rec.value == d.value and rec.ce == d.ce
+        if not same:
+            raise ChannelDead(f"delivery ring out of step at record {cons}")
+        ring.consumed = cons + 1
+
+    def _take_data(self, ce: int, slot: int, length: int, staged: bool, out: Any) -> None:
+        ep, st = self.endpoint, self.stats
+        self.layout.check_message(length)
+        msg = self._arena_view(self.layout.h2d_slot(slot), length + TAG_LEN)
+        out = out[:length]
+        self._data_seen += 1
+        if staged:
+            ep.next_staged = slot
+        if self._data_seen % self.verify_every == 0:
+            ep.receive(ce, MsgKind.DATA, msg, out)
+            st.verified += 1
+        else:
+            ep.next_staged = None
+            ep.h2d[ce].account_unverified(length)
+            st.unverified += 1
+        st.bytes += length
+
     def _deliver(self, d: pb.Delivery, p: Pending, release: pb.Release) -> None:
         ep, st = self.endpoint, self.stats
+        if d.ring:
+            self._take_ring_record(d)
+            release = pb.Release()  # a ring record's slot is released by the consumer index, not a Release
         if d.kind == pb.MSG_KIND_DATA:
-            self.layout.check_message(d.length)
-            msg = self._arena_view(self.layout.h2d_slot(d.slot), d.length + TAG_LEN)
-            region, dst = p.targets[d.transfer]
-            out = dst[d.dst_offset : d.dst_offset + d.length]
-            self._data_seen += 1
-            if d.staged:
-                ep.next_staged = d.slot
-            if self._data_seen % self.verify_every == 0:
-                ep.receive(d.ce, MsgKind.DATA, msg, out)
-                st.verified += 1
-            else:
-                ep.next_staged = None
-                ep.h2d[d.ce].account_unverified(d.length)
-                st.unverified += 1
-            st.bytes += d.length
+            _region, dst = p.targets[d.transfer]
+            self._take_data(d.ce, d.slot, d.length, d.staged, dst[d.dst_offset : d.dst_offset + d.length])
             p.delivered += d.length
             release.slots.append(d.slot)
         elif d.kind == pb.MSG_KIND_DISCARD:
@@ -384,7 +482,7 @@ class SessionCore:
     # -- D2H ---------------------------------------------------------------------------------------
     def landed_frames(
         self, src: Any, region: Region, offset: int, *, swap_out: bool, group: int
-    ) -> Iterator[tuple[pb.Frame, Landing]]:
+    ) -> Iterator[tuple[pb.Frame | None, Landing]]:
         """Encrypt device data into D2H slots (the endpoint's own counter) and describe it for the daemon.
 
         Yields (frame, landing) whenever the free slots are used up or the data ends; the caller sends the
@@ -653,4 +751,10 @@ class SessionCore:
         self.regions.clear()
         if self.arena is not None:
             self.arena.close()
+        if self.ring_shm is not None:
+            self.ring = None
+            self.ring_shm.close()
+            self.ring_shm = None
+            os.close(self.bell)
+            self.bell = -1
         self.endpoint.close()

@@ -325,6 +325,8 @@ class AsyncSession:
             await self.wait_landed(r, o, n)
         for attempt in range(_RETRIES_ON_ABORT + 1):
             frame, pending = self.core.commit_frame(items)
+            if frame is None:
+                return  # every chunk was a hit taken from the delivery ring: no round trip
             self.fs.send(frame)
             await self._until(lambda p=pending: p.done)  # type: ignore[misc]
             if pending.error is None:

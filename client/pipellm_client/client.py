@@ -420,6 +420,8 @@ class Session:
             self._pump(lambda r=r, o=o, n=n: not self.core.queued_over(r, o, n))  # type: ignore[misc]
         for attempt in range(_RETRIES_ON_ABORT + 1):
             frame, pending = self.core.commit_frame(items)
+            if frame is None:
+                return  # every chunk was a hit taken from the delivery ring: no round trip
             self.fs.send(frame)
             self._pump(lambda p=pending: p.done)  # type: ignore[misc]
             if pending.error is None:

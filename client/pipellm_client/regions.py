@@ -94,6 +94,16 @@ class Region:
             if g is not None:
                 g += np.uint64(1)  # even again, and different from any snapshot taken before
 
+    def generations(self, offset: int, length: int) -> bytes | None:
+        """The write generations covering a range as the daemon snapshots them (b"" for a sealed read-only
+        region), or None while that range may change (a writer inside it, or a read-only region not sealed)."""
+        if self._gens is None:
+            return b"" if self.sealed else None
+        g = self._gens[offset // self.granule : (offset + length - 1) // self.granule + 1]
+        if (g & 1).any():
+            return None
+        return g.tobytes()
+
     def write(self, offset: int, data: bytes | bytearray | memoryview | np.ndarray[Any, Any]) -> None:
         raw = (
             np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)

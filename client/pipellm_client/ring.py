@@ -1,0 +1,87 @@
+"""The delivery ring: ciphertext the daemon has made ready, published in IV order for the SDK to take at once.
+
+A hit then costs the serving process no round trip: it reads the record at the consumer index, checks that
+it is the chunk it wants and that its source is unchanged, hands the slot to the endpoint, advances the
+index and rings a doorbell (an eventfd write, which never waits). The daemon learns from the index which
+slots are free again. A record the SDK cannot take (another chunk, stale, nothing published yet) sends it
+down the slow path: a Commit frame, whose Completion consumes the remaining records in order.
+
+Trust boundary: records are control data (which slot holds which chunk, in which order), so they live in a
+memfd shared only by the daemon and the serving process, never in the bounce arena. A host that could
+rewrite a record could make the endpoint accept authentic ciphertext of one chunk as another; rewriting
+the arena can only make a tag check fail. The daemon keeps its own copy of every record it published and
+trusts only the consumer index from this memory, which it checks.
+
+Layout: a 64-byte header (produced: u64 at 0, written by the daemon; consumed: u64 at 8, written by the
+SDK), then `capacity` records of 64 bytes (`RECORD`).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final, NamedTuple
+
+import xxhash
+
+from .shm import round_up
+
+HEADER: Final = 64
+RECORD: Final = struct.Struct("<IIIIQQQQQ8x")  # kind, ce, slot, flags, region, offset, length, digest, value
+KIND_DATA: Final = 1  # = pb.MSG_KIND_DATA
+KIND_ROTATE_IV: Final = 4  # = pb.MSG_KIND_ROTATE_IV
+KIND_ROTATE_KEY: Final = 5  # = pb.MSG_KIND_ROTATE_KEY
+FLAG_STAGED: Final = 1  # the ciphertext is already in device staging (CUDA endpoints)
+_INDEX: Final = struct.Struct("<Q")
+
+
+class Record(NamedTuple):
+    kind: int
+    ce: int
+    slot: int
+    flags: int
+    region: int
+    offset: int
+    length: int
+    digest: int  # `source_digest` of the write generations the daemon's ciphertext was made from
+    value: int  # new chan_ctr (ROTATE_IV) or key version (ROTATE_KEY)
+
+
+def ring_bytes(capacity: int) -> int:
+    return round_up(HEADER + capacity * RECORD.size)
+
+
+def source_digest(generations: bytes) -> int:
+    """What both ends compare to know a chunk's source is unchanged: a hash of its write generations."""
+    return xxhash.xxh3_64_intdigest(generations)
+
+
+class RingView:
+    """Both ends' view of one ring in shared memory (the daemon produces, the SDK consumes)."""
+
+    def __init__(self, view: memoryview, capacity: int) -> None:
+        if capacity < 1 or len(view) < ring_bytes(capacity):
+            raise ValueError(f"a ring of {capacity} records needs {ring_bytes(capacity)} bytes, got {len(view)}")
+        self.view = view
+        self.capacity = capacity
+
+    @property
+    def produced(self) -> int:
+        return int(_INDEX.unpack_from(self.view, 0)[0])
+
+    @produced.setter
+    def produced(self, n: int) -> None:
+        _INDEX.pack_into(self.view, 0, n)
+
+    @property
+    def consumed(self) -> int:
+        return int(_INDEX.unpack_from(self.view, 8)[0])
+
+    @consumed.setter
+    def consumed(self, n: int) -> None:
+        _INDEX.pack_into(self.view, 8, n)
+
+    def record(self, index: int) -> Record:
+        return Record(*RECORD.unpack_from(self.view, HEADER + (index % self.capacity) * RECORD.size))
+
+    def write(self, index: int, rec: Record) -> None:
+        RECORD.pack_into(self.view, HEADER + (index % self.capacity) * RECORD.size, *rec)
