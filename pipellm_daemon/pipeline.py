@@ -801,6 +801,8 @@ class Pipeline:
             produced += 1
             depth -= 1
         ring.produced = produced
+        # Ask for a doorbell when we wait on the SDK: records it has not taken block publishing or slots.
+        ring.bell_wanted = depth <= 0 or self._speculative_slot_budget() <= 0
 
     def _ring_sync(self) -> None:
         """Learn from the consumer index which records the SDK took; their slots are free again."""
@@ -827,6 +829,11 @@ class Pipeline:
             if e is not None:
                 self.ring_slots.discard(e.slot)
                 self.arena.h2d.release(e.slot)
+
+    def sync_ring(self) -> None:
+        """Count the hits the SDK took since the last doorbell (for status: it rings only now and then)."""
+        if self.ring is not None and self.dead is None and not self._committing:
+            self._ring_sync()
 
     def doorbell(self) -> None:
         """The SDK took ring records: free their slots, speculate and publish further."""

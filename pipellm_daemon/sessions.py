@@ -376,6 +376,8 @@ class Session:
 
     # -- status and lifecycle ------------------------------------------------------------------------
     def status(self) -> pb.SessionStatus:
+        with contextlib.suppress(Exception):  # a corrupt consumer index is reported at the next doorbell
+            self.pipeline.sync_ring()
         chans: list[pb.ChannelStatus] = []
         for s in self.pipeline.h2d:
             chans.append(_channel_status(s.sender.snapshot(), s.ce, pb.DIRECTION_H2D))
@@ -513,6 +515,8 @@ class SessionManager:
         t = Counters()
         t.add(self.closed_totals)
         for s in self.sessions.values():
+            with contextlib.suppress(Exception):  # hits taken from the ring since the last doorbell
+                s.pipeline.sync_ring()
             t.add(s.pipeline.counters)
         return t
 
@@ -647,6 +651,8 @@ class SessionManager:
     def close(self, session: Session, reason: str) -> None:
         if session.closed:
             return
+        with contextlib.suppress(Exception):
+            session.pipeline.sync_ring()
         self.closed_totals.add(session.pipeline.counters)
         session.close(self.pool)
         self.events.emit("session_closed", session.id, reason)  # while still listed: its owner's watchers see it

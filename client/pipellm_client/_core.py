@@ -24,7 +24,7 @@ from .crypto import TAG_LEN
 from .endpoint import NOP_MESSAGE_LEN, ChannelSecrets, CpuEndpoint, Endpoint, MsgKind, host_source_view
 from .errors import ChannelDead, InvalidArgument, PipeLLMError, TagMismatch
 from .regions import Region, generation_table_bytes
-from .ring import FLAG_STAGED, KIND_DATA, KIND_ROTATE_IV, KIND_ROTATE_KEY, Record, RingView, source_digest
+from .ring import BELL_EVERY, FLAG_STAGED, KIND_DATA, KIND_ROTATE_IV, KIND_ROTATE_KEY, Record, RingView, source_digest
 from .shm import SharedMemory
 
 TICKET_KEY: Final = "pipellm-ticket"
@@ -263,6 +263,7 @@ class SessionCore:
         self.ring_shm: SharedMemory | None = None
         self.bell = -1
         self.ring_hits = 0
+        self._rung = 0  # the consumer index at the last doorbell
         self.dead: str | None = None
         self.pid = os.getpid()  # a forked child must not use it: its D2H nonces would repeat the parent's
         self.deferred: DaemonError | None = None  # a refused fire-and-forget request, raised at the next call
@@ -388,7 +389,8 @@ class SessionCore:
                 rest.append((region, offset + done, length - done, view[done:], unpredicted))
         if cons != start:
             ring.consumed = cons
-            self._ring_bell()
+            if ring.bell_wanted or cons - self._rung >= BELL_EVERY or rest:
+                self._ring_bell()
         return rest
 
     def _ring_takes(self, rec: Record, region: Region, offset: int, length: int) -> bool:
@@ -401,6 +403,8 @@ class SessionCore:
         return gens is not None and source_digest(gens) == rec.digest
 
     def _ring_bell(self) -> None:
+        assert self.ring is not None
+        self._rung = self.ring.consumed
         with contextlib.suppress(BlockingIOError, OSError):
             os.eventfd_write(self.bell, 1)
 

@@ -13,7 +13,10 @@ the arena can only make a tag check fail. The daemon keeps its own copy of every
 trusts only the consumer index from this memory, which it checks.
 
 Layout: a 64-byte header (produced: u64 at 0, written by the daemon; consumed: u64 at 8, written by the
-SDK), then `capacity` records of 64 bytes (`RECORD`).
+SDK; bell_wanted: u64 at 16, set by the daemon when it waits for records to be taken), then `capacity`
+records of 64 bytes (`RECORD`). The SDK writes the doorbell when `bell_wanted` is set, and at least every
+`BELL_EVERY` records, so a busy serving loop makes a system call only now and then. (A wake-up lost to
+the two processes' unfenced stores costs nothing worse than a slow-path commit, which wakes the daemon.)
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ KIND_ROTATE_IV: Final = 4  # = pb.MSG_KIND_ROTATE_IV
 KIND_ROTATE_KEY: Final = 5  # = pb.MSG_KIND_ROTATE_KEY
 FLAG_STAGED: Final = 1  # the ciphertext is already in device staging (CUDA endpoints)
 _INDEX: Final = struct.Struct("<Q")
+BELL_EVERY: Final = 8
 
 
 class Record(NamedTuple):
@@ -79,6 +83,14 @@ class RingView:
     @consumed.setter
     def consumed(self, n: int) -> None:
         _INDEX.pack_into(self.view, 8, n)
+
+    @property
+    def bell_wanted(self) -> bool:
+        return bool(_INDEX.unpack_from(self.view, 16)[0])
+
+    @bell_wanted.setter
+    def bell_wanted(self, wanted: bool) -> None:
+        _INDEX.pack_into(self.view, 16, int(wanted))
 
     def record(self, index: int) -> Record:
         return Record(*RECORD.unpack_from(self.view, HEADER + (index % self.capacity) * RECORD.size))
