@@ -505,19 +505,21 @@ class Pipeline:
     def _deliver_entry(self, out: Outbox, e: Entry, ti: int, dst_off: int) -> None:
         self.spec.sender.submit(e.iv)
         self.delivered_slots.add(e.slot)
+        out.add(self._data_delivery(e, ti, dst_off, ring=False), e.fut)
+
+    def _data_delivery(self, e: Entry, ti: int, dst_off: int, *, ring: bool) -> pb.Delivery:
+        """DATA for a hit: staged when the daemon's copy into device staging has completed."""
         staged = self.staging is not None and self.staging.ready(e.slot)
         self.counters.staged += staged
-        out.add(
-            pb.Delivery(
-                ce=0,
-                kind=pb.MSG_KIND_DATA,
-                slot=e.slot,
-                length=e.nbytes,
-                transfer=ti,
-                dst_offset=dst_off,
-                staged=staged,
-            ),
-            e.fut,
+        return pb.Delivery(
+            ce=0,
+            kind=pb.MSG_KIND_DATA,
+            slot=e.slot,
+            length=e.nbytes,
+            transfer=ti,
+            dst_offset=dst_off,
+            staged=staged,
+            ring=ring,
         )
 
     # -- relinquishing ---------------------------------------------------------------------------
@@ -891,20 +893,7 @@ class Pipeline:
             self.counters.ring_discards += 1
             self.counters.bytes_wasted += e.nbytes
         else:
-            staged = self.staging is not None and self.staging.ready(e.slot)
-            self.counters.staged += staged
-            out.add(
-                pb.Delivery(
-                    ce=0,
-                    kind=pb.MSG_KIND_DATA,
-                    slot=e.slot,
-                    length=e.nbytes,
-                    transfer=ti,
-                    dst_offset=dst_off,
-                    staged=staged,
-                    ring=True,
-                )
-            )
+            out.add(self._data_delivery(e, ti, dst_off, ring=True))
 
     # -- releases from the endpoint ----------------------------------------------------------------
     def release(self, slots: list[int], nop_cells: list[int]) -> None:

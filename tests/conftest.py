@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import Iterator
@@ -63,3 +64,22 @@ def daemon(request: pytest.FixtureRequest) -> Iterator[object]:
     settings.setdefault("pool_bytes", 1 << 30)
     with DaemonProcess(**settings) as d:
         yield d
+
+
+@pytest.fixture
+def loop_and_pool() -> Iterator[tuple[asyncio.AbstractEventLoop, object]]:
+    """An event loop and a real two-worker pool, with a nonce ledger auditing every encryption."""
+    from pipellm_client import crypto
+
+    from pipellm_daemon.workers import WorkerPool
+
+    loop = asyncio.new_event_loop()
+    pool = WorkerPool(2)
+    loop.run_until_complete(pool.start())
+    ledger = NonceLedger()
+    crypto.set_auditor(ledger)
+    yield loop, pool
+    crypto.set_auditor(None)
+    assert ledger.violations == []
+    loop.run_until_complete(pool.close())
+    loop.close()

@@ -3,22 +3,17 @@ swap-in, key rotation, and a worker that dies mid-job."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import signal
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from pipellm_client import crypto
 from pipellm_client.channel import RotationPolicy
 
 from pipellm_daemon.config import Config
 from pipellm_daemon.pipeline import State
-from pipellm_daemon.workers import WorkerPool
 
-from .conftest import NonceLedger
 from .pipeline_harness import PipelinePair, settle
 
 CHUNK = 64 << 10
@@ -26,20 +21,6 @@ BASE = Config(
     chunk_size=CHUNK, h2d_slots=12, d2h_slots=4, demand_slots=2, max_depth=8, ahead_bytes=8 * CHUNK,
     small_transfer_threshold=4096, generation_granule=4096, pool_bytes=1 << 30,
 )  # fmt: skip
-
-
-@pytest.fixture
-def loop_and_pool() -> Iterator[tuple[asyncio.AbstractEventLoop, WorkerPool]]:
-    loop = asyncio.new_event_loop()
-    pool = WorkerPool(2)
-    loop.run_until_complete(pool.start())
-    ledger = NonceLedger()
-    crypto.set_auditor(ledger)
-    yield loop, pool
-    crypto.set_auditor(None)
-    assert ledger.violations == []
-    loop.run_until_complete(pool.close())
-    loop.close()
 
 
 def setup(loop_and_pool, cfg: Config = BASE, policy: RotationPolicy | None = None, swap_order: str = "fifo"):

@@ -12,15 +12,12 @@ import asyncio
 import dataclasses
 import signal
 import threading
-import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 import numpy as np
-import psutil
 import pytest
-from pipellm_client import Client, crypto
+from pipellm_client import Client
 from pipellm_client._core import DaemonError
 
 from pipellm_daemon.config import Config
@@ -28,8 +25,8 @@ from pipellm_daemon.launcher import DaemonProcess
 from pipellm_daemon.pipeline import CommitAborted, State
 from pipellm_daemon.workers import WorkerLost, WorkerPool
 
-from .conftest import NonceLedger
 from .pipeline_harness import PipelinePair, settle
+from .test_faults import wait_for, worker_procs
 
 CHUNK = 64 << 10
 BASE = Config(
@@ -68,20 +65,6 @@ class Gate:
                 n += 1
         self.held.clear()
         return n
-
-
-@pytest.fixture
-def loop_and_pool() -> Iterator[tuple[asyncio.AbstractEventLoop, WorkerPool]]:
-    loop = asyncio.new_event_loop()
-    pool = WorkerPool(2)
-    loop.run_until_complete(pool.start())
-    ledger = NonceLedger()
-    crypto.set_auditor(ledger)
-    yield loop, pool
-    crypto.set_auditor(None)
-    assert ledger.violations == []
-    loop.run_until_complete(pool.close())
-    loop.close()
 
 
 def commit_with_death(
@@ -169,18 +152,6 @@ def test_worker_death_under_a_burned_speculative_entry_is_aborted_then_retried(l
 
 
 # -- real processes -------------------------------------------------------------------------------------
-def _workers(daemon: DaemonProcess) -> list[psutil.Process]:
-    return [p for p in psutil.Process(daemon.pid).children() if "pipellm_daemon.worker" in " ".join(p.cmdline())]
-
-
-def _wait_for(pred: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.daemon_settings(mode="naive", workers=1, chunk_size=1 << 20)
@@ -210,15 +181,15 @@ def test_sdk_retries_commits_whose_worker_was_killed(daemon: DaemonProcess) -> N
     t = threading.Thread(target=loop, daemon=True)
     t.start()
     try:
-        _wait_for(lambda: state["commits"] >= 2 or "exc" in state, "the transfer loop")
+        wait_for(lambda: state["commits"] >= 2 or "exc" in state, "the transfer loop")
         kills = 0
         while s.aborted_retries == 0 and kills < 20 and "exc" not in state:
-            victims = _workers(daemon)
+            victims = worker_procs(daemon.pid)
             if victims:
                 victims[0].send_signal(signal.SIGKILL)
                 kills += 1
             mark = state["commits"]
-            _wait_for(lambda m=mark: state["commits"] >= m + 1 or "exc" in state, "transfers after the kill")
+            wait_for(lambda m=mark: state["commits"] >= m + 1 or "exc" in state, "transfers after the kill")
     finally:
         stop.set()
         t.join(60)
