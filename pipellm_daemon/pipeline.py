@@ -18,6 +18,7 @@ drops it); an entry whose worker died mid-job can only be abandoned by an IV rot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import itertools
@@ -48,6 +49,9 @@ from .workers import WorkerLost, WorkerPool
 FLAG_UNPREDICTED = 1
 _log = _get_log("pipellmd.pipeline")
 _BATCH = 64  # deliveries per Completion frame
+# Only what the serving code declared or swapped out is published: publishing makes an IV irrevocable
+# (consumed or burned by DISCARD), and learned guesses are often replaced by a hint before they are used.
+_PUBLISHED_SOURCES = frozenset({"intents", "swap"})
 
 
 class CommitAborted(PipeLLMError):
@@ -639,6 +643,10 @@ class Pipeline:
         """Bring the queue in line with the predictions and start encrypting what has a slot."""
         if self.mode != "pipellm" or self.dead is not None:
             return
+        with contextlib.suppress(ProtocolViolation):  # a corrupt consumer index kills the session right there
+            self.sync_ring()  # what the SDK took from the ring is no longer a prediction: the predictors see it first
+        if self.dead is not None:
+            return
         s = self.spec
         if s.sender.key_rotation_pending or s.sender.dead is not None:
             return
@@ -767,7 +775,8 @@ class Pipeline:
         """Put ready ciphertext at the head of the queue into the ring, in IV order, for the SDK to take.
 
         Publishing submits the IV: the record can then only be consumed (a hit) or burned by DISCARD, never
-        abandoned by a rotation, so no more is published than the learned depth.
+        abandoned by a rotation, so no more is published than the learned depth, and only entries the serving
+        code declared (intents) or swapped out: learned guesses stay in the revocable queue.
         """
         ring = self.ring
         if ring is None or self.mode != "pipellm" or self.dead is not None or self._committing:
@@ -790,6 +799,8 @@ class Pipeline:
             e = s.queue[0]
             if e.state != State.READY or e.fingerprint is not None or not self._valid(e):
                 break
+            if e.source not in _PUBLISHED_SOURCES:
+                break  # a learned guess stays revocable: a better-informed hint may still replace it cheaply
             self._pop(s)
             s.sender.submit(e.iv)
             e.state = State.PUBLISHED

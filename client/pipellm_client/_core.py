@@ -334,8 +334,9 @@ class SessionCore:
         release = pb.Release()
         ep = self.endpoint
         try:
-            for d in comp.deliveries:
-                self._deliver(d, p, release)
+            with ep.batch():
+                for d in comp.deliveries:
+                    self._deliver(d, p, release)
             if any(d.ring for d in comp.deliveries):
                 self._ring_bell()  # the records' slots are free: tell the daemon
         except (TagMismatch, ChannelDead) as exc:
@@ -362,6 +363,27 @@ class SessionCore:
         cons, prod = ring.consumed, ring.produced
         start = cons
         rest: list[tuple[Region, int, int, Any, bool]] = []
+        try:
+            with self.endpoint.batch():
+                cons = self._take_from_ring(ring, transfers, cons, prod, rest)
+        except (TagMismatch, ChannelDead) as exc:
+            self.dead = str(exc)  # the clients tell the daemon (endpoint_failure), as for a slow-path message
+            ring.consumed = cons
+            raise
+        if cons != start:
+            ring.consumed = cons
+            if ring.bell_wanted or cons - self._rung >= BELL_EVERY or rest:
+                self._ring_bell()
+        return rest
+
+    def _take_from_ring(
+        self,
+        ring: RingView,
+        transfers: list[tuple[Region, int, int, Any, bool]],
+        cons: int,
+        prod: int,
+        rest: list[tuple[Region, int, int, Any, bool]],
+    ) -> int:
         for region, offset, length, view, unpredicted in transfers:
             if rest or self.mode != pb.MODE_PIPELLM or self.route_ce(length, unpredicted) != 0:
                 rest.append((region, offset, length, view, unpredicted))
@@ -387,11 +409,7 @@ class SessionCore:
                 done += c.length
             if done < length:
                 rest.append((region, offset + done, length - done, view[done:], unpredicted))
-        if cons != start:
-            ring.consumed = cons
-            if ring.bell_wanted or cons - self._rung >= BELL_EVERY or rest:
-                self._ring_bell()
-        return rest
+        return cons
 
     def _ring_takes(self, rec: Record, region: Region, offset: int, length: int) -> bool:
         """A DATA record for exactly this chunk, made from the bytes the region holds now."""
@@ -507,6 +525,7 @@ class SessionCore:
         for c in chunks.split(0, data.nbytes, self.chunk_size):
             if self.d2h_backlog or not self.d2h_free:
                 if msgs:  # what already has slots goes first: the daemon sees messages in encryption order
+                    self.endpoint.flush()
                     seq = next(self.seq)
                     n = sum(m.length for m in msgs)
                     landing = Landing(seq, region, offset + start, n, slots)
@@ -534,6 +553,7 @@ class SessionCore:
                 n = sum(m.length for m in msgs)
                 landing = Landing(seq, region, offset + start, n, slots)
                 self.landing[seq] = landing
+                self.endpoint.flush()  # (a batching endpoint) the ciphertext is in its slots before the frame goes
                 yield self._landed(seq, region, offset + start, n, msgs, swap_out, group), landing
                 start += n
                 msgs, slots = [], []

@@ -35,7 +35,7 @@ from ._dataplane import DaemonUnavailable, FrameSocket, default_socket
 from ._gen.pipellm.v1 import pipellm_pb2 as pb
 from ._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
 from .client import _welcome
-from .errors import InvalidArgument, PipeLLMError
+from .errors import InvalidArgument, PipeLLMError, TagMismatch
 from .regions import Region
 
 T = TypeVar("T")
@@ -324,7 +324,12 @@ class AsyncSession:
         for r, o, n, _d, _u in items:
             await self.wait_landed(r, o, n)
         for attempt in range(_RETRIES_ON_ABORT + 1):
-            frame, pending = self.core.commit_frame(items)
+            try:
+                frame, pending = self.core.commit_frame(items)
+            except TagMismatch as exc:  # the endpoint refused a record taken from the ring: tell the daemon
+                with contextlib.suppress(DaemonUnavailable):
+                    self.fs.send(self.core.endpoint_failure(exc))
+                raise
             if frame is None:
                 return  # every chunk was a hit taken from the delivery ring: no round trip
             self.fs.send(frame)

@@ -33,7 +33,7 @@ from ._core import (
 from ._dataplane import DaemonUnavailable, FrameSocket, default_socket
 from ._gen.pipellm.v1 import pipellm_pb2 as pb
 from ._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
-from .errors import ChannelDead, PipeLLMError
+from .errors import ChannelDead, PipeLLMError, TagMismatch
 from .regions import Region
 
 T = TypeVar("T")
@@ -419,7 +419,12 @@ class Session:
             # (it then holds the commit until that decryption has landed).
             self._pump(lambda r=r, o=o, n=n: not self.core.queued_over(r, o, n))  # type: ignore[misc]
         for attempt in range(_RETRIES_ON_ABORT + 1):
-            frame, pending = self.core.commit_frame(items)
+            try:
+                frame, pending = self.core.commit_frame(items)
+            except TagMismatch as exc:  # the endpoint refused a record taken from the ring: tell the daemon
+                with contextlib.suppress(DaemonUnavailable):
+                    self.fs.send(self.core.endpoint_failure(exc))
+                raise
             if frame is None:
                 return  # every chunk was a hit taken from the delivery ring: no round trip
             self.fs.send(frame)

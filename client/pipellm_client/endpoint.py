@@ -9,6 +9,7 @@ the destination.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -152,6 +153,14 @@ class Endpoint(ABC):
             if ch.dead is not None:
                 return f"{ch.name}: {ch.dead}"
         return None
+
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        """Messages of one commit or ring batch, run together where the endpoint can (the CUDA one: one
+        launch set per batch, every tag checked before any destination is written). Here: at once."""
+        return contextlib.nullcontext()
+
+    def flush(self) -> None:  # noqa: B027 - a no-op where nothing is queued
+        """Run whatever a batch has queued so far (D2H ciphertext must be in its slot before it is sent)."""
 
     def close(self) -> None:
         for ch in (*self.h2d, *self.d2h):
