@@ -298,9 +298,17 @@ class Replayer:
     """One mode's session for one trace: regions allocated once, then `run` as often as needed."""
 
     def __init__(
-        self, client: Client, daemon: DaemonProcess, mode: str, trace: W.Trace, verify: int, overshoot: float
+        self,
+        client: Client,
+        daemon: DaemonProcess,
+        mode: str,
+        trace: W.Trace,
+        verify: int,
+        overshoot: float,
+        endpoint: str = "cpu",
     ) -> None:
         self.mode = mode
+        self.endpoint = endpoint
         self.overshoot = overshoot
         self.trace = trace
         self.daemon = daemon
@@ -310,6 +318,7 @@ class Replayer:
             verify=verify,
             allow_plain=mode == "plain",
             allow_unverified=verify != 1,
+            endpoint=endpoint,
         )
         self.regions = {}
         for i, spec in enumerate(trace.regions):
@@ -323,17 +332,57 @@ class Replayer:
             self.regions[spec.name] = r
         # "Device memory": one buffer the size of the largest range; every transfer of a commit lands in it
         # (what arrives is not used, and only sampled messages are decrypted into it anyway).
-        self.dst = np.empty(max(1, trace.max_h2d_range()), np.uint8)
+        self.dst: Any = np.empty(max(1, trace.max_h2d_range()), np.uint8)
         self.dst.fill(0)  # touched once, here
-        self.src = np.random.default_rng(1).integers(0, 256, max(1, trace.max_d2h_op()), dtype=np.uint8)
+        self.src: Any = np.random.default_rng(1).integers(0, 256, max(1, trace.max_d2h_op()), dtype=np.uint8)
+        if endpoint == "cuda":  # GPU memory: real DMA, the GPU decrypts and encrypts
+            import cupy
+
+            # Each range of an op gets its own bytes (256-aligned), so a commit's messages can run as one
+            # GPU batch (messages into the same bytes must run one after another).
+            widest = max(
+                (sum(-(-r.length // 256) * 256 for r in op.ranges) for st in trace.steps for op in st.ops
+                 if isinstance(op, W.H2D)),
+                default=1,
+            )  # fmt: skip
+            self.dst, self.src = cupy.zeros(max(1, widest), dtype=cupy.uint8), cupy.asarray(self.src)
         self.dev: DeviceModel | None = None
         self.d2h_pending = False
         self.host: dict[str, float] = dict.fromkeys(HOST_FIELDS, 0.0)
         self._meter()
 
     def _meter(self) -> None:
-        """Charge the CPU endpoint's work (the GPU's part of the channel) to the device model's debt."""
+        """Charge the CPU endpoint's work (the GPU's part of the channel) to the device model's debt.
+
+        A CUDA endpoint's work is real device work: nothing is charged, and each completion, each
+        commit (its ring hits) and each D2H frame's messages run as one endpoint batch."""
         core = self.s.core
+        if self.endpoint == "cuda":
+            batch = core.endpoint.batch  # type: ignore[attr-defined]
+
+            def batched(fn: Callable[..., Any]) -> Callable[..., Any]:
+                def wrapper(*a: Any, **kw: Any) -> Any:
+                    with batch():
+                        return fn(*a, **kw)
+
+                return wrapper
+
+            def batched_frames(fn: Callable[..., Any]) -> Callable[..., Any]:
+                def wrapper(*a: Any, **kw: Any) -> Any:
+                    frames = fn(*a, **kw)
+                    while True:
+                        with batch():  # ends (runs the queued sends) before the frame leaves
+                            item = next(frames, None)
+                        if item is None:
+                            return
+                        yield item
+
+                return wrapper
+
+            core.apply_completion = batched(core.apply_completion)  # type: ignore[method-assign]
+            core.commit_frame = batched(core.commit_frame)  # type: ignore[method-assign]
+            core.landed_frames = batched_frames(core.landed_frames)  # type: ignore[method-assign]
+            return
 
         def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
             def wrapper(*a: Any, **kw: Any) -> Any:
@@ -361,7 +410,7 @@ class Replayer:
         self.regions.clear()
         self.dst = self.src = np.empty(0, np.uint8)
         core = self.s.core
-        for name in ("apply_completion",):
+        for name in ("apply_completion", "commit_frame", "landed_frames"):
             core.__dict__.pop(name, None)
         core.endpoint.__dict__.pop("send", None)
         gc.collect()
@@ -370,7 +419,13 @@ class Replayer:
     def _op(self, op: W.Op, dev: DeviceModel) -> None:
         s = self.s
         if isinstance(op, W.H2D):
-            transfers = [(self.regions[r.region], r.offset, r.length, self.dst[: r.length]) for r in op.ranges]
+            if self.endpoint == "cuda":
+                transfers, at = [], 0
+                for r in op.ranges:
+                    transfers.append((self.regions[r.region], r.offset, r.length, self.dst[at : at + r.length]))
+                    at += -(-r.length // 256) * 256
+            else:
+                transfers = [(self.regions[r.region], r.offset, r.length, self.dst[: r.length]) for r in op.ranges]
             issued = dev.now()
             s.h2d_many(transfers)
             done = dev.now()
@@ -380,7 +435,7 @@ class Replayer:
         elif isinstance(op, W.D2H):
             r = op.range
             issued = dev.now()
-            if self.mode == "plain":  # the endpoint writes host memory directly: that is the DMA
+            if self.mode == "plain" and self.endpoint == "cpu":  # the endpoint writes host memory: that is the DMA
                 t0 = time.perf_counter()
                 s.d2h(self.src[: r.length], self.regions[r.region], r.offset, swap_out=op.swap_out, group=op.group)
                 dev.emulated(time.perf_counter() - t0)
@@ -594,6 +649,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated workload names (prefix match)")
     ap.add_argument("--regimes", default=",".join(REGIMES))
     ap.add_argument("--verify", type=int, default=16, help="endpoint verifies 1 DATA message in N (1 = all)")
+    ap.add_argument(
+        "--endpoint",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: destinations and D2H sources in GPU memory, the endpoint decrypts/encrypts on the GPU (real work,"
+        " not emulation debt)",
+    )
     ap.add_argument("--headroom", type=float, default=0.5, help="capacity regime: ideal demand / capacity")
     ap.add_argument("--workers", type=int, default=0, help="pipellm (and plain) workers; 0 = one per core")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="daemon setting, all modes")
@@ -628,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"PipeLLM bench ({size_name}): {len(traces)} workloads x {len(regimes)} regimes x {len(MODES)} modes x "
         f"{reps} reps, interleaved; {machine()['cores']} cores; {n_workers} pipellm workers, naive 1 worker; "
-        f"{verify_note}",
+        f"{args.endpoint} endpoint; {verify_note}",
         flush=True,
     )
     print(
@@ -658,7 +720,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for trace in traces:
                 t_wl = time.monotonic()
-                reps_of = {m: Replayer(clients[m], ds[m], m, trace, args.verify, overshoot) for m in MODES}
+                reps_of = {
+                    m: Replayer(clients[m], ds[m], m, trace, args.verify, overshoot, args.endpoint) for m in MODES
+                }
                 try:
                     for tr, regime, sc in plan:
                         if tr is not trace:
@@ -699,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": size_name,
         "reps": reps,
         "verify": verify_note,
+        "endpoint": args.endpoint,
         "workers": {"pipellm": n_workers, "naive": 1},
         "settings": settings,
         "capacity": {

@@ -6,7 +6,7 @@ import re
 
 from pipellm_client.gpu.aesgcm_cuda import cuda_source
 
-_ENTRY = re.compile(r'extern "C" __global__ void __launch_bounds__\(PLM_TPB\)\s+(\w+)\(([^)]*)\)', re.S)
+_ENTRY = re.compile(r'extern "C" __global__ void __launch_bounds__\(PLM_TPB(?:, \w+)?\)\s+(\w+)\(([^)]*)\)', re.S)
 
 
 def kernel_signatures() -> dict[str, list[str]]:

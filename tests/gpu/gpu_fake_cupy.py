@@ -1,10 +1,17 @@
 """Test-only stand-in for the parts of CuPy that aesgcm_cuda.py uses, with "device memory" in host
 memory and RawModule compiling aesgcm.cu through the CPU emulator (tests/gpu/emu).
 
-It lets CudaAesGcm's own code -- argument checks, plan execution, argument packing, scratch and
-flag handling, DecryptResult, decrypt_results_ok -- run on a machine without a GPU. Kernel calls
-are checked the way the real launch would need them to be: grid and block as 1-tuples, block ==
-PLM_TPB, and every argument a numpy uint32/uint64 scalar matching the kernel's C signature.
+It lets CudaAesGcm's own code -- argument checks, plan execution, argument packing, the batch table
+and its upload, scratch and flag handling, DecryptResult, decrypt_results_ok -- run on a machine
+without a GPU. Kernel calls are checked the way the real launch would need them to be: grid and
+block as 1-tuples, block == PLM_TPB, and every argument a numpy uint32/uint64 scalar matching the
+kernel's C signature.
+
+``make_module(fast=True)`` swaps the emulated kernels for *fast* ones with the same contract, for end
+to end dry runs (bench/gpu_check.py --dry-run) where the emulator would take hours: they read the
+very batch table the kernels read, authenticate each message with `cryptography` into its flag, and
+the CTR launch writes the plaintexts only if every flag of the batch is OK. (The kernels themselves
+are checked by the emulator, launch by launch.)
 """
 
 from __future__ import annotations
@@ -113,6 +120,15 @@ class ndarray:
     def all(self) -> np.bool_:
         return self._a.all()
 
+    # DLPack: the fake's device memory is host memory, so it travels as a CPU tensor (torch.from_dlpack
+    # gives a CPU tensor sharing it), as a real CuPy array travels as a CUDA tensor.
+    def __dlpack__(self, **kwargs: Any) -> Any:
+        kwargs.pop("stream", None)
+        return self._a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self) -> Any:
+        return self._a.__dlpack_device__()
+
 
 def _aligned(nbytes: int) -> np.ndarray:
     """Like a CuPy pool allocation: 256-byte aligned."""
@@ -148,6 +164,15 @@ def asarray(a: Any) -> ndarray:
     return out
 
 
+def from_dlpack(a: Any) -> ndarray:
+    """Host memory is this fake's device memory: import a CPU DLPack tensor in place."""
+    return ndarray(np.from_dlpack(a))
+
+
+def asnumpy(a: Any) -> np.ndarray:
+    return a.get() if isinstance(a, ndarray) else np.asarray(a)
+
+
 def concatenate(arrays: list[ndarray]) -> ndarray:
     return ndarray(np.concatenate([x._a for x in arrays]))
 
@@ -171,10 +196,93 @@ class _Kernel:
         self.calls += 1
 
 
+def _mem(address: int, n: int) -> np.ndarray:
+    """n bytes of fake device memory at an address."""
+    if n == 0:
+        return np.zeros(0, np.uint8)
+    return np.frombuffer((ctypes.c_uint8 * n).from_address(address), dtype=np.uint8)
+
+
+class _FastKernel:
+    """One kernel of the batch plan done with `cryptography` on the table's messages (see the module
+    docstring); same argument checks as _Kernel."""
+
+    _stash: ClassVar[dict[int, list[bytes | None]]] = {}  # table address -> plaintexts (decrypt)
+
+    def __init__(self, name: str, defines: dict[str, int]) -> None:
+        self._name, self._d = name, defines
+        self._sig = kernel_signatures()[name]
+        self.calls = 0
+
+    def _table(self, tab: int, n: int) -> tuple[np.ndarray, list[dict[str, Any]], np.ndarray]:
+        d = self._d
+        msgs = -(-n // 4) * 4
+        words = msgs + n * d["PLM_MSG_WORDS"] + (d["PLM_MAX_LEVELS"] + 1) * (n + 1)
+        t = _mem(tab, 4 * words).view("<u4")
+        out = []
+        for m in range(n):
+            w = t[msgs + m * d["PLM_MSG_WORDS"] :]
+            u64 = lambda i, w=w: int(w[i]) | (int(w[i + 1]) << 32)  # noqa: E731
+            nonce = b"".join(int(x).to_bytes(4, "big") for x in w[d["PLM_MSG_NONCE"] : d["PLM_MSG_NONCE"] + 3])
+            out.append({"src": u64(d["PLM_MSG_SRC"]), "dst": u64(d["PLM_MSG_DST"]), "n": u64(d["PLM_MSG_NBYTES"]),
+                        "nonce": nonce})  # fmt: skip
+        starts = t[msgs + n * d["PLM_MSG_WORDS"] :].reshape(d["PLM_MAX_LEVELS"] + 1, n + 1)
+        return t, out, starts
+
+    def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        assert isinstance(grid, tuple) and len(grid) == 1 and grid[0] >= 1, grid
+        assert block == (self._d["PLM_TPB"],), block
+        assert len(args) == len(self._sig), (self._name, len(args))
+        for kind, arg in zip(self._sig, args, strict=True):
+            assert type(arg) is (np.uint32 if kind == "u32" else np.uint64), (self._name, kind, type(arg))
+        self.calls += 1
+        ctx, tab, n = int(args[0]), int(args[1]), int(args[2])
+        rk = _mem(ctx + 4 * self._d["PLM_CTX_RK"], 32).view("<u4")
+        key = b"".join(int(x).to_bytes(4, "big") for x in rk)  # AES-256 round keys 0..7 are the key
+        aead = AESGCM(key)
+        flags, msgs, starts = self._table(tab, n)
+        if self._name == "plm_gcm_ghash_ct":
+            plain: list[bytes | None] = []
+            for m, msg in enumerate(msgs):
+                try:
+                    plain.append(aead.decrypt(msg["nonce"], _mem(msg["src"], msg["n"] + 16).tobytes(), None))
+                    flags[m] = self._d["PLM_FLAG_OK"]
+                except InvalidTag:
+                    plain.append(None)
+            _FastKernel._stash[tab] = plain
+        elif self._name == "plm_gcm_ctr_decrypt":
+            plain = _FastKernel._stash.pop(tab)
+            if not (flags[:n] == self._d["PLM_FLAG_OK"]).all():
+                return  # the batch gate
+            ctr = starts[self._d["PLM_MAX_LEVELS"]]
+            for m, msg in enumerate(msgs):
+                pt = plain[m]
+                if ctr[m + 1] > ctr[m] and pt is not None:
+                    _mem(msg["dst"], msg["n"])[:] = np.frombuffer(pt, np.uint8)
+        elif self._name == "plm_gcm_encrypt":
+            for msg in msgs:
+                sealed = aead.encrypt(msg["nonce"], _mem(msg["src"], msg["n"]).tobytes(), None)
+                _mem(msg["dst"], msg["n"] + 16)[:] = np.frombuffer(sealed, np.uint8)
+        # plm_gcm_ghash_reduce: the whole tag was done at level 0
+
+
 class RawModule:
     compiled = 0
+    fast = False  # set by make_module(fast=True)
 
     def __init__(self, code: str, options: tuple[str, ...] = ()) -> None:
+        assert all(o.startswith(("-D", "-std=")) for o in options), options
+        if self.fast:
+            self._defines = {}
+            for o in options:
+                if o.startswith("-D"):
+                    name, value = o[2:].split("=", 1)
+                    self._defines[name] = int(value.rstrip("u"), 0)
+            type(self).compiled += 1
+            return
         cxx = cxx_compiler()
         assert cxx is not None
         defines = [o for o in options if o.startswith("-D")]
@@ -198,9 +306,11 @@ class RawModule:
             ctypes.c_int,
         ]
         self._lib.emu_launch.restype = ctypes.c_int
-        RawModule.compiled += 1
+        type(self).compiled += 1
 
-    def get_function(self, name: str) -> _Kernel:
+    def get_function(self, name: str) -> _Kernel | _FastKernel:
+        if self.fast:
+            return _FastKernel(name, self._defines)
         return _Kernel(self._lib, name, self._tpb)
 
 
@@ -229,14 +339,19 @@ class RawKernel:
         self.calls += 1
 
 
-MEMCPY_LOG: list[int] = []  # kinds of the copies made: 1 H2D, 2 D2H, 3 D2D
+MEMCPY_LOG: list[tuple[int, int, int, int]] = []  # (kind, dst, src, size): kind 1 H2D, 2 D2H, 3 D2D
 REGISTERED: dict[int, int] = {}
 
 
 def _memcpy_async(dst: int, src: int, size: int, kind: int, stream: int) -> None:
     assert kind in (1, 2, 3) and isinstance(stream, int)
-    MEMCPY_LOG.append(kind)
+    MEMCPY_LOG.append((kind, dst, src, size))
     ctypes.memmove(dst, src, size)
+
+
+def h2d_copies_from(base: int, size: int, since: int = 0) -> list[tuple[int, int, int, int]]:
+    """The host-to-device copies logged since index `since` whose source lies in [base, base + size)."""
+    return [c for c in MEMCPY_LOG[since:] if c[0] == 1 and base <= c[2] < base + size]
 
 
 def _host_register(ptr: int, size: int, flags: int) -> None:
@@ -272,9 +387,10 @@ class _MemoryPointer:
         self.mem, self.offset = mem, offset
 
 
-def make_module() -> types.ModuleType:
-    """A fresh fake `cupy` module object."""
+def make_module(fast: bool = False) -> types.ModuleType:
+    """A fresh fake `cupy` module object (fast: `cryptography` in place of the emulated kernels)."""
     mod = types.ModuleType("cupy")
+    raw_module = type("RawModule", (RawModule,), {"fast": fast, "compiled": 0})
     cuda = types.SimpleNamespace(
         Device=_Device,
         Stream=Stream,
@@ -301,8 +417,8 @@ def make_module() -> types.ModuleType:
     mod.__dict__["__version__"] = "fake"
     for name, value in {
         "ndarray": ndarray, "uint8": uint8, "uint32": uint32, "empty": empty, "zeros": zeros,
-        "full": full, "asarray": asarray, "concatenate": concatenate, "RawModule": RawModule, "cuda": cuda,
-        "RawKernel": RawKernel,
+        "full": full, "asarray": asarray, "asnumpy": asnumpy, "from_dlpack": from_dlpack, "concatenate": concatenate,
+        "RawModule": raw_module, "cuda": cuda, "RawKernel": RawKernel,
     }.items():  # fmt: skip
         setattr(mod, name, value)
     return mod

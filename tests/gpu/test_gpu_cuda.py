@@ -254,3 +254,72 @@ def test_compiled_once_per_process(cp: Any) -> None:
     b = CudaAesGcm(os.urandom(32))
     assert a._kernels is b._kernels
     assert (cp.cuda.Device().id, DEFAULT_PARAMS) in aesgcm_cuda._modules
+
+
+# -- batches: many messages, one launch sequence -------------------------------------------------------
+
+
+def test_batch_of_one_mib_chunks_and_odd_sizes(cp: Any) -> None:
+    key = os.urandom(32)
+    gcm, aead = CudaAesGcm(key), AESGCM(key)
+    sizes = [MIB] * 16 + [0, 1, 17, MIB - 3, 16 * KIB + 1, 5 * MIB + 7]
+    nonces = [os.urandom(12) for _ in sizes]
+    pts = [_host(n) for n in sizes]
+    srcs = [_dev(cp, pt) for pt in pts]
+    outs = [cp.empty(n + 16, dtype=cp.uint8) for n in sizes]
+    gcm.encrypt_batch_into(list(zip(nonces, srcs, outs, strict=True)))
+    sealed = [aead.encrypt(nc, pt.tobytes(), None) for nc, pt in zip(nonces, pts, strict=True)]
+    assert [bytes(o.get().tobytes()) for o in outs] == sealed
+    dsts = [cp.full(n, 0x3C, dtype=cp.uint8) for n in sizes]
+    verify_only = {3, 17}
+    items = [
+        (nc, _dev(cp, ct), None if i in verify_only else d)
+        for i, (nc, ct, d) in enumerate(zip(nonces, sealed, dsts, strict=True))
+    ]
+    result = gcm.decrypt_batch_into(items)
+    assert result.oks() == [True] * len(sizes)
+    for i, (d, pt) in enumerate(zip(dsts, pts, strict=True)):
+        host = d.get()
+        assert (host == 0x3C).all() if i in verify_only else host.tobytes() == pt.tobytes(), i
+
+
+@pytest.mark.parametrize("bad", [0, 7, 15])
+def test_batch_tag_failure_writes_no_destination(cp: Any, bad: int) -> None:
+    key = os.urandom(32)
+    gcm, aead = CudaAesGcm(key), AESGCM(key)
+    nonces = [os.urandom(12) for _ in range(16)]
+    sealed = [bytearray(aead.encrypt(nc, os.urandom(MIB), None)) for nc in nonces]
+    sealed[bad][MIB // 2] ^= 0x01
+    dsts = [cp.full(MIB, 0x6D, dtype=cp.uint8) for _ in range(16)]
+    result = gcm.decrypt_batch_into(
+        [(nc, _dev(cp, bytes(ct)), d) for nc, ct, d in zip(nonces, sealed, dsts, strict=True)]
+    )
+    assert result.oks() == [i != bad for i in range(16)] and not result.ok()
+    assert all(not (d.get() != 0x6D).any() for d in dsts)
+
+
+def test_batch_matches_reference_and_in_place(cp: Any) -> None:
+    key = os.urandom(32)
+    gcm, ref = CudaAesGcm(key), RefAesGcm(key)
+    sizes = [70_001, 0, 33, 4096, 129]
+    nonces = [os.urandom(12) for _ in sizes]
+    pts = [_host(n) for n in sizes]
+    want = ref.encrypt_batch(list(zip(nonces, pts, strict=True)))
+    bufs = [cp.zeros(n + 16, dtype=cp.uint8) for n in sizes]
+    for b, pt in zip(bufs, pts, strict=True):
+        b[: pt.size] = cp.asarray(pt)
+    gcm.encrypt_batch_into([(nc, b[: pt.size], b) for nc, b, pt in zip(nonces, bufs, pts, strict=True)])
+    assert [b.get().tobytes() for b in bufs] == [w.tobytes() for w in want]
+    assert gcm.decrypt_batch_into([(nc, b, b[: pt.size]) for nc, b, pt in zip(nonces, bufs, pts, strict=True)]).ok()
+    assert [b[: pt.size].get().tobytes() for b, pt in zip(bufs, pts, strict=True)] == [pt.tobytes() for pt in pts]
+
+
+def test_two_64_mib_messages_in_one_batch(cp: Any) -> None:
+    key = os.urandom(32)
+    gcm, aead = CudaAesGcm(key), AESGCM(key)
+    nonces = [os.urandom(12) for _ in range(2)]
+    pts = [_host(64 * MIB), _host(64 * MIB + 5)]
+    sealed = [aead.encrypt(nc, pt.tobytes(), None) for nc, pt in zip(nonces, pts, strict=True)]
+    dsts = [cp.empty(pt.size, dtype=cp.uint8) for pt in pts]
+    assert gcm.decrypt_batch_into([(nc, _dev(cp, ct), d) for nc, ct, d in zip(nonces, sealed, dsts, strict=True)]).ok()
+    assert all(d.get().tobytes() == pt.tobytes() for d, pt in zip(dsts, pts, strict=True))

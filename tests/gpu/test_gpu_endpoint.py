@@ -146,3 +146,27 @@ def test_d2h_waits_for_the_callers_pending_upload(cp) -> None:
             s.d2h(cp.asarray(b), kv, i * (512 << 10), swap_out=True)  # the upload is asynchronous
         for i, b in enumerate(blocks):
             assert (kv.read(i * (512 << 10), 512 << 10) == b).all(), i
+
+
+def test_gpu_endpoint_batches_a_completion(cp) -> None:
+    """A completion's DATA messages as one batch on the real GPU (the SDK's batch hook, wired here)."""
+    with DaemonProcess(workers=4) as d, Client(d.socket) as c, c.open_session("batch", endpoint="cuda") as s:
+        ep = s.core.endpoint
+
+        def batched(fn):
+            def wrapper(*a, **kw):
+                with ep.batch():
+                    return fn(*a, **kw)
+
+            return wrapper
+
+        s.core.apply_completion = batched(s.core.apply_completion)  # the slow path's completions
+        s.core.commit_frame = batched(s.core.commit_frame)  # hits served from a delivery ring, where there is one
+        data = _weights(8 * MiB + 5, 7)
+        w = s.alloc_region(data.size, readonly=True, data=data)
+        s.declare([Intent(w, 0, data.size)])
+        time.sleep(0.3)
+        out = cp.zeros(data.size, dtype=cp.uint8)
+        s.h2d(w, 0, data.size, out)
+        assert (cp.asnumpy(out) == data).all()
+        assert ep.largest_batch >= 2 and ep.batches < ep.accepted

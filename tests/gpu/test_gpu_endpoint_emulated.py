@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from gpu_emu_runner import cxx_compiler
-from pipellm_client.errors import ChannelDead
+from pipellm_client.errors import ChannelDead, TagMismatch
 from pipellm_client.gpu import aesgcm_cuda
 
 from pipellm_daemon.config import Config
@@ -108,7 +108,11 @@ def test_device_staging_makes_hits_decrypt_from_device_memory(env) -> None:
         loop.run_until_complete(pair.commit([(ro, j * CHUNK, CHUNK, dst, False)]))
         assert (dst.get() == data[j * CHUNK : (j + 1) * CHUNK]).all()
     assert pair.pipeline.counters.staged == 4
-    assert 1 not in gpu_fake_cupy.MEMCPY_LOG[before:], "staged hits need no host-to-device copy at commit time"
+    arena = pair.core.arena.view
+    base = int(np.frombuffer(arena, np.uint8).ctypes.data)
+    # Only the batch tables (control data, from private pinned memory) go host-to-device at commit time.
+    assert not gpu_fake_cupy.h2d_copies_from(base, len(arena), before), "staged hits read nothing from the arena"
+    assert all(c[3] < 4096 for c in gpu_fake_cupy.MEMCPY_LOG[before:] if c[0] == 1)
     pair.close()
 
 
@@ -148,3 +152,74 @@ def test_pinning_falls_back_to_a_staging_buffer(env, monkeypatch) -> None:
     loop.run_until_complete(pair.d2h(cp.asarray(data[:CHUNK]), kv, 0, swap_out=False))
     assert (kv.array == data[:CHUNK]).all()
     pair.close()
+
+
+def _batched(pair: PipelinePair, tamper_at: int | None = None) -> list[list[tuple[int, int]]]:
+    """Run each completion's deliveries as one endpoint batch, flushed after its last delivery inside
+    the SDK's own error handling (what `with endpoint.batch():` around the delivery loop does);
+    optionally flip a ciphertext bit of the `tamper_at`-th DATA delivery of the first completion that
+    has more than that. Returns each completion's DATA (dst_offset, length)."""
+    core = pair.core
+    real_apply, real_deliver = core.apply_completion, core._deliver
+    seen: list[list[tuple[int, int]]] = []
+    state = {"tampered": False, "left": 0}
+
+    def deliver(d, p, release):  # type: ignore[no-untyped-def]
+        real_deliver(d, p, release)
+        state["left"] -= 1
+        if state["left"] == 0:
+            core.endpoint.flush()
+
+    def apply(comp):  # type: ignore[no-untyped-def]
+        data = [d for d in comp.deliveries if d.kind == 1]
+        seen.append([(d.dst_offset, d.length) for d in data])
+        if tamper_at is not None and not state["tampered"] and len(data) > tamper_at:
+            core.arena.view[core.layout.h2d_slot(data[tamper_at].slot) + 5] ^= 0x08
+            data[tamper_at].staged = False
+            state["tampered"] = True
+        state["left"] = len(comp.deliveries)
+        with core.endpoint.batch():
+            return real_apply(comp)
+
+    core._deliver = deliver  # type: ignore[method-assign]
+    core.apply_completion = apply  # type: ignore[method-assign]
+    return seen
+
+
+def test_a_completions_data_messages_run_as_one_batch(env) -> None:
+    loop, pool, cp = env
+    pair = PipelinePair(CFG, pool, endpoint="cuda")
+    n = 6 * CHUNK - 100  # the last chunk is not a whole number of AES blocks
+    data = np.random.default_rng(5).integers(0, 256, n, dtype=np.uint8)
+    ro = pair.region(n, readonly=True, data=data)
+    pair.pipeline.predictors.intents.declare(pair.keys_of(ro, 0, n), replace=True, cyclic=False)
+    pair.pipeline.refill()
+    loop.run_until_complete(settle(2, [pair.pipeline]))
+    seen = _batched(pair)
+    ep = pair.core.endpoint
+    dst = cp.zeros(n, dtype=cp.uint8)
+    loop.run_until_complete(pair.commit([(ro, 0, n, dst, False)]))
+    assert (dst.get() == data).all()
+    assert ep.accepted == 6 and ep.batches == len([c for c in seen if c]) < 6
+    assert ep.largest_batch == max(len(c) for c in seen) >= 2
+    pair.close()
+
+
+def test_a_bad_tag_in_the_middle_of_a_completion_leaves_its_whole_batch_untouched(env) -> None:
+    loop, pool, cp = env
+    pair = PipelinePair(CFG, pool, endpoint="cuda")
+    n = 6 * CHUNK
+    data = np.random.default_rng(6).integers(0, 256, n, dtype=np.uint8)
+    ro = pair.region(n, readonly=True, data=data)
+    pair.pipeline.predictors.intents.declare(pair.keys_of(ro, 0, n), replace=True, cyclic=False)
+    pair.pipeline.refill()
+    loop.run_until_complete(settle(2, [pair.pipeline]))
+    seen = _batched(pair, tamper_at=1)
+    dst = cp.full(n, 0xD7, dtype=cp.uint8)
+    with pytest.raises((ChannelDead, TagMismatch)):
+        loop.run_until_complete(pair.commit([(ro, 0, n, dst, False)]))
+    batch = next(c for c in seen if len(c) > 1)
+    host = dst.get()
+    for off, length in batch:  # the message before the bad one authenticated, and is not written either
+        assert (host[off : off + length] == 0xD7).all(), (off, batch)
+    assert "tag mismatch" in (pair.core.endpoint.dead or "")

@@ -58,3 +58,28 @@ def test_decrypt_known_answer(vec: GcmVector, params: GcmParams) -> None:
         out = np.full(len(vec.ct) // 2, 0x5C, dtype=np.uint8)
         assert not ref.decrypt_into(bytes.fromhex(vec.iv), data, out)
         assert (out == 0x5C).all()  # destination untouched on failure
+
+
+@pytest.mark.parametrize("params", PARAMS)
+def test_all_vectors_in_one_batch(params: GcmParams) -> None:
+    """A batch has one key: the vectors are grouped by key and each group runs as one batch, both
+    ways; if no key had two vectors, all of them also run as a batch under a key of our own."""
+    by_key: dict[str, list[GcmVector]] = {}
+    for vec in ENCRYPT_VECTORS:
+        by_key.setdefault(vec.key, []).append(vec)
+    for key, vecs in by_key.items():
+        ref = RefAesGcm(bytes.fromhex(key), params)
+        outs = ref.encrypt_batch([(bytes.fromhex(v.iv), _u8(v.pt)) for v in vecs])
+        assert [o.tobytes().hex() for o in outs] == [v.ct + v.tag for v in vecs]
+        plain = [np.zeros(len(v.pt) // 2, np.uint8) for v in vecs]
+        oks = ref.decrypt_batch_into(
+            [(bytes.fromhex(v.iv), _u8(v.ct + v.tag), o) for v, o in zip(vecs, plain, strict=True)]
+        )
+        assert oks == [True] * len(vecs)
+        assert [o.tobytes().hex() for o in plain] == [v.pt for v in vecs]
+    key = bytes(range(32))
+    nonces = [bytes([i]) * 12 for i in range(len(ENCRYPT_VECTORS))]
+    pts = [_u8(v.pt) for v in ENCRYPT_VECTORS]
+    outs = RefAesGcm(key, params).encrypt_batch(list(zip(nonces, pts, strict=True)))
+    singles = [RefAesGcm(key, params).encrypt(nc, pt) for nc, pt in zip(nonces, pts, strict=True)]
+    assert [o.tobytes() for o in outs] == [s.tobytes() for s in singles]

@@ -115,3 +115,54 @@ def test_argument_errors() -> None:
         ref.decrypt(bytes(12), bytes(15))
     with pytest.raises(ValueError, match="out must have 4 bytes"):
         ref.decrypt_into(bytes(12), bytes(20), np.zeros(5, dtype=np.uint8))
+
+
+# -- batches: several messages, each with its own nonce and length, in one launch sequence -----------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=9000), min_size=1, max_size=9),
+    params=st.sampled_from([DEFAULT_PARAMS, TINY]),
+)
+def test_batches_match_cryptography(sizes: list[int], params: GcmParams) -> None:
+    key = os.urandom(32)
+    ref, aead = RefAesGcm(key, params), AESGCM(key)
+    nonces = [os.urandom(12) for _ in sizes]
+    pts = [_rand(n) for n in sizes]
+    sealed = ref.encrypt_batch(list(zip(nonces, pts, strict=True)))
+    assert [s.tobytes() for s in sealed] == [
+        aead.encrypt(nc, pt.tobytes(), None) for nc, pt in zip(nonces, pts, strict=True)
+    ]
+    outs = [np.full(n, 0xC3, np.uint8) for n in sizes]
+    assert ref.decrypt_batch_into(list(zip(nonces, sealed, outs, strict=True))) == [True] * len(sizes)
+    assert [o.tobytes() for o in outs] == [pt.tobytes() for pt in pts]
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(min_value=0, max_value=3000), min_size=2, max_size=8), data=st.data())
+def test_one_bad_tag_leaves_the_whole_batch_untouched(sizes: list[int], data: st.DataObject) -> None:
+    key = os.urandom(32)
+    ref = RefAesGcm(key, TINY)
+    nonces = [os.urandom(12) for _ in sizes]
+    sealed = [bytearray(AESGCM(key).encrypt(nc, os.urandom(n), None)) for nc, n in zip(nonces, sizes, strict=True)]
+    bad = data.draw(st.integers(min_value=0, max_value=len(sizes) - 1), label="message")
+    pos = data.draw(st.integers(min_value=0, max_value=len(sealed[bad]) - 1), label="byte")
+    sealed[bad][pos] ^= 1 << data.draw(st.integers(min_value=0, max_value=7), label="bit")
+    outs = [np.full(n, 0xEE, np.uint8) for n in sizes]
+    oks = ref.decrypt_batch_into([(nc, bytes(s), o) for nc, s, o in zip(nonces, sealed, outs, strict=True)])
+    assert oks == [i != bad for i in range(len(sizes))]
+    assert all((o == 0xEE).all() for o in outs)  # before, at and after the bad one
+
+
+def test_batch_of_one_mib_chunks_and_verify_only() -> None:
+    key = os.urandom(32)
+    ref, aead = RefAesGcm(key), AESGCM(key)
+    sizes = [MIB, MIB - 5, 17]
+    nonces = [os.urandom(12) for _ in sizes]
+    pts = [_rand(n) for n in sizes]
+    sealed = [np.frombuffer(aead.encrypt(nc, pt.tobytes(), None), np.uint8) for nc, pt in zip(nonces, pts, strict=True)]
+    outs: list[np.ndarray | None] = [np.zeros(MIB, np.uint8), None, np.zeros(17, np.uint8)]
+    assert ref.decrypt_batch_into(list(zip(nonces, sealed, outs, strict=True))) == [True] * 3
+    assert outs[0] is not None and outs[0].tobytes() == pts[0].tobytes()
+    assert outs[2] is not None and outs[2].tobytes() == pts[2].tobytes()

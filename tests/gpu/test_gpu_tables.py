@@ -146,23 +146,25 @@ def test_ghash_levels_cover_the_message(nblocks: int) -> None:
 
 
 def test_256mib_plan_and_limits() -> None:
-    plan = decrypt_plan(256 << 20, bytes(12), DEFAULT_PARAMS)
-    assert [lv.grid for lv in plan.levels] == [8192, 8, 1]
+    plan = decrypt_plan(256 << 20, DEFAULT_PARAMS)
+    assert [lv.grid for lv in plan.levels[0]] == [8192, 8, 1]
     assert DEFAULT_PARAMS.max_message_bytes >= 256 << 20
     with pytest.raises(ValueError, match="exceeds"):
         ghash_levels(DEFAULT_PARAMS.max_blocks + 1, DEFAULT_PARAMS)
 
 
 def test_plan_shapes() -> None:
-    empty = decrypt_plan(0, bytes(12), DEFAULT_PARAMS)
+    empty = decrypt_plan(0, DEFAULT_PARAMS)
     assert [launch.kernel for launch in empty.launches] == ["plm_gcm_ghash_ct"]  # no CTR pass
-    one_mib = decrypt_plan(1 << 20, bytes(12), DEFAULT_PARAMS)
+    verify_only = decrypt_plan([1 << 20, 1 << 20], DEFAULT_PARAMS, [False, False])
+    assert [launch.kernel for launch in verify_only.launches] == ["plm_gcm_ghash_ct", "plm_gcm_ghash_reduce"]
+    one_mib = decrypt_plan(1 << 20, DEFAULT_PARAMS)
     assert [launch.kernel for launch in one_mib.launches] == [
         "plm_gcm_ghash_ct",
         "plm_gcm_ghash_reduce",
         "plm_gcm_ctr_decrypt",
     ]
-    enc = encrypt_plan(1 << 20, bytes(12), DEFAULT_PARAMS)
+    enc = encrypt_plan(1 << 20, DEFAULT_PARAMS)
     assert [launch.kernel for launch in enc.launches] == ["plm_gcm_encrypt", "plm_gcm_ghash_reduce"]
     with pytest.raises(ValueError, match="12 bytes"):
-        encrypt_plan(16, bytes(8), DEFAULT_PARAMS)
+        encrypt_plan(16, DEFAULT_PARAMS).table([bytes(8)], [0], [0])

@@ -156,3 +156,109 @@ def test_enable_refuses_what_it_cannot_serve(daemon) -> None:
         pipellm_accelerate.disable(offloaded)
         pipellm_accelerate.disable(offloaded)  # idempotent
         assert not s.core.regions
+
+
+# -- the CUDA endpoint ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_gpu() -> Any:
+    """The CUDA endpoint without a GPU: tests/gpu's fake CuPy (its device memory is host memory, so the
+    endpoint's torch device is the CPU) with `cryptography` in place of the kernels; the endpoint's own code
+    -- batch tables, flags, the gate, pinned copies, DLPack views -- runs as on a GPU."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
+    import gpu_fake_cupy
+    from pipellm_client.gpu import aesgcm_cuda
+
+    fake = gpu_fake_cupy.make_module(fast=True)
+    saved_cupy, saved_modules, saved_sys = aesgcm_cuda._cupy, dict(aesgcm_cuda._modules), sys.modules.get("cupy")
+    aesgcm_cuda._cupy = lambda: fake
+    aesgcm_cuda._modules.clear()
+    sys.modules["cupy"] = fake
+    yield fake
+    aesgcm_cuda._cupy = saved_cupy
+    aesgcm_cuda._modules.clear()
+    aesgcm_cuda._modules.update(saved_modules)
+    if saved_sys is None:
+        sys.modules.pop("cupy", None)
+    else:
+        sys.modules["cupy"] = saved_sys
+
+
+@pytest.mark.parametrize(("family", "how"), [("opt", "cpu_offload"), ("llama", "dispatch_model")])
+def test_cuda_endpoint_emulated(daemon, fake_gpu, family: str, how: str) -> None:
+    """The same model through a session with endpoint="cuda": every fetch decrypted and verified by the
+    (emulated) GPU into a buffer the endpoint allocated; same logits and tokens, same hit rate."""
+    model = build(family)
+    batch = inputs()
+    with torch.no_grad():
+        want_logits = model(**batch).logits
+        want_tokens = generate(model, batch)
+    offload(model, how)
+    with Client(daemon.socket) as client, client.open_session(name=f"acc-cuda-{family}", endpoint="cuda") as s:
+        ep = s.core.endpoint
+        assert ep.kind == "cuda"
+        pipellm_accelerate.enable(model, s)
+        with torch.no_grad():
+            assert torch.equal(model(**batch).logits, want_logits)
+            before, decrypted = s.status().counters, ep.h2d[0].messages + ep.h2d[1].messages
+            for _ in range(FORWARDS - 1):
+                assert torch.equal(model(**batch).logits, want_logits)
+            after = s.status().counters
+            assert torch.equal(generate(model, batch), want_tokens)
+        hits, total = after.hits - before.hits, judged(after) - judged(before)
+        assert total >= 5 * (FORWARDS - 1) and hits / total >= 0.99, (hits, total)
+        assert ep.h2d[0].messages + ep.h2d[1].messages - decrypted >= total, "every fetch went through the GPU"
+        assert ep.accepted == ep.h2d[0].messages + ep.h2d[1].messages and ep.dead is None
+        pipellm_accelerate.disable(model)
+
+
+def test_execution_device_must_be_the_endpoints(daemon) -> None:
+    model = build("opt")
+    offload(model, "cpu_offload")
+    for _, _, hook in pipellm_accelerate._offloading_hooks(model):
+        hook.execution_device = torch.device("cuda", 0)  # as if dispatched to a GPU (nothing runs here)
+    with Client(daemon.socket) as client, client.open_session(name="acc-where") as s:
+        with pytest.raises(
+            InvalidArgument, match=r'executes on cuda:0, but this session.s cpu endpoint writes cpu.*endpoint="cuda"'
+        ):
+            pipellm_accelerate.enable(model, s)
+        assert not s.core.regions
+
+
+def _real_gpu() -> tuple[bool, str]:
+    from pipellm_client.gpu import cuda_available
+
+    if not torch.cuda.is_available():
+        return False, "torch has no CUDA device"
+    return cuda_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _real_gpu()[0], reason=f"needs a CUDA GPU for torch and CuPy: {_real_gpu()[1]}")
+def test_on_a_real_gpu(daemon) -> None:
+    """accelerate offloading to a CUDA execution device, decrypted on that GPU: logits and tokens equal to
+    the same offloaded model without PipeLLM on the same GPU; hit rate >= 0.99 after the first forward."""
+    gpu = torch.device("cuda", 0)
+    model = build("llama")
+    batch = {k: v.to(gpu) for k, v in inputs().items()}
+    plain = copy.deepcopy(model)
+    accelerate.cpu_offload(plain, execution_device=gpu)
+    with torch.no_grad():
+        want_logits = plain(**batch).logits
+        want_tokens = generate(plain, batch)
+    accelerate.cpu_offload(model, execution_device=gpu)
+    with Client(daemon.socket) as client, client.open_session(name="acc-gpu", endpoint="cuda", device=0) as s:
+        pipellm_accelerate.enable(model, s)
+        with torch.no_grad():
+            assert torch.equal(model(**batch).logits, want_logits)
+            before = s.status().counters
+            for _ in range(FORWARDS - 1):
+                assert torch.equal(model(**batch).logits, want_logits)
+            after = s.status().counters
+            assert torch.equal(generate(model, batch), want_tokens)
+        hits, total = after.hits - before.hits, judged(after) - judged(before)
+        assert hits / total >= 0.99, (hits, total)

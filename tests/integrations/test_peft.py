@@ -147,3 +147,118 @@ def test_incompatible_adapter_needs_its_own_slot(daemon, adapters) -> None:
             mgr.load("nope")
         mgr.close()
         assert not s.core.regions
+
+
+# -- the CUDA endpoint ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_gpu() -> Any:
+    """The CUDA endpoint without a GPU: tests/gpu's fake CuPy (device memory is host memory, so the
+    endpoint's torch device is the CPU), `cryptography` in place of the kernels; the endpoint's own code
+    (batch tables, flags, the gate, DLPack views) runs as on a GPU."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
+    import gpu_fake_cupy
+    from pipellm_client.gpu import aesgcm_cuda
+
+    fake = gpu_fake_cupy.make_module(fast=True)
+    saved_cupy, saved_modules, saved_sys = aesgcm_cuda._cupy, dict(aesgcm_cuda._modules), sys.modules.get("cupy")
+    aesgcm_cuda._cupy = lambda: fake
+    aesgcm_cuda._modules.clear()
+    sys.modules["cupy"] = fake
+    yield fake
+    aesgcm_cuda._cupy = saved_cupy
+    aesgcm_cuda._modules.clear()
+    aesgcm_cuda._modules.update(saved_modules)
+    if saved_sys is None:
+        sys.modules.pop("cupy", None)
+    else:
+        sys.modules["cupy"] = saved_sys
+
+
+def test_cuda_endpoint_emulated(daemon, adapters, fake_gpu) -> None:
+    """Hot-swapping through a session with endpoint="cuda": the slot buffer is the endpoint's device memory,
+    each load decrypted and verified there; same logits as peft, hinted loads hit."""
+    base, dirs = adapters
+    names = list(ALPHAS)
+    want_logits, _ = reference(base, dirs, names)
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), dirs["c"]).eval()
+    order = ["a", "b", "c", "a", "b", "c", "b"]
+    with Client(daemon.socket) as client, client.open_session(name="lora-cuda", endpoint="cuda") as s:
+        ep = s.core.endpoint
+        assert ep.kind == "cuda"
+        mgr = LoraAdapters(s, model)
+        for n in names:
+            mgr.register(n, dirs[n])
+        before = None
+        for i, n in enumerate(order):
+            mgr.load(n)
+            if i == 2:
+                before = s.status().counters
+            if i + 1 < len(order):
+                mgr.hint([order[i + 1]])
+            with torch.no_grad():
+                assert torch.equal(model(**batch()).logits, want_logits[n]), (i, n)
+        after = s.status().counters
+        assert before is not None
+        hits = after.hits - before.hits
+        judged = (after.hits + after.misses + after.skips + after.late) - (
+            before.hits + before.misses + before.skips + before.late
+        )
+        assert judged == len(order) - 3 and hits / judged >= 0.9, (hits, judged)
+        assert ep.accepted > 0 and ep.dead is None
+        mgr.close()
+
+
+def test_parameters_must_be_where_the_endpoint_writes(daemon, adapters) -> None:
+    base, dirs = adapters
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), dirs["a"]).eval()
+    with Client(daemon.socket) as client, client.open_session(name="lora-where") as s:
+        mgr = LoraAdapters(s, model)
+        mgr.register("a", dirs["a"])
+        name, first = next((n, p) for n, p in model.named_parameters() if "lora_A" in n)
+        owner, _, attr = name.rpartition(".")
+        elsewhere = torch.nn.Parameter(torch.empty(first.shape, device="meta"))  # where no endpoint writes
+        model.get_submodule(owner).register_parameter(attr, elsewhere)
+        with pytest.raises(InvalidArgument, match="is on meta, but this session's cpu endpoint writes cpu"):
+            mgr.load("a")
+        mgr.close()
+
+
+def _real_gpu() -> tuple[bool, str]:
+    from pipellm_client.gpu import cuda_available
+
+    if not torch.cuda.is_available():
+        return False, "torch has no CUDA device"
+    return cuda_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _real_gpu()[0], reason=f"needs a CUDA GPU for torch and CuPy: {_real_gpu()[1]}")
+def test_on_a_real_gpu(daemon, adapters) -> None:
+    """A PEFT model on the GPU, adapters hot-swapped through a CUDA session: logits equal to peft loading
+    the same adapters on the same GPU."""
+    base, dirs = adapters
+    gpu = torch.device("cuda", 0)
+    names = list(ALPHAS)
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), dirs[names[0]], adapter_name=names[0]).to(gpu).eval()
+    for n in names[1:]:
+        ref.load_adapter(dirs[n], adapter_name=n)
+    inp = {k: v.to(gpu) for k, v in batch().items()}
+    want = {}
+    with torch.no_grad():
+        for n in names:
+            ref.set_adapter(n)
+            want[n] = ref(**inp).logits
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), dirs["c"]).to(gpu).eval()
+    with Client(daemon.socket) as client, client.open_session(name="lora-gpu", endpoint="cuda", device=0) as s:
+        mgr = LoraAdapters(s, model)
+        for n in names:
+            mgr.register(n, dirs[n])
+        for n in ["a", "b", "c", "a"]:
+            mgr.load(n)
+            with torch.no_grad():
+                assert torch.equal(model(**inp).logits, want[n]), n
+        mgr.close()

@@ -1,11 +1,26 @@
-// AES-256-GCM on the GPU: CTR with shared-memory T-tables, GHASH by parallel Horner runs plus a
-// reduction over levels, tag check on the device.
+// AES-256-GCM on the GPU, many messages per launch: CTR with shared-memory T-tables, GHASH by
+// parallel Horner runs plus a reduction over levels, tag checks on the device.
 //
 // Compiled at run time by CuPy (NVRTC), so: extern "C" kernels, no host code, no #include. Every
 // constant comes from pipellm_client/gpu/params.py as -D defines (GcmParams.cuda_defines()); the
-// launch sequence is pipellm_client/gpu/plan.py; pipellm_client/gpu/aesgcm_ref.py is a numpy
-// mirror of each kernel below (same tables, same decomposition) that is checked against NIST
-// vectors and `cryptography`.
+// launch sequence and the batch table are pipellm_client/gpu/plan.py; pipellm_client/gpu/aesgcm_ref.py
+// is a numpy mirror of each kernel below (same tables, same decomposition) that is checked against
+// NIST vectors and `cryptography`.
+//
+// Batches. Every kernel works on a batch of n messages (n >= 1) described by a table in device
+// memory (u32 words, built on the host by plan.Plan.table and uploaded before the first launch):
+//   flags[n]          at 0: one per message, FLAG_BAD from the upload, FLAG_OK once its tag matched
+//   descriptors       at PLM_TAB_MSGS(n) + m * PLM_MSG_WORDS: src, dst, nbytes (u64 each, as two
+//                     words, low first), the three nonce words, then per GHASH level L: the front
+//                     padding and where the level's partials go (uint4 index into `partials`)
+//   block starts      at PLM_TAB_STARTS(n) + k * (n + 1), k = GHASH level or PLM_MAX_LEVELS for the
+//                     CTR pass: the first CUDA block of each message in that launch (prefix sums)
+// A CUDA block finds its message by binary search over its launch's starts and works on that
+// message alone, exactly as the single-message decomposition would. Decrypting a batch is: GHASH
+// level 0 over every message, the reduction levels (the final level of each message compares its
+// tag and writes its flag), then one CTR launch that writes plaintext only if *every* flag of the
+// batch is OK -- so a tag failure anywhere leaves every destination of the batch untouched.
+// Encrypting is one fused CTR + GHASH launch plus the reduction levels (the final one writes the tag).
 //
 // Data layout
 //   * 128-bit values live in registers as 4 big-endian words w[0..3] (w[0] = bytes 0..3). AES
@@ -373,11 +388,11 @@ __device__ __noinline__ void plm_finalize(const u32* __restrict__ ctx, uint4 zin
 }
 
 // Combine this thread's run (times its multiplier), reduce over the block, then either store the
-// block's partial or, in the final level, finish the tag.
+// block's partial at `out` or, in the message's final level, finish its tag.
 __device__ __forceinline__ void plm_ghash_block_end(const u32* __restrict__ ctx, u32 level,
-                                                    u32 (&y)[4], uint4* sRed, uint4* partials,
-                                                    u64 msg_len, uint4 ek, unsigned char* tag,
-                                                    u32* flag, u32 mode)
+                                                    u32 (&y)[4], uint4* sRed, bool final,
+                                                    uint4* out, u64 msg_len, uint4 ek,
+                                                    unsigned char* tag, u32* flag, u32 mode)
 {
     const uint4* pw = reinterpret_cast<const uint4*>(ctx + PLM_CTX_PW + PLM_PW_LEVEL_WORDS * level +
                                                      PLM_PW_ENTRY_WORDS * threadIdx.x);
@@ -397,39 +412,119 @@ __device__ __forceinline__ void plm_ghash_block_end(const u32* __restrict__ ctx,
         q.y = y[1];
         q.z = y[2];
         q.w = y[3];
-        if (gridDim.x == 1u) {
+        if (final) {
             plm_finalize(ctx, q, msg_len, ek, tag, flag, mode);
         } else {
-            partials[blockIdx.x] = q;
+            *out = q;
         }
     }
 }
 
-// GHASH level 0 over a ciphertext of nbytes (decrypt). The message is front-padded with `pad`
-// zero blocks to grid * TPB * RUN0 blocks; thread g folds virtual blocks [g RUN0, (g+1) RUN0).
-// In decrypt mode, block 0 first marks the flag BAD, so the CTR pass cannot see a stale OK.
-extern "C" __global__ void __launch_bounds__(PLM_TPB)
-    plm_gcm_ghash_ct(const u32* __restrict__ ctx, const unsigned char* ct, u64 nbytes, u64 pad,
-                     uint4* partials, u32 nw0, u32 nw1, u32 nw2, unsigned char* tag, u32* flag,
-                     u32 mode)
+// ------------------------------------------------------------------------------------------------
+// The batch table (layout at the top of this file; plan.py builds it)
+
+__device__ __forceinline__ u64 plm_u64(const u32* p) { return (u64)p[0] | ((u64)p[1] << 32); }
+
+__device__ __forceinline__ u32 plm_tab_msgs(u32 n) { return (n + 3u) & ~3u; }
+
+__device__ __forceinline__ u32 plm_tab_starts(u32 n) { return plm_tab_msgs(n) + n * PLM_MSG_WORDS; }
+
+// The message whose range of blocks holds block b: the last m < n with starts[m] <= b (messages
+// with no block in this launch have empty ranges and are never chosen).
+__device__ __forceinline__ u32 plm_find(const u32* starts, u32 n, u32 b)
+{
+    u32 lo = 0u;
+    u32 hi = n;
+    while (hi - lo > 1u) {
+        const u32 mid = (lo + hi) >> 1;
+        if (starts[mid] <= b) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+// What one CUDA block needs to know about its message in one launch.
+struct plm_job {
+    u32 m;         // message index in the batch
+    u32 lb;        // this block's index among the message's blocks
+    u32 grid;      // the message's blocks in this launch
+    u32 prev;      // the message's blocks in the previous GHASH level (its items here)
+    const u32* d;  // the message's descriptor
+};
+
+__device__ __forceinline__ plm_job plm_job_of(const u32* tab, u32 n, u32 k)
+{
+    const u32* starts = tab + plm_tab_starts(n) + k * (n + 1u);
+    plm_job j;
+    j.m = plm_find(starts, n, blockIdx.x);
+    j.lb = blockIdx.x - starts[j.m];
+    j.grid = starts[j.m + 1u] - starts[j.m];
+    j.prev = 0u;
+    if (k >= 1u && k < (u32)PLM_MAX_LEVELS) {
+        const u32* before = starts - (n + 1u);
+        j.prev = before[j.m + 1u] - before[j.m];
+    }
+    j.d = tab + plm_tab_msgs(n) + j.m * PLM_MSG_WORDS;
+    return j;
+}
+
+__device__ __forceinline__ unsigned char* plm_msg_src(const u32* d)
+{
+    return reinterpret_cast<unsigned char*>(plm_u64(d + PLM_MSG_SRC));
+}
+
+__device__ __forceinline__ unsigned char* plm_msg_dst(const u32* d)
+{
+    return reinterpret_cast<unsigned char*>(plm_u64(d + PLM_MSG_DST));
+}
+
+__device__ __forceinline__ u32 plm_level_pad(const u32* d, u32 level)
+{
+    return d[PLM_MSG_LEVELS + 2u * level];
+}
+
+__device__ __forceinline__ u32 plm_level_part(const u32* d, u32 level)
+{
+    return d[PLM_MSG_LEVELS + 2u * level + 1u];
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernels
+
+// GHASH level 0 over each message's ciphertext (decrypt). A message's ciphertext is front-padded
+// with `pad` zero blocks to grid * TPB * RUN0 blocks; its thread g folds virtual blocks
+// [g RUN0, (g+1) RUN0). A message whose level 0 is one block finishes here: its tag is compared
+// and its flag written.
+// (At least 1024 resident threads per SM, i.e. <= 64 registers: the batch lookup must not cost occupancy.)
+extern "C" __global__ void __launch_bounds__(PLM_TPB, PLM_GHASH_MIN_BLOCKS)
+    plm_gcm_ghash_ct(const u32* __restrict__ ctx, u32* tab, u32 n, uint4* partials)
 {
     __shared__ uint4 sM[16 * PLM_MREP];
     __shared__ u32 sR[16];
     __shared__ uint4 sRed[PLM_NWARPS];
     const u32 tid = threadIdx.x;
-    if (mode == PLM_MODE_DECRYPT && blockIdx.x == 0u && tid == 0u) *flag = PLM_FLAG_BAD;
+    const plm_job job = plm_job_of(tab, n, 0u);
+    const unsigned char* ct = plm_msg_src(job.d);
+    const u64 nbytes = plm_u64(job.d + PLM_MSG_NBYTES);
+    const u32 nw0 = job.d[PLM_MSG_NONCE], nw1 = job.d[PLM_MSG_NONCE + 1u];
+    const u32 nw2 = job.d[PLM_MSG_NONCE + 2u];
+    const u64 pad = plm_level_pad(job.d, 0u);
+    const bool final = job.grid == 1u;
     plm_load_ghash_tables(ctx, 0u, sM, sR);
     uint4 ek;
     ek.x = 0u;
     ek.y = 0u;
     ek.z = 0u;
     ek.w = 0u;
-    if (gridDim.x == 1u && tid == 0u) ek = plm_aes_j0(ctx, nw0, nw1, nw2);
+    if (final && tid == 0u) ek = plm_aes_j0(ctx, nw0, nw1, nw2);
     __syncthreads();
 
     const u64 nfull = nbytes >> 4;
     const u32 tail = (u32)(nbytes & 15ull);
-    const u64 v0 = ((u64)blockIdx.x * PLM_TPB + tid) * PLM_GH_RUN0;
+    const u64 v0 = ((u64)job.lb * PLM_TPB + tid) * PLM_GH_RUN0;
     u32 blk[PLM_GH_RUN0][4];
 #pragma unroll
     for (int j = 0; j < PLM_GH_RUN0; ++j) {
@@ -450,30 +545,40 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
         y[2] ^= plm_bswap(blk[j][2]);
         y[3] ^= plm_bswap(blk[j][3]);
     }
-    plm_ghash_block_end(ctx, 0u, y, sRed, partials, nbytes, ek, tag, flag, mode);
+    plm_ghash_block_end(ctx, 0u, y, sRed, final, partials + plm_level_part(job.d, 0u) + job.lb,
+                        nbytes, ek, plm_msg_src(job.d) + nbytes, tab + job.m, PLM_MODE_DECRYPT);
 }
 
-// GHASH level >= 1: fold the previous level's n_items partials (uint4 of big-endian words),
-// front-padded with `pad` zero items; same structure as level 0 with Q_level.
+// GHASH level >= 1: each message with this level folds its previous level's partials, front-padded
+// with `pad` zero items; same structure as level 0 with Q_level. Messages whose tree ended at an
+// earlier level have no block here. The final level decrypts: compare the tag, write the flag;
+// encrypts: write the tag after the ciphertext.
 extern "C" __global__ void __launch_bounds__(PLM_TPB)
-    plm_gcm_ghash_reduce(const u32* __restrict__ ctx, const uint4* items, u64 n_items, u64 pad,
-                         u32 level, uint4* partials, u64 msg_len, u32 nw0, u32 nw1, u32 nw2,
-                         unsigned char* tag, u32* flag, u32 mode)
+    plm_gcm_ghash_reduce(const u32* __restrict__ ctx, u32* tab, u32 n, uint4* partials, u32 level,
+                         u32 mode)
 {
     __shared__ uint4 sM[16 * PLM_MREP];
     __shared__ u32 sR[16];
     __shared__ uint4 sRed[PLM_NWARPS];
     const u32 tid = threadIdx.x;
+    const plm_job job = plm_job_of(tab, n, level);
+    const u64 msg_len = plm_u64(job.d + PLM_MSG_NBYTES);
+    const u32 nw0 = job.d[PLM_MSG_NONCE], nw1 = job.d[PLM_MSG_NONCE + 1u];
+    const u32 nw2 = job.d[PLM_MSG_NONCE + 2u];
+    const u64 pad = plm_level_pad(job.d, level);
+    const u64 n_items = job.prev;
+    const uint4* items = partials + plm_level_part(job.d, level - 1u);
+    const bool final = job.grid == 1u;
     plm_load_ghash_tables(ctx, level, sM, sR);
     uint4 ek;
     ek.x = 0u;
     ek.y = 0u;
     ek.z = 0u;
     ek.w = 0u;
-    if (gridDim.x == 1u && tid == 0u) ek = plm_aes_j0(ctx, nw0, nw1, nw2);
+    if (final && tid == 0u) ek = plm_aes_j0(ctx, nw0, nw1, nw2);
     __syncthreads();
 
-    const u64 v0 = ((u64)blockIdx.x * PLM_TPB + tid) * PLM_GH_RUN;
+    const u64 v0 = ((u64)job.lb * PLM_TPB + tid) * PLM_GH_RUN;
     u32 it[PLM_GH_RUN][4];
 #pragma unroll
     for (int j = 0; j < PLM_GH_RUN; ++j) {
@@ -500,29 +605,42 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
         y[2] ^= it[j][2];
         y[3] ^= it[j][3];
     }
-    plm_ghash_block_end(ctx, level, y, sRed, partials, msg_len, ek, tag, flag, mode);
+    unsigned char* tag =
+        (mode == PLM_MODE_ENCRYPT ? plm_msg_dst(job.d) : plm_msg_src(job.d)) + msg_len;
+    plm_ghash_block_end(ctx, level, y, sRed, final,
+                        partials + plm_level_part(job.d, level) + job.lb, msg_len, ek, tag,
+                        tab + job.m, mode);
 }
 
-// Decrypt CTR pass, run after the tag check in the same stream: each thread decrypts CTR_BPT
-// consecutive blocks. If the flag is not OK the kernel returns before touching `pt`, so the
-// destination is left untouched and never holds unauthenticated plaintext. ct == pt (in place) is
-// fine: a thread loads all its blocks before it stores any.
+// Decrypt CTR pass, run after every tag check of the batch in the same stream: each thread
+// decrypts CTR_BPT consecutive blocks of one message. Unless the flag of every message in the
+// batch is OK, every block returns before touching any destination, so no destination of the
+// batch is written and none ever holds unauthenticated plaintext. Messages that are only verified
+// (DISCARD) have no block here. ct == pt (in place) is fine: a thread loads all its blocks before
+// it stores any.
 extern "C" __global__ void __launch_bounds__(PLM_TPB)
-    plm_gcm_ctr_decrypt(const u32* __restrict__ ctx, const unsigned char* ct, unsigned char* pt,
-                        u64 nbytes, u32 nw0, u32 nw1, u32 nw2, const u32* flag)
+    plm_gcm_ctr_decrypt(const u32* __restrict__ ctx, const u32* __restrict__ tab, u32 n)
 {
     __shared__ uint4 sT4[PLM_T_ENTRIES4];
     __shared__ uint4 sRK[15];
-    if (*flag != PLM_FLAG_OK) return;  // uniform across the grid
+    u32 bad = 0u;
+    for (u32 i = threadIdx.x; i < n; i += PLM_TPB) bad |= tab[i] != PLM_FLAG_OK ? 1u : 0u;
+    if (__syncthreads_or((int)bad) != 0) return;  // uniform across the block and the grid
+    const plm_job job = plm_job_of(tab, n, (u32)PLM_MAX_LEVELS);
+    const unsigned char* ct = plm_msg_src(job.d);
+    unsigned char* pt = plm_msg_dst(job.d);
+    const u64 nbytes = plm_u64(job.d + PLM_MSG_NBYTES);
+    const u32 nw0 = job.d[PLM_MSG_NONCE], nw1 = job.d[PLM_MSG_NONCE + 1u];
+    const u32 nw2 = job.d[PLM_MSG_NONCE + 2u];
     plm_load_aes_tables(ctx, sT4, sRK);
     __syncthreads();
 
     const u64 nfull = nbytes >> 4;
     const u32 tail = (u32)(nbytes & 15ull);
     const u64 nblk = nfull + (tail != 0u ? 1ull : 0ull);
-    const u64 first = ((u64)blockIdx.x * PLM_TPB + threadIdx.x) * PLM_CTR_BPT;
+    const u64 first = ((u64)job.lb * PLM_TPB + threadIdx.x) * PLM_CTR_BPT;
     if (first >= nblk) return;
-    const u32* tab = reinterpret_cast<const u32*>(sT4) + (threadIdx.x & 31u);
+    const u32* tabT = reinterpret_cast<const u32*>(sT4) + (threadIdx.x & 31u);
     u32 s[PLM_CTR_BPT][4];
     u32 d[PLM_CTR_BPT][4];
 #pragma unroll
@@ -538,7 +656,7 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
         s[j][2] = nw2;
         s[j][3] = (u32)(k + 2ull);  // inc32: wraps mod 2^32
     }
-    plm_aes256<PLM_CTR_BPT, PLM_TREP_SHIFT>(tab, sRK, s);
+    plm_aes256<PLM_CTR_BPT, PLM_TREP_SHIFT>(tabT, sRK, s);
 #pragma unroll
     for (int j = 0; j < PLM_CTR_BPT; ++j) {
         const u64 k = first + (u64)j;
@@ -553,13 +671,13 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
     }
 }
 
-// Encrypt, fused: CTR over the thread's GHASH run (same front-padded decomposition as
-// plm_gcm_ghash_ct), writing the ciphertext and folding it into GHASH level 0 in registers. The
-// final GHASH level writes the tag right after the ciphertext. pt == out (in place) is fine.
+// Encrypt, fused: CTR over the thread's GHASH run of one message (same front-padded decomposition
+// as plm_gcm_ghash_ct), writing the ciphertext and folding it into GHASH level 0 in registers. The
+// message's final GHASH level writes the tag right after its ciphertext. pt == out (in place) is
+// fine.
 extern "C" __global__ void __launch_bounds__(PLM_TPB)
-    plm_gcm_encrypt(const u32* __restrict__ ctx, const unsigned char* pt, unsigned char* out,
-                    u64 nbytes, u64 pad, uint4* partials, u32 nw0, u32 nw1, u32 nw2,
-                    unsigned char* tag)
+    plm_gcm_encrypt(const u32* __restrict__ ctx, const u32* __restrict__ tab, u32 n,
+                    uint4* partials)
 {
     __shared__ uint4 sT4[PLM_T_ENTRIES4];
     __shared__ uint4 sRK[15];
@@ -567,6 +685,14 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
     __shared__ u32 sR[16];
     __shared__ uint4 sRed[PLM_NWARPS];
     const u32 tid = threadIdx.x;
+    const plm_job job = plm_job_of(tab, n, 0u);
+    const unsigned char* pt = plm_msg_src(job.d);
+    unsigned char* out = plm_msg_dst(job.d);
+    const u64 nbytes = plm_u64(job.d + PLM_MSG_NBYTES);
+    const u32 nw0 = job.d[PLM_MSG_NONCE], nw1 = job.d[PLM_MSG_NONCE + 1u];
+    const u32 nw2 = job.d[PLM_MSG_NONCE + 2u];
+    const u64 pad = plm_level_pad(job.d, 0u);
+    const bool final = job.grid == 1u;
     plm_load_aes_tables(ctx, sT4, sRK);
     plm_load_ghash_tables(ctx, 0u, sM, sR);
     uint4 ek;
@@ -574,13 +700,13 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
     ek.y = 0u;
     ek.z = 0u;
     ek.w = 0u;
-    if (gridDim.x == 1u && tid == 0u) ek = plm_aes_j0(ctx, nw0, nw1, nw2);
+    if (final && tid == 0u) ek = plm_aes_j0(ctx, nw0, nw1, nw2);
     __syncthreads();
 
     const u64 nfull = nbytes >> 4;
     const u32 tail = (u32)(nbytes & 15ull);
-    const u64 v0 = ((u64)blockIdx.x * PLM_TPB + tid) * PLM_GH_RUN0;
-    const u32* tab = reinterpret_cast<const u32*>(sT4) + (tid & 31u);
+    const u64 v0 = ((u64)job.lb * PLM_TPB + tid) * PLM_GH_RUN0;
+    const u32* tabT = reinterpret_cast<const u32*>(sT4) + (tid & 31u);
     const uint4* M = sM + (tid & (PLM_MREP - 1u));
     u32 y[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
@@ -601,7 +727,7 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
             s[b][2] = nw2;
             s[b][3] = (u32)(k + 2ull);
         }
-        plm_aes256<PLM_ENC_GROUP, PLM_TREP_SHIFT>(tab, sRK, s);
+        plm_aes256<PLM_ENC_GROUP, PLM_TREP_SHIFT>(tabT, sRK, s);
 #pragma unroll
         for (int b = 0; b < PLM_ENC_GROUP; ++b) {
             const u64 v = v0 + (u64)(g * PLM_ENC_GROUP + b);
@@ -627,5 +753,6 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
             y[3] ^= plm_bswap(c[3]);
         }
     }
-    plm_ghash_block_end(ctx, 0u, y, sRed, partials, nbytes, ek, tag, nullptr, PLM_MODE_ENCRYPT);
+    plm_ghash_block_end(ctx, 0u, y, sRed, final, partials + plm_level_part(job.d, 0u) + job.lb,
+                        nbytes, ek, out + nbytes, nullptr, PLM_MODE_ENCRYPT);
 }

@@ -3,12 +3,19 @@
 Ciphertext layout is the project's everywhere: ``ct || tag`` (16-byte tag), as
 ``cryptography``'s ``AESGCM.encrypt_into(nonce, data, None, buf)`` writes it. No AAD.
 
-Decrypt never lets the destination hold unauthenticated plaintext, even for a moment: GHASH and
-the tag comparison run first and write a device flag; the CTR pass that writes plaintext runs
-after them in the same stream and returns at once unless the flag is OK. On a bad tag the
-destination is left untouched (not zeroed). :meth:`CudaAesGcm.decrypt_into` does not wait: it
-returns a :class:`DecryptResult` whose :meth:`~DecryptResult.ok` synchronises, so several messages
-can be queued before one wait (see :func:`decrypt_results_ok`).
+Messages go in batches: :meth:`CudaAesGcm.decrypt_batch_into` and :meth:`~CudaAesGcm.encrypt_batch_into`
+run any number of messages (each with its own nonce, length and buffers) in a fixed number of
+kernel launches (plan.py); the single-message calls are batches of one.
+
+Decrypt never lets a destination hold unauthenticated plaintext, even for a moment: GHASH and the
+tag comparison of every message of the batch run first and write one device flag per message; the
+CTR pass that writes plaintext runs after them in the same stream and returns at once unless every
+flag of the batch is OK. On any bad tag no destination of the batch is written (not even zeroed).
+Decrypt calls do not wait: they return a :class:`DecryptResult` whose :meth:`~DecryptResult.ok`
+synchronises, so several batches can be queued before one wait (see :func:`decrypt_results_ok`).
+
+The batch table is control data: it is built in this process, staged in pinned host memory private
+to it (never the bounce arena) and copied to the device ahead of the launches on the same stream.
 
 CuPy is imported lazily, so importing this module works without it; :func:`cuda_available` says
 whether the GPU path can run. The kernels (``aesgcm.cu``) are compiled once per process and device
@@ -21,6 +28,7 @@ from __future__ import annotations
 import importlib
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +41,14 @@ from .params import (
     FLAG_OK,
     KERNEL_NAMES,
     KEY_BYTES,
+    MAX_BATCH,
     NONCE_BYTES,
     TAG_BYTES,
     GcmParams,
 )
 from .plan import U32, U64, Buf, Plan, Ptr, decrypt_plan, encrypt_plan
+
+_H2D = 1  # cudaMemcpyHostToDevice
 
 CU_SOURCE_PATH = Path(__file__).with_name("aesgcm.cu")
 NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
@@ -141,33 +152,78 @@ def _check_overlap(src: Any, dst: Any) -> None:
         raise ValueError("source and destination overlap; only exact in-place (same start) is allowed")
 
 
+def _check_batch_overlaps(srcs: Sequence[Any], dsts: Sequence[Any | None]) -> None:
+    """Within a batch a destination may overlap nothing but its own source, and only in place.
+
+    (A CTR write into another message's ciphertext after its tag was checked would decrypt
+    something other than what was authenticated.) Sources may overlap each other freely.
+    """
+    spans: list[tuple[int, int, int, bool]] = []  # start, end, message, is_destination
+    for i, (src, dst) in enumerate(zip(srcs, dsts, strict=True)):
+        if src.size:
+            spans.append((int(src.data.ptr), int(src.data.ptr) + int(src.nbytes), i, False))
+        if dst is not None and dst.size:
+            _check_overlap(src, dst)
+            spans.append((int(dst.data.ptr), int(dst.data.ptr) + int(dst.nbytes), i, True))
+    spans.sort()
+    active: list[tuple[int, int, int, bool]] = []
+    for span in spans:
+        start, _end, msg, is_dst = span
+        active = [a for a in active if a[1] > start]
+        for a in active:
+            if (is_dst or a[3]) and a[2] != msg:
+                what = "destination" if is_dst else "source"
+                raise ValueError(
+                    f"the {what} of message {msg} overlaps the {'destination' if a[3] else 'source'} of message "
+                    f"{a[2]}; in a batch a destination may only coincide with its own source"
+                )
+        active.append(span)
+
+
 class DecryptResult:
-    """The outcome of one queued decrypt: a device flag, written by the tag check."""
+    """The outcome of one queued batch of decrypts: one device flag per message, written by the
+    tag checks."""
 
-    __slots__ = ("_scratch", "_stream")
+    __slots__ = ("_n", "_scratch", "_stream")
 
-    def __init__(self, scratch: Any, stream: Any) -> None:
-        self._scratch = scratch  # word 0 is the flag; holding it keeps the memory alive
+    def __init__(self, scratch: Any, stream: Any, n: int = 1) -> None:
+        self._scratch = scratch  # words 0..n-1 are the flags; holding it keeps the memory alive
         self._stream = stream
+        self._n = n
+
+    @property
+    def n(self) -> int:
+        """Messages in the batch."""
+        return self._n
+
+    @property
+    def flags(self) -> Any:
+        """The device flags (cupy uint32 array, one per message): params.FLAG_OK where the tag matched."""
+        return self._scratch[: 4 * self._n].view(_cupy().uint32)
 
     @property
     def flag(self) -> Any:
-        """The device flag (cupy uint32 array of 1): params.FLAG_OK when the tag matched."""
-        return self._scratch[:4].view(_cupy().uint32)
+        """The device flags; for a single message, an array of one."""
+        return self.flags
 
     @property
     def stream(self) -> Any:
-        """The stream the decrypt was queued on."""
+        """The stream the batch was queued on."""
         return self._stream
 
+    def oks(self) -> list[bool]:
+        """Wait for the batch; whether each message's tag matched."""
+        values = self.flags.get(stream=self._stream)
+        return [int(v) == FLAG_OK for v in values]
+
     def ok(self) -> bool:
-        """Wait for this decrypt and say whether the tag matched (plaintext was written)."""
-        value = self.flag.get(stream=self._stream)
-        return int(value[0]) == FLAG_OK
+        """Wait for the batch and say whether every tag matched (only then was plaintext written)."""
+        return all(self.oks())
 
 
 def decrypt_results_ok(results: Sequence[DecryptResult]) -> list[bool]:
-    """Wait once per stream for a batch of decrypts, then read all flags in one copy."""
+    """Wait once per stream for several queued batches, then read all flags in one copy; one bool
+    per result: whether every message of that batch authenticated."""
     if not results:
         return []
     cp = _cupy()
@@ -176,12 +232,73 @@ def decrypt_results_ok(results: Sequence[DecryptResult]) -> list[bool]:
         streams.setdefault(id(result.stream), result.stream)
     for stream in streams.values():
         stream.synchronize()
-    devices = {int(r.flag.device.id) for r in results}
+    devices = {int(r.flags.device.id) for r in results}
     if len(devices) != 1:
         return [r.ok() for r in results]
     with cp.cuda.Device(devices.pop()):
-        flags = cp.concatenate([r.flag for r in results]).get()
-    return [int(f) == FLAG_OK for f in flags]
+        flags = cp.concatenate([r.flags for r in results]).get()
+    out, at = [], 0
+    for r in results:
+        out.append(bool(all(int(f) == FLAG_OK for f in flags[at : at + r.n])))
+        at += r.n
+    return out
+
+
+@dataclass
+class _Staged:
+    """One pinned host buffer for batch tables and the event after the last copy out of it."""
+
+    mem: Any
+    host: np.ndarray[Any, np.dtype[np.uint8]]
+    event: Any = None
+
+
+class _TableUploads:
+    """Copies batch tables to the device from pinned host memory private to this process.
+
+    A pool of buffers: one is rewritten only after the copy out of it has completed (its event), so
+    any number of batches can be queued without the host waiting for the GPU (up to MAX buffers in
+    flight; beyond that the oldest copy is waited for) and none can see another's table.
+    """
+
+    MAX = 256
+
+    def __init__(self) -> None:
+        self._pool: list[_Staged] = []
+        self._next = 0
+
+    def _free(self, nbytes: int) -> _Staged:
+        pool = self._pool
+        for k in range(len(pool)):
+            slot = pool[(self._next + k) % len(pool)]
+            if slot.host.size >= nbytes and (slot.event is None or slot.event.done):
+                self._next = (self._next + k + 1) % len(pool)
+                return slot
+        if len(pool) < self.MAX:
+            size = max(4096, -(-nbytes // 4096) * 4096)
+            mem = _cupy().cuda.alloc_pinned_memory(size)
+            slot = _Staged(mem, np.frombuffer(mem, dtype=np.uint8, count=size))
+            pool.append(slot)
+            return slot
+        slot = pool[self._next]  # every buffer is in flight: wait for the oldest
+        self._next = (self._next + 1) % len(pool)
+        if slot.event is not None:
+            slot.event.synchronize()
+        if slot.host.size < nbytes:
+            size = -(-nbytes // 4096) * 4096
+            slot.mem = _cupy().cuda.alloc_pinned_memory(size)
+            slot.host = np.frombuffer(slot.mem, dtype=np.uint8, count=size)
+        return slot
+
+    def upload(self, table: np.ndarray[Any, Any], dst_ptr: int, stream: Any) -> None:
+        cp = _cupy()
+        raw = table.view(np.uint8).ravel()
+        slot = self._free(raw.size)
+        slot.host[: raw.size] = raw
+        cp.cuda.runtime.memcpyAsync(dst_ptr, int(slot.host.ctypes.data), raw.size, _H2D, stream.ptr)
+        event = cp.cuda.Event(disable_timing=True)
+        event.record(stream)
+        slot.event = event
 
 
 class CudaAesGcm:
@@ -210,14 +327,16 @@ class CudaAesGcm:
             self._kernels = _kernels(params, self._device_id)
             self._ctx = cp.asarray(host_ctx)
             cp.cuda.get_current_stream().synchronize()  # the context is ready for every stream
+        self._uploads = _TableUploads()
 
     @property
     def device_id(self) -> int:
         """The CUDA device this key's context lives on."""
         return self._device_id
 
-    def _launch(self, plan: Plan, src: Any, dst: Any, stream: Any) -> tuple[Any, Any]:
-        """Run a plan on `stream` (current stream if None); return (scratch buffer, stream used)."""
+    def _launch(self, plan: Plan, table: np.ndarray[Any, Any], stream: Any) -> tuple[Any, Any]:
+        """Upload the table and run a plan on `stream` (current stream if None); return (scratch
+        buffer, stream used)."""
         cp = _cupy()
         tpb = (self.params.threads_per_block,)
         with cp.cuda.Device(self._device_id):
@@ -225,12 +344,8 @@ class CudaAesGcm:
                 stream = cp.cuda.get_current_stream()
             with stream:
                 scratch = cp.empty(plan.scratch_bytes, dtype=cp.uint8)
-                base = {
-                    Buf.CTX: int(self._ctx.data.ptr),
-                    Buf.SRC: int(src.data.ptr) if src.size else 0,
-                    Buf.DST: int(dst.data.ptr) if dst.size else 0,
-                    Buf.SCRATCH: int(scratch.data.ptr),
-                }
+                self._uploads.upload(table, int(scratch.data.ptr), stream)
+                base = {Buf.CTX: int(self._ctx.data.ptr), Buf.SCRATCH: int(scratch.data.ptr)}
                 for launch in plan.launches:
                     args: list[np.generic] = []
                     for arg in launch.args:
@@ -245,39 +360,85 @@ class CudaAesGcm:
                     self._kernels[launch.kernel]((launch.grid,), tpb, tuple(args))
         return scratch, stream
 
+    def decrypt_batch_into(self, items: Sequence[tuple[bytes, Any, Any]], *, stream: Any = None) -> DecryptResult:
+        """Queue one batch: each item is (nonce, data = ct || tag, out with len(data) - 16 bytes, or
+        None to verify only). Every tag is checked before any plaintext is written.
+
+        Returns at once; ``result.ok()`` waits and says whether every tag matched, ``oks()`` which
+        did. Unless all did, no `out` of the batch was written. An `out` may be its own `data`
+        (in place); any other overlap with a buffer of the batch is refused.
+        """
+        if not items:
+            raise ValueError("a batch needs at least one message")
+        if len(items) > MAX_BATCH:
+            raise ValueError(f"a batch holds at most {MAX_BATCH} messages, got {len(items)}")
+        nonces, datas, outs, sizes = [], [], [], []
+        for nonce, data, out in items:
+            nonces.append(_check_nonce(nonce))
+            _check_array(data, "data", self._device_id)
+            if data.size < TAG_BYTES:
+                raise ValueError(f"data must hold at least the {TAG_BYTES}-byte tag, got {data.size} bytes")
+            ct_len = int(data.size) - TAG_BYTES
+            if out is not None:
+                _check_array(out, "out", self._device_id)
+                if out.size != ct_len:
+                    raise ValueError(f"out must have len(data) - {TAG_BYTES} = {ct_len} bytes, got {out.size}")
+            if ct_len > self.params.max_message_bytes:
+                raise ValueError(f"ciphertext of {ct_len} bytes exceeds the maximum of {self.params.max_message_bytes}")
+            datas.append(data)
+            outs.append(out)
+            sizes.append(ct_len)
+        _check_batch_overlaps(datas, outs)
+        plan = decrypt_plan(sizes, self.params, [o is not None for o in outs])
+        table = plan.table(nonces, [_address(d) for d in datas], [_address(o) for o in outs])
+        scratch, used = self._launch(plan, table, stream)
+        return DecryptResult(scratch, used, plan.n)
+
+    def encrypt_batch_into(self, items: Sequence[tuple[bytes, Any, Any]], *, stream: Any = None) -> None:
+        """Queue one batch: each item is (nonce, data, out = ct || tag with len(data) + 16 bytes).
+
+        An `out` may start at its own `data` (in place, with 16 spare bytes after it); any other
+        overlap with a buffer of the batch is refused. Nothing waits: order later work on the same
+        stream.
+        """
+        if not items:
+            raise ValueError("a batch needs at least one message")
+        if len(items) > MAX_BATCH:
+            raise ValueError(f"a batch holds at most {MAX_BATCH} messages, got {len(items)}")
+        nonces, datas, outs, sizes = [], [], [], []
+        for nonce, data, out in items:
+            nonces.append(_check_nonce(nonce))
+            _check_array(data, "data", self._device_id)
+            _check_array(out, "out", self._device_id)
+            pt_len = int(data.size)
+            if out.size != pt_len + TAG_BYTES:
+                raise ValueError(f"out must have len(data) + {TAG_BYTES} = {pt_len + TAG_BYTES} bytes, got {out.size}")
+            if pt_len > self.params.max_message_bytes:
+                raise ValueError(f"plaintext of {pt_len} bytes exceeds the maximum of {self.params.max_message_bytes}")
+            datas.append(data)
+            outs.append(out)
+            sizes.append(pt_len)
+        _check_batch_overlaps(datas, outs)
+        plan = encrypt_plan(sizes, self.params)
+        self._launch(plan, plan.table(nonces, [_address(d) for d in datas], [_address(o) for o in outs]), stream)
+
     def decrypt_into(self, nonce: bytes, data: Any, out: Any, *, stream: Any = None) -> DecryptResult:
-        """Queue the decryption of `data` (ct || tag) into `out` (len(data) - 16 bytes).
+        """Queue the decryption of `data` (ct || tag) into `out` (len(data) - 16 bytes): a batch of one.
 
         Returns at once; ``result.ok()`` waits and says whether the tag matched. If it did not,
         `out` was not written. `out` may be `data` itself (in place); other overlaps are refused.
         """
-        nonce = _check_nonce(nonce)
-        _check_array(data, "data", self._device_id)
-        _check_array(out, "out", self._device_id)
-        if data.size < TAG_BYTES:
-            raise ValueError(f"data must hold at least the {TAG_BYTES}-byte tag, got {data.size} bytes")
-        ct_len = int(data.size) - TAG_BYTES
-        if out.size != ct_len:
-            raise ValueError(f"out must have len(data) - {TAG_BYTES} = {ct_len} bytes, got {out.size}")
-        if ct_len > self.params.max_message_bytes:
-            raise ValueError(f"ciphertext of {ct_len} bytes exceeds the maximum of {self.params.max_message_bytes}")
-        _check_overlap(data, out)
-        scratch, used = self._launch(decrypt_plan(ct_len, nonce, self.params), data, out, stream)
-        return DecryptResult(scratch, used)
+        return self.decrypt_batch_into([(nonce, data, out)], stream=stream)
 
     def encrypt_into(self, nonce: bytes, data: Any, out: Any, *, stream: Any = None) -> None:
-        """Queue the encryption of `data` into `out` = ct || tag (len(data) + 16 bytes).
+        """Queue the encryption of `data` into `out` = ct || tag (len(data) + 16 bytes): a batch of one.
 
         `out` may start at `data` (in place, with 16 spare bytes after it); other overlaps are
         refused. Nothing waits: order later work on the same stream.
         """
-        nonce = _check_nonce(nonce)
-        _check_array(data, "data", self._device_id)
-        _check_array(out, "out", self._device_id)
-        pt_len = int(data.size)
-        if out.size != pt_len + TAG_BYTES:
-            raise ValueError(f"out must have len(data) + {TAG_BYTES} = {pt_len + TAG_BYTES} bytes, got {out.size}")
-        if pt_len > self.params.max_message_bytes:
-            raise ValueError(f"plaintext of {pt_len} bytes exceeds the maximum of {self.params.max_message_bytes}")
-        _check_overlap(data, out)
-        self._launch(encrypt_plan(pt_len, nonce, self.params), data, out, stream)
+        self.encrypt_batch_into([(nonce, data, out)], stream=stream)
+
+
+def _address(arr: Any) -> int:
+    """The device address of an array (0 for None or an empty array, which no kernel dereferences)."""
+    return int(arr.data.ptr) if arr is not None and arr.size else 0

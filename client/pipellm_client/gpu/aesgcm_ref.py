@@ -1,21 +1,24 @@
 """Numpy reference of the GPU AES-GCM kernels: the same algorithm, not just the same result.
 
 Each ``k_*`` function below mirrors the kernel of the same name in ``aesgcm.cu`` step by step (same
-T-table and last-round byte assembly, same Shoup table and nibble order, same per-thread run length,
-same front padding, same combine multipliers, same finalisation and flag arithmetic), vectorised
-with numpy across the threads of the whole grid. :class:`RefAesGcm` runs the very :class:`Plan`
-that the CUDA class launches, so a mistake in the decomposition, the tables or the plan fails the
-reference's known-answer and `cryptography` comparison tests on a machine without a GPU.
+batch table, same block-to-message search, same T-table and last-round byte assembly, same Shoup
+table and nibble order, same per-thread run length, same front padding, same combine multipliers,
+same finalisation, flag arithmetic and batch gate), vectorised with numpy across the threads of each
+message's blocks. :class:`RefAesGcm` runs the very :class:`Plan` that the CUDA class launches, batch
+table included, with the table's device addresses resolved in an :class:`AddressSpace` of numpy
+buffers, so a mistake in the decomposition, the tables or the plan fails the reference's
+known-answer and `cryptography` comparison tests on a machine without a GPU.
 
-Only two things are not mirrored because they cannot change a result: the order in which XOR
-reductions are combined (warp shuffles then shared memory on the GPU) and how AES blocks are
-grouped for instruction-level parallelism.
+Only three things are not mirrored because they cannot change a result: the order in which XOR
+reductions are combined (warp shuffles then shared memory on the GPU), how AES blocks are grouped
+for instruction-level parallelism, and the order in which the blocks of one launch run (each block
+writes only its own message's partial, flag or bytes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,7 +32,6 @@ from .params import (
     CTX_SHOUP,
     CTX_T0,
     DEFAULT_PARAMS,
-    FLAG_BAD,
     FLAG_OK,
     KERNEL_CTR_DECRYPT,
     KERNEL_ENCRYPT,
@@ -37,6 +39,11 @@ from .params import (
     KERNEL_GHASH_REDUCE,
     MODE_DECRYPT,
     MODE_ENCRYPT,
+    MSG_DST,
+    MSG_LEVELS,
+    MSG_NBYTES,
+    MSG_NONCE,
+    MSG_SRC,
     NONCE_BYTES,
     PW_ENTRY_WORDS,
     RK_WORDS,
@@ -81,6 +88,40 @@ class MemPtr:
 
     def write_words(self, words: U32Array) -> None:
         self.write(np.ascontiguousarray(words, dtype="<u4").view(np.uint8).ravel())
+
+    def at(self, nbytes: int) -> MemPtr:
+        """This pointer plus `nbytes` (pointer arithmetic)."""
+        return MemPtr(self.arr, self.offset + nbytes)
+
+
+@dataclass
+class AddressSpace:
+    """Device addresses of numpy buffers: what the table's u64 pointers mean to the reference.
+
+    Buffers keep their real host addresses, so a table built for the reference is the table the
+    emulated kernels would get for the same buffers.
+    """
+
+    buffers: list[U8Array] = field(default_factory=list)
+
+    def add(self, arr: U8Array) -> int:
+        """Register a 1-D uint8 buffer; returns its address."""
+        if arr.ndim != 1 or arr.dtype != np.uint8:
+            raise TypeError("device buffers are 1-D uint8 arrays")
+        self.buffers.append(arr)
+        return int(arr.ctypes.data) if arr.size else 0
+
+    def ptr(self, address: int) -> MemPtr:
+        """The buffer and offset an address points into (one past the end is allowed; 0, the
+        address of an empty buffer, points to nothing)."""
+        if address == 0:
+            return MemPtr(np.zeros(0, dtype=np.uint8), 0)
+        for inclusive in (False, True):
+            for arr in self.buffers:
+                base = int(arr.ctypes.data)
+                if arr.size and base <= address < base + arr.size + int(inclusive):
+                    return MemPtr(arr, address - base)
+        raise IndexError(f"address 0x{address:x} is in no device buffer")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,10 +317,11 @@ def finalize(
 
 
 class _Kernels:
-    """The four kernels, bound to one set of parameters."""
+    """The four kernels, bound to one set of parameters and one address space."""
 
-    def __init__(self, params: GcmParams) -> None:
+    def __init__(self, params: GcmParams, space: AddressSpace | None = None) -> None:
         self.p = params
+        self.space = space if space is not None else AddressSpace()
 
     def table(self) -> Mapping[str, Callable[..., None]]:
         return {
@@ -288,6 +330,27 @@ class _Kernels:
             KERNEL_CTR_DECRYPT: self.k_ctr_decrypt,
             KERNEL_ENCRYPT: self.k_encrypt,
         }
+
+    # -- the batch table ------------------------------------------------------------------------
+
+    def _jobs(self, tab: MemPtr, n: int, grid: int, k: int) -> list[_Job]:
+        """plm_job_of for every block of a launch, grouped by message: each message's blocks are
+        one contiguous range (in block order, as the search assigns them)."""
+        p = self.p
+        words = tab.read_words(p.tab_words(n))
+        starts = words[p.tab_starts(n) :].reshape(p.max_levels + 1, n + 1).astype(np.int64)
+        blocks = np.arange(grid, dtype=np.int64)
+        found = np.searchsorted(starts[k, :n], blocks, side="right") - 1  # plm_find: last m with start <= b
+        jobs = []
+        for found_m in np.unique(found):
+            m = int(found_m)
+            lb = blocks[found == m] - starts[k, m]
+            g = int(starts[k, m + 1] - starts[k, m])
+            assert lb.size == g and int(lb[0]) == 0, "a message's blocks are one range"
+            prev = int(starts[k - 1, m + 1] - starts[k - 1, m]) if 1 <= k < p.max_levels else 0
+            base = p.tab_msgs(n) + m * p.msg_words
+            jobs.append(_Job(m, g, prev, words[base : base + p.msg_words]))
+        return jobs
 
     # -- shared pieces ---------------------------------------------------------------------------
 
@@ -313,8 +376,8 @@ class _Kernels:
         flag: MemPtr | None,
         mode: int,
     ) -> None:
-        """plm_ghash_block_end: combine multiplier per thread, XOR over the block, then store the
-        partial or finalise."""
+        """plm_ghash_block_end over one message's `grid` blocks: combine multiplier per thread, XOR
+        over each block, then store the partials or (grid == 1: the final level) finalise."""
         tpb = self.p.threads_per_block
         base = self.p.ctx_pw + self.p.pw_level_words * level
         entries = ctx[base : base + self.p.pw_level_words].reshape(tpb, PW_ENTRY_WORDS // 4, 4)
@@ -332,155 +395,155 @@ class _Kernels:
 
     # The k_* methods take the CUDA kernel's parameters positionally, in order, as a launch passes them.
 
-    def k_ghash_ct(
-        self,
-        grid: int,
-        ctx_p: MemPtr,
-        ct: MemPtr,
-        nbytes: int,
-        pad: int,
-        partials: MemPtr,
-        nw0: int,
-        nw1: int,
-        nw2: int,
-        tag: MemPtr,
-        flag: MemPtr,
-        mode: int,
-    ) -> None:
+    def k_ghash_ct(self, grid: int, ctx_p: MemPtr, tab: MemPtr, n: int, partials: MemPtr) -> None:
         """plm_gcm_ghash_ct."""
         ctx = ctx_p.read_words(self.p.ctx_words)
-        if mode == MODE_DECRYPT:
-            flag.write_words(np.array([FLAG_BAD], dtype=np.uint32))
         table = shoup_table_at(ctx, 0)
         r = ctx[CTX_R : CTX_R + 16]
-        ek = aes_j0(ctx, nw0, nw1, nw2) if grid == 1 else None
         run = self.p.ghash_run0
-        n_threads = grid * self.p.threads_per_block
-        blk = self._load_run(ct, nbytes, pad, n_threads, run)
-        y = [np.zeros(n_threads, dtype=np.uint32) for _ in range(4)]
-        for j in range(run):
-            y = gf_mul_shoup(y, table, r)
-            y = [y[i] ^ bswap(blk[:, j, i]) for i in range(4)]
-        self._block_end(grid, ctx, 0, y, partials=partials, msg_len=nbytes, ek=ek, tag=tag, flag=flag, mode=mode)
+        for job in self._jobs(tab, n, grid, 0):
+            ct = self.space.ptr(job.src)
+            ek = aes_j0(ctx, *job.nonce) if job.grid == 1 else None
+            n_threads = job.grid * self.p.threads_per_block
+            blk = self._load_run(ct, job.nbytes, job.pad(0), n_threads, run)
+            y = [np.zeros(n_threads, dtype=np.uint32) for _ in range(4)]
+            for j in range(run):
+                y = gf_mul_shoup(y, table, r)
+                y = [y[i] ^ bswap(blk[:, j, i]) for i in range(4)]
+            self._block_end(
+                job.grid, ctx, 0, y, partials=partials.at(16 * job.part(0)), msg_len=job.nbytes, ek=ek,
+                tag=ct.at(job.nbytes), flag=tab.at(4 * job.m), mode=MODE_DECRYPT,
+            )  # fmt: skip
 
     def k_ghash_reduce(
-        self,
-        grid: int,
-        ctx_p: MemPtr,
-        items_p: MemPtr,
-        n_items: int,
-        pad: int,
-        level: int,
-        partials: MemPtr,
-        msg_len: int,
-        nw0: int,
-        nw1: int,
-        nw2: int,
-        tag: MemPtr,
-        flag: MemPtr,
-        mode: int,
+        self, grid: int, ctx_p: MemPtr, tab: MemPtr, n: int, partials: MemPtr, level: int, mode: int
     ) -> None:
         """plm_gcm_ghash_reduce."""
         ctx = ctx_p.read_words(self.p.ctx_words)
         table = shoup_table_at(ctx, level)
         r = ctx[CTX_R : CTX_R + 16]
-        ek = aes_j0(ctx, nw0, nw1, nw2) if grid == 1 else None
         run = self.p.ghash_run
-        n_threads = grid * self.p.threads_per_block
-        flat = np.zeros((n_threads * run, 4), dtype=np.uint32)
-        flat[pad : pad + n_items] = items_p.read_words(4 * n_items).reshape(n_items, 4)
-        it = flat.reshape(n_threads, run, 4)
-        y = [np.zeros(n_threads, dtype=np.uint32) for _ in range(4)]
-        for j in range(run):
-            y = gf_mul_shoup(y, table, r)
-            y = [y[i] ^ it[:, j, i] for i in range(4)]
-        self._block_end(grid, ctx, level, y, partials=partials, msg_len=msg_len, ek=ek, tag=tag, flag=flag, mode=mode)
+        for job in self._jobs(tab, n, grid, level):
+            ek = aes_j0(ctx, *job.nonce) if job.grid == 1 else None
+            n_threads = job.grid * self.p.threads_per_block
+            pad, n_items = job.pad(level), job.prev
+            flat = np.zeros((n_threads * run, 4), dtype=np.uint32)
+            flat[pad : pad + n_items] = partials.at(16 * job.part(level - 1)).read_words(4 * n_items).reshape(-1, 4)
+            it = flat.reshape(n_threads, run, 4)
+            y = [np.zeros(n_threads, dtype=np.uint32) for _ in range(4)]
+            for j in range(run):
+                y = gf_mul_shoup(y, table, r)
+                y = [y[i] ^ it[:, j, i] for i in range(4)]
+            tag = self.space.ptr(job.dst if mode == MODE_ENCRYPT else job.src).at(job.nbytes)
+            self._block_end(
+                job.grid, ctx, level, y, partials=partials.at(16 * job.part(level)), msg_len=job.nbytes, ek=ek,
+                tag=tag, flag=tab.at(4 * job.m), mode=mode,
+            )  # fmt: skip
 
-    def k_ctr_decrypt(
-        self,
-        grid: int,
-        ctx_p: MemPtr,
-        ct: MemPtr,
-        pt: MemPtr,
-        nbytes: int,
-        nw0: int,
-        nw1: int,
-        nw2: int,
-        flag: MemPtr,
-    ) -> None:
-        """plm_gcm_ctr_decrypt: nothing is written unless the flag says OK."""
-        if int(flag.read_words(1)[0]) != FLAG_OK:
+    def k_ctr_decrypt(self, grid: int, ctx_p: MemPtr, tab: MemPtr, n: int) -> None:
+        """plm_gcm_ctr_decrypt: nothing is written unless every flag of the batch says OK."""
+        if (tab.read_words(n) != FLAG_OK).any():  # the batch gate (__syncthreads_or in every block)
             return
         ctx = ctx_p.read_words(self.p.ctx_words)
-        nblk = (nbytes + 15) // 16
-        n_threads = grid * self.p.threads_per_block
         bpt = self.p.ctr_blocks_per_thread
-        k = np.arange(n_threads * bpt, dtype=np.uint64)  # thread g owns blocks [g bpt, (g+1) bpt)
-        d = self._load_run(ct, nbytes, 0, n_threads, bpt).reshape(-1, 4)
-        s = [
-            np.full(k.size, nw0, dtype=np.uint32),
-            np.full(k.size, nw1, dtype=np.uint32),
-            np.full(k.size, nw2, dtype=np.uint32),
-            ((k + np.uint64(2)) & np.uint64(M32)).astype(np.uint32),
-        ]
-        s = aes256(ctx[CTX_T0 : CTX_T0 + 256], ctx[CTX_RK : CTX_RK + RK_WORDS], s)
-        c = np.stack([d[:, i] ^ bswap(s[i]) for i in range(4)], axis=1)[:nblk]
-        pt.write(c.astype("<u4").view(np.uint8).ravel()[:nbytes])
+        for job in self._jobs(tab, n, grid, self.p.max_levels):
+            ct, pt = self.space.ptr(job.src), self.space.ptr(job.dst)
+            nw0, nw1, nw2 = job.nonce
+            nbytes = job.nbytes
+            nblk = (nbytes + 15) // 16
+            n_threads = job.grid * self.p.threads_per_block
+            k = np.arange(n_threads * bpt, dtype=np.uint64)  # thread g owns blocks [g bpt, (g+1) bpt)
+            d = self._load_run(ct, nbytes, 0, n_threads, bpt).reshape(-1, 4)
+            s = [
+                np.full(k.size, nw0, dtype=np.uint32),
+                np.full(k.size, nw1, dtype=np.uint32),
+                np.full(k.size, nw2, dtype=np.uint32),
+                ((k + np.uint64(2)) & np.uint64(M32)).astype(np.uint32),
+            ]
+            s = aes256(ctx[CTX_T0 : CTX_T0 + 256], ctx[CTX_RK : CTX_RK + RK_WORDS], s)
+            c = np.stack([d[:, i] ^ bswap(s[i]) for i in range(4)], axis=1)[:nblk]
+            pt.write(c.astype("<u4").view(np.uint8).ravel()[:nbytes])
 
-    def k_encrypt(
-        self,
-        grid: int,
-        ctx_p: MemPtr,
-        pt: MemPtr,
-        out: MemPtr,
-        nbytes: int,
-        pad: int,
-        partials: MemPtr,
-        nw0: int,
-        nw1: int,
-        nw2: int,
-        tag: MemPtr,
-    ) -> None:
+    def k_encrypt(self, grid: int, ctx_p: MemPtr, tab: MemPtr, n: int, partials: MemPtr) -> None:
         """plm_gcm_encrypt: CTR over each thread's front-padded GHASH run, then Horner on the
         ciphertext (partial block zero-masked)."""
         ctx = ctx_p.read_words(self.p.ctx_words)
         table = shoup_table_at(ctx, 0)
         r = ctx[CTX_R : CTX_R + 16]
-        ek = aes_j0(ctx, nw0, nw1, nw2) if grid == 1 else None
         run = self.p.ghash_run0
-        n_threads = grid * self.p.threads_per_block
-        nfull, tail = divmod(nbytes, 16)
-        d = self._load_run(pt, nbytes, pad, n_threads, run)
-        v = np.arange(n_threads * run, dtype=np.int64).reshape(n_threads, run)
-        real = v >= pad
-        k = v - pad  # real block index where real; the kernel's u64 wrap only feeds unused blocks
-        ctr = ((k + 2) % (1 << 32)).astype(np.uint32)
-        s = [
-            np.full(v.size, nw0, dtype=np.uint32),
-            np.full(v.size, nw1, dtype=np.uint32),
-            np.full(v.size, nw2, dtype=np.uint32),
-            ctr.ravel(),
-        ]
-        s = aes256(ctx[CTX_T0 : CTX_T0 + 256], ctx[CTX_RK : CTX_RK + RK_WORDS], s)
-        c = np.stack([d.reshape(-1, 4)[:, i] ^ bswap(s[i]) for i in range(4)], axis=1)
-        c = c.reshape(n_threads, run, 4)
-        c[~real] = 0
-        if nbytes:
-            stored = c[real].astype("<u4").view(np.uint8).ravel()[:nbytes]
-            out.write(stored)
-        if tail:
-            last = c[real][nfull]
-            for w in range(4):
-                last[w] &= np.uint32(tail_mask(tail, w))
-            flat_index = pad + nfull  # virtual index of the partial block
-            c[flat_index // run, flat_index % run] = last
-        y = [np.zeros(n_threads, dtype=np.uint32) for _ in range(4)]
-        for j in range(run):
-            y = gf_mul_shoup(y, table, r)
-            y = [y[i] ^ bswap(c[:, j, i]) for i in range(4)]
-        self._block_end(
-            grid, ctx, 0, y, partials=partials, msg_len=nbytes, ek=ek, tag=tag, flag=None, mode=MODE_ENCRYPT
-        )
+        for job in self._jobs(tab, n, grid, 0):
+            pt, out = self.space.ptr(job.src), self.space.ptr(job.dst)
+            nbytes, pad = job.nbytes, job.pad(0)
+            nw0, nw1, nw2 = job.nonce
+            ek = aes_j0(ctx, nw0, nw1, nw2) if job.grid == 1 else None
+            n_threads = job.grid * self.p.threads_per_block
+            nfull, tail = divmod(nbytes, 16)
+            d = self._load_run(pt, nbytes, pad, n_threads, run)
+            v = np.arange(n_threads * run, dtype=np.int64).reshape(n_threads, run)
+            real = v >= pad
+            k = v - pad  # real block index where real; the kernel's u64 wrap only feeds unused blocks
+            ctr = ((k + 2) % (1 << 32)).astype(np.uint32)
+            s = [
+                np.full(v.size, nw0, dtype=np.uint32),
+                np.full(v.size, nw1, dtype=np.uint32),
+                np.full(v.size, nw2, dtype=np.uint32),
+                ctr.ravel(),
+            ]
+            s = aes256(ctx[CTX_T0 : CTX_T0 + 256], ctx[CTX_RK : CTX_RK + RK_WORDS], s)
+            c = np.stack([d.reshape(-1, 4)[:, i] ^ bswap(s[i]) for i in range(4)], axis=1)
+            c = c.reshape(n_threads, run, 4)
+            c[~real] = 0
+            if nbytes:
+                out.write(c[real].astype("<u4").view(np.uint8).ravel()[:nbytes])
+            if tail:
+                last = c[real][nfull]
+                for w in range(4):
+                    last[w] &= np.uint32(tail_mask(tail, w))
+                flat_index = pad + nfull  # virtual index of the partial block
+                c[flat_index // run, flat_index % run] = last
+            y = [np.zeros(n_threads, dtype=np.uint32) for _ in range(4)]
+            for j in range(run):
+                y = gf_mul_shoup(y, table, r)
+                y = [y[i] ^ bswap(c[:, j, i]) for i in range(4)]
+            self._block_end(
+                job.grid, ctx, 0, y, partials=partials.at(16 * job.part(0)), msg_len=nbytes, ek=ek,
+                tag=out.at(nbytes), flag=None, mode=MODE_ENCRYPT,
+            )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Job:
+    """plm_job plus the message's descriptor words."""
+
+    m: int
+    grid: int
+    prev: int
+    desc: U32Array
+
+    def _u64(self, at: int) -> int:
+        return int(self.desc[at]) | (int(self.desc[at + 1]) << 32)
+
+    @property
+    def src(self) -> int:
+        return self._u64(MSG_SRC)
+
+    @property
+    def dst(self) -> int:
+        return self._u64(MSG_DST)
+
+    @property
+    def nbytes(self) -> int:
+        return self._u64(MSG_NBYTES)
+
+    @property
+    def nonce(self) -> tuple[int, int, int]:
+        return (int(self.desc[MSG_NONCE]), int(self.desc[MSG_NONCE + 1]), int(self.desc[MSG_NONCE + 2]))
+
+    def pad(self, level: int) -> int:
+        return int(self.desc[MSG_LEVELS + 2 * level])
+
+    def part(self, level: int) -> int:
+        return int(self.desc[MSG_LEVELS + 2 * level + 1])
 
 
 def run_plan(
@@ -488,7 +551,8 @@ def run_plan(
     kernels: Mapping[str, Callable[..., None]],
     resolve: Callable[[Ptr], Any],
 ) -> None:
-    """Execute a plan's launches in order with the given kernel implementations."""
+    """Execute a plan's launches in order with the given kernel implementations (the table must
+    already be in scratch)."""
     for launch in plan.launches:
         args: list[Any] = []
         for arg in launch.args:
@@ -520,53 +584,95 @@ def _check_nonce(nonce: bytes) -> bytes:
     return nonce
 
 
+def _device_copy(a: U8Array) -> U8Array:
+    """A private, 16-byte aligned copy (as device memory would be; the kernels use uint4 access)."""
+    raw = np.empty(a.size + 16, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 16
+    out = raw[start : start + a.size]
+    out[:] = a
+    return out
+
+
 class RefAesGcm:
     """AES-256-GCM (96-bit nonce, 128-bit tag, no AAD) computed exactly the way the GPU does it."""
 
     def __init__(self, key: bytes, params: GcmParams = DEFAULT_PARAMS) -> None:
         self.params = params
         self._ctx = build_context(key, params)
-        self._kernels = _Kernels(params).table()
 
-    def _run(self, plan: Plan, src: U8Array, dst: U8Array) -> U8Array:
-        # Scratch starts as garbage, as cupy.empty would give: the kernels must not rely on zeros.
-        rng = np.random.default_rng()
-        scratch = rng.integers(0, 256, size=plan.scratch_bytes, dtype=np.uint8)
-        scratch[:4] = np.array([FLAG_OK], dtype="<u4").view(np.uint8)  # worst case: stale OK
-        mem = {
-            Buf.CTX: self._ctx.view(np.uint8),
-            Buf.SRC: src,
-            Buf.DST: dst,
-            Buf.SCRATCH: scratch,
-        }
-        run_plan(plan, self._kernels, lambda p: MemPtr(mem[p.buf], p.offset))
+    def run(
+        self, plan: Plan, nonces: Sequence[bytes], srcs: Sequence[U8Array], dsts: Sequence[U8Array | None]
+    ) -> U8Array:
+        """Execute a batch plan over numpy buffers (None: no destination); returns the scratch."""
+        space = AddressSpace()
+        src_addr = [space.add(s) for s in srcs]
+        dst_addr = [space.add(d) if d is not None else 0 for d in dsts]
+        table = plan.table(nonces, src_addr, dst_addr)
+        # Scratch starts as garbage with stale OK flags, as cupy.empty might give: the table copy
+        # must reset them and the kernels must not rely on zeros.
+        scratch = np.random.default_rng().integers(0, 256, size=plan.scratch_bytes, dtype=np.uint8)
+        scratch[: 4 * plan.n] = np.full(plan.n, FLAG_OK, dtype="<u4").view(np.uint8)
+        scratch[: plan.table_bytes] = table.view(np.uint8)  # the upload
+        mem = {Buf.CTX: self._ctx.view(np.uint8), Buf.SCRATCH: scratch}
+        run_plan(plan, _Kernels(self.params, space).table(), lambda p: MemPtr(mem[p.buf], p.offset))
         return scratch
+
+    def _check_sizes(self, n: int, what: str) -> None:
+        if n > self.params.max_message_bytes:
+            raise ValueError(f"{what} of {n} bytes exceeds {self.params.max_message_bytes}")
+
+    def encrypt_batch(self, items: Sequence[tuple[bytes, Any]]) -> list[U8Array]:
+        """Encrypt (nonce, plaintext) pairs in one batch; returns each ciphertext || tag."""
+        nonces = [_check_nonce(nonce) for nonce, _ in items]
+        pts = [_device_copy(_as_u8(pt, "plaintext")) for _, pt in items]
+        for pt in pts:
+            self._check_sizes(pt.size, "plaintext")
+        outs = [_device_copy(np.zeros(pt.size + TAG_BYTES, dtype=np.uint8)) for pt in pts]
+        self.run(encrypt_plan([pt.size for pt in pts], self.params), nonces, pts, outs)
+        return [o.copy() for o in outs]
+
+    def decrypt_batch_into(self, items: Sequence[tuple[bytes, Any, U8Array | None]]) -> list[bool]:
+        """Decrypt (nonce, ciphertext || tag, out) triples as one batch (out None: verify only).
+
+        Returns each message's tag result. Unless every tag matched, no `out` is written at all.
+        """
+        nonces, srcs, outs = [], [], []
+        for nonce, data, out in items:
+            nonces.append(_check_nonce(nonce))
+            src = _as_u8(data, "data")
+            if src.size < TAG_BYTES:
+                raise ValueError(f"data must hold at least the {TAG_BYTES}-byte tag, got {src.size}")
+            ct_len = src.size - TAG_BYTES
+            self._check_sizes(ct_len, "ciphertext")
+            if out is not None:
+                if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 1:
+                    raise TypeError("out must be a 1-D numpy uint8 array")
+                if out.size != ct_len:
+                    raise ValueError(f"out must have {ct_len} bytes, got {out.size}")
+            srcs.append(_device_copy(src))
+            outs.append(None if out is None else _device_copy(np.zeros(ct_len, dtype=np.uint8)))
+        plan = decrypt_plan([s.size - TAG_BYTES for s in srcs], self.params, [o is not None for o in outs])
+        scratch = self.run(plan, nonces, srcs, outs)
+        flags = scratch[: 4 * plan.n].view("<u4")
+        oks = [int(f) == FLAG_OK for f in flags]
+        if all(oks):  # the device buffers were written; hand the plaintext over
+            for (_, _, out), dev in zip(items, outs, strict=True):
+                if out is not None and dev is not None:
+                    out[:] = dev
+        else:
+            for dev in outs:
+                assert dev is None or not dev.any(), "the batch gate let a CTR write through"
+        return oks
 
     def encrypt(self, nonce: bytes, plaintext: Any) -> U8Array:
         """Return ciphertext || tag (len(plaintext) + 16 bytes)."""
-        nonce = _check_nonce(nonce)
-        pt = _as_u8(plaintext, "plaintext")
-        if pt.size > self.params.max_message_bytes:
-            raise ValueError(f"plaintext of {pt.size} bytes exceeds {self.params.max_message_bytes}")
-        out = np.zeros(pt.size + TAG_BYTES, dtype=np.uint8)
-        self._run(encrypt_plan(pt.size, nonce, self.params), pt, out)
-        return out
+        return self.encrypt_batch([(nonce, plaintext)])[0]
 
     def decrypt_into(self, nonce: bytes, data: Any, out: U8Array) -> bool:
         """Decrypt ciphertext || tag into `out`; False (and `out` untouched) if the tag is wrong."""
-        nonce = _check_nonce(nonce)
-        src = _as_u8(data, "data")
-        if src.size < TAG_BYTES:
-            raise ValueError(f"data must hold at least the {TAG_BYTES}-byte tag, got {src.size}")
         if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 1:
             raise TypeError("out must be a 1-D numpy uint8 array")
-        if out.size != src.size - TAG_BYTES:
-            raise ValueError(f"out must have {src.size - TAG_BYTES} bytes, got {out.size}")
-        ct_len = src.size - TAG_BYTES
-        if ct_len > self.params.max_message_bytes:
-            raise ValueError(f"ciphertext of {ct_len} bytes exceeds {self.params.max_message_bytes}")
-        scratch = self._run(decrypt_plan(ct_len, nonce, self.params), src, out)
-        return int(scratch[:4].view("<u4")[0]) == FLAG_OK
+        return self.decrypt_batch_into([(nonce, data, out)])[0]
 
     def decrypt(self, nonce: bytes, data: Any) -> U8Array:
         """Return the plaintext of ciphertext || tag; raise TagMismatch if it does not authenticate."""

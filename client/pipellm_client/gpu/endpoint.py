@@ -1,24 +1,40 @@
 """The endpoint on a CUDA GPU: the H100 copy engine's side of the channel, decrypting on the device.
 
 Same rules as the CPU endpoint (pipellm_client.endpoint.Endpoint): message k is decrypted with the
-endpoint's own counter k; the tag is checked on the GPU before the CTR pass may write the destination,
-so a failed message leaves the destination untouched; NOPs and DISCARDs are verified and dropped; D2H data
-is encrypted on the GPU with the endpoint's own D2H counter and copied into the host's D2H slot.
+endpoint's own counter k; tags are checked on the GPU before the CTR pass may write a destination, so a
+failed message leaves its destination untouched; NOPs and DISCARDs are verified and dropped; D2H data is
+encrypted on the GPU with the endpoint's own D2H counter and copied into the host's D2H slot.
+
+Batches. The kernels take many messages per launch (plan.py), and so does this endpoint: inside
+``with endpoint.batch():`` the DATA and DISCARD messages of each channel are queued -- each takes its
+nonce from the endpoint's counter when it is received, in order, and its ciphertext starts moving to the
+device at once -- and D2H sends are queued likewise; `flush()` (and the end of the block) runs each
+channel's queue as one batch: GHASH and the tag check of every message, then one CTR launch that writes
+the destinations only if every tag of the batch matched. So a tag failure kills the channel and leaves
+*every* destination of that batch untouched -- those of the messages before the bad one included -- and
+none of them is accepted. A batch ends early, before anything that must see its effect: a NOP (whose
+plaintext the endpoint must read), an IV or key rotation, a destination that a queued message also
+writes (the later message wins, as one by one), the queue reaching the device buffers' capacity (one
+message per H2D slot / D2H slot). Outside a `batch()` block every message is a batch of
+one, decrypted before `receive` returns (the behaviour of the CPU endpoint).
 
 Ciphertext reaches the device from the pinned bounce arena (see pinned.py), or from the session's device
 staging buffer when the daemon already copied it there ahead of the commit (speculative DMA, see
-`DeviceStaging`): then a hit costs only the decrypt kernel.
+`DeviceStaging`): then a hit costs only its share of the batch's kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..arena import ArenaLayout
 from ..channel import RotationPolicy, Sender, StrictReceiver, _Direction
 from ..crypto import TAG_LEN, Buffer
 from ..endpoint import ChannelSecrets, Endpoint
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, TagMismatch
 from . import aesgcm_cuda
 from .aesgcm_cuda import CudaAesGcm
 from .pinned import PinnedHost, pin_host_memory
@@ -52,6 +68,49 @@ class DeviceStaging:
         return self.buf[i * self.stride : i * self.stride + n]
 
 
+@dataclass
+class _H2DEntry:
+    nonce: bytes
+    data: Any  # ciphertext || tag on the device
+    out: Any  # destination (device), None: DISCARD (verify only)
+    where: str  # "key vK chan C msg M", for the error
+    counted: bool  # already in Endpoint.accepted (a DATA message whose receive() has returned)
+
+
+@dataclass
+class _H2DBatch:
+    rx: StrictReceiver
+    cipher: CudaAesGcm
+    version: int
+    entries: list[_H2DEntry] = field(default_factory=list)
+
+    @property
+    def counted(self) -> int:
+        return sum(e.counted for e in self.entries)
+
+
+@dataclass
+class _D2HBatch:
+    tx: Sender
+    cipher: CudaAesGcm
+    version: int
+    entries: list[tuple[bytes, Any, Any, memoryview]] = field(default_factory=list)  # nonce, src, out, slot
+
+
+def _overlaps_any(out: Any, entries: list[_H2DEntry]) -> bool:
+    """Whether device array `out` shares a byte with the destination of a queued message."""
+    if out is None or not out.size:
+        return False
+    a0 = int(out.data.ptr)
+    a1 = a0 + int(out.nbytes)
+    for e in entries:
+        if e.out is not None and e.out.size:
+            b0 = int(e.out.data.ptr)
+            if a0 < b0 + int(e.out.nbytes) and b0 < a1:
+                return True
+    return False
+
+
 class CudaEndpoint(Endpoint):
     kind = "cuda"
 
@@ -63,15 +122,23 @@ class CudaEndpoint(Endpoint):
         self.cp = cp
         self.device_id = int(cp.cuda.Device(device).id if device is not None else cp.cuda.Device().id)
         self.layout = layout
-        msg_bytes = _round_up(layout.chunk_size + TAG_LEN)
+        self.msg_stride = _round_up(layout.chunk_size + TAG_LEN)
+        self.h2d_capacity = layout.h2d_slots  # messages one H2D batch holds (one per H2D slot)
+        self.d2h_capacity = layout.d2h_slots
         with cp.cuda.Device(self.device_id):
             self.stream = cp.cuda.Stream(non_blocking=True)
-            self._incoming = cp.empty(msg_bytes, dtype=cp.uint8)  # one message, copied in from the arena
-            self._scratch = cp.empty(msg_bytes, dtype=cp.uint8)  # NOP / DISCARD plaintext, never kept
-            self._outgoing = cp.empty(msg_bytes, dtype=cp.uint8)  # D2H ciphertext before it goes to the host
+            # Ciphertexts copied in from the arena, one region per position in a batch, per channel.
+            self._incoming = [cp.empty(self.msg_stride * self.h2d_capacity, dtype=cp.uint8) for _ in self.h2d]
+            self._scratch = cp.empty(_round_up(TAG_LEN), dtype=cp.uint8)  # NOP plaintext, never kept
+            self._outgoing = cp.empty(self.msg_stride * self.d2h_capacity, dtype=cp.uint8)  # D2H ciphertext
         self._ciphers: dict[tuple[str, int], CudaAesGcm] = {}
         self.pinned: PinnedHost | None = None
         self.staging: DeviceStaging | None = None
+        self._h2d_q: dict[int, _H2DBatch] = {}
+        self._d2h_q: dict[int, _D2HBatch] = {}
+        self._batching = 0
+        self.batches = 0  # H2D batches run (stats and tests)
+        self.largest_batch = 0
 
     # -- keys ----------------------------------------------------------------------------------------
     def _cipher(self, ch: _Direction) -> CudaAesGcm:
@@ -85,22 +152,26 @@ class CudaEndpoint(Endpoint):
 
     # -- memory --------------------------------------------------------------------------------------
     def attach_arena(self, arena: Any) -> None:
-        self.pinned = pin_host_memory(arena.view, _round_up(self.layout.chunk_size + TAG_LEN))
+        regions = max(self.h2d_capacity * len(self.h2d), self.d2h_capacity)
+        self.pinned = pin_host_memory(arena.view, self.msg_stride, regions)
 
     def enable_device_staging(self) -> DeviceStaging:
         self.staging = DeviceStaging(self.layout, self.device_id)
         return self.staging
 
-    def _device_message(self, message: Buffer) -> Any:
-        """The ciphertext on the device: already staged by the daemon, or copied in now."""
+    def _device_message(self, message: Buffer, ce: int, position: int) -> Any:
+        """The ciphertext on the device: already staged by the daemon, or copied in now (queued)."""
         n = len(message)
         staged, self.next_staged = self.next_staged, None
         if staged is not None and self.staging is not None:
             return self.staging.slot(staged, n)
         if self.pinned is None:
             raise InvalidArgument("the arena is not attached yet")
-        dst = self._incoming[:n]
-        self.pinned.to_device(memoryview(message), dst, self.stream)
+        if n > self.msg_stride:
+            raise InvalidArgument(f"a message of {n} bytes does not fit a {self.msg_stride}-byte device slot")
+        at = position * self.msg_stride
+        dst = self._incoming[ce][at : at + n]
+        self.pinned.to_device(memoryview(message), dst, self.stream, region=ce * self.h2d_capacity + position)
         return dst
 
     def _after_callers_work(self) -> None:
@@ -110,46 +181,191 @@ class CudaEndpoint(Endpoint):
         ev.record(self.cp.cuda.get_current_stream())
         self.stream.wait_event(ev)
 
-    # -- the endpoint's crypto -----------------------------------------------------------------------------
-    def _decrypt(self, rx: StrictReceiver, message: Buffer, out: Any) -> None:
-        self._after_callers_work()
-        nonce = rx.advance()
-        data = self._device_message(message)
-        if int(out.size) != len(message) - TAG_LEN:
+    # -- batches -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Queue the DATA/DISCARD messages and D2H sends of the block; run them as batches at its end.
+
+        A tag failure is raised at the end (or at the `flush` or NOP that ran the batch). If the block
+        itself raises, queued work is dropped and its channels are killed: their counters have moved past
+        messages that were never delivered.
+        """
+        self._batching += 1
+        try:
+            yield
+        except BaseException:
+            self._batching -= 1
+            if not self._batching:
+                self._abandon("a batch was abandoned by an error")
+            raise
+        self._batching -= 1
+        if not self._batching:
+            self.flush()
+
+    def flush(self) -> None:
+        """Run every queued batch now: each H2D channel's, then each D2H channel's."""
+        for ce in list(self._h2d_q):
+            self._flush_h2d(ce)
+        for ce in list(self._d2h_q):
+            self._flush_d2h(ce)
+
+    def _abandon(self, reason: str) -> None:
+        for q in self._h2d_q.values():
+            q.rx.kill(reason)
+            self.accepted -= q.counted
+        for dq in self._d2h_q.values():
+            dq.tx.kill(reason)
+        self._h2d_q.clear()
+        self._d2h_q.clear()
+
+    def _ce(self, rx: StrictReceiver) -> int:
+        for i, ch in enumerate(self.h2d):
+            if ch is rx:
+                return i
+        raise InvalidArgument(f"{rx.name} is not a channel of this endpoint")
+
+    def _queue_h2d(self, rx: StrictReceiver, message: Buffer, out: Any) -> None:
+        if out is not None and int(out.size) != len(message) - TAG_LEN:
             raise InvalidArgument(f"destination holds {out.size} bytes, the message {len(message) - TAG_LEN}")
-        result = self._cipher(rx).decrypt_into(nonce, data, out, stream=self.stream)
-        if not result.ok():
-            raise rx.reject()
-        rx.accept(int(out.size))
+        ce = self._ce(rx)
+        for other, oq in list(self._h2d_q.items()):
+            if _overlaps_any(out, oq.entries):
+                # A destination written twice ends the batch that wrote it first (on either channel): the later
+                # message must win, as it would one by one.
+                self._flush_h2d(other)
+        q = self._h2d_q.get(ce)
+        if q is not None and (len(q.entries) >= self.h2d_capacity or q.version != rx.epoch.version):
+            self._flush_h2d(ce)
+            q = None
+        if q is None:
+            q = self._h2d_q[ce] = _H2DBatch(rx, self._cipher(rx), rx.epoch.version)
+        nonce = rx.advance()
+        where = f"key v{rx.epoch.version} chan {rx.chan_ctr} msg {rx.msg_ctr}"
+        data = self._device_message(message, ce, len(q.entries))
+        # Endpoint.receive counts a DATA message once _open returns: in a batch, before it is verified.
+        q.entries.append(_H2DEntry(nonce, data, out, where, counted=bool(self._batching) and out is not None))
+        if not self._batching:
+            self._flush_h2d(ce)
 
+    def _flush_h2d(self, ce: int) -> None:
+        q = self._h2d_q.pop(ce, None)
+        if q is None or not q.entries:
+            return
+        try:
+            self._after_callers_work()
+            result = q.cipher.decrypt_batch_into([(e.nonce, e.data, e.out) for e in q.entries], stream=self.stream)
+            oks = result.oks()  # waits: the batch's copies and kernels are done
+        except BaseException as exc:  # the counter is past these messages: nothing may follow them
+            q.rx.kill(f"a batch failed to run ({type(exc).__name__})")
+            self.accepted -= q.counted
+            raise
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(q.entries))
+        if not all(oks):
+            bad = oks.index(False)
+            where = q.entries[bad].where
+            q.rx.kill(f"tag mismatch at {where}")
+            self.accepted -= q.counted  # counted when they were received, never delivered
+            raise TagMismatch(
+                f"channel {q.rx.name}: tag mismatch at {where} (tampered, replayed, reordered or dropped); "
+                f"no destination of its batch of {len(q.entries)} was written"
+            )
+        for e in q.entries:
+            q.rx.accept(int(e.data.size) - TAG_LEN)
+
+    # -- the endpoint's crypto -----------------------------------------------------------------------------
     def _open(self, rx: StrictReceiver, message: Buffer, out: Any) -> None:
-        self._decrypt(rx, message, out)
-
-    def _open_to_host(self, rx: StrictReceiver, message: Buffer, n: int) -> bytes:
-        out = self._scratch[:n]
-        self._decrypt(rx, message, out)
-        return bytes(out.get(stream=self.stream))
+        self._queue_h2d(rx, message, out)
 
     def _open_discard(self, rx: StrictReceiver, message: Buffer) -> None:
-        self._decrypt(rx, message, self._scratch[: len(message) - TAG_LEN])
+        self._queue_h2d(rx, message, None)
+
+    def _open_to_host(self, rx: StrictReceiver, message: Buffer, n: int) -> bytes:
+        """A NOP: its plaintext must be read here, so the queue before it runs first."""
+        self._flush_h2d(self._ce(rx))
+        out = self._scratch[:n]
+        batching, self._batching = self._batching, 0
+        try:
+            self._queue_h2d(rx, message, out)  # a batch of one, run now
+        finally:
+            self._batching = batching
+        return bytes(out.get(stream=self.stream))
+
+    def rotate_iv(self, ce: int, new_chan_ctr: int) -> None:
+        self._flush_h2d(ce)
+        super().rotate_iv(ce, new_chan_ctr)
+
+    def rotate_key(self, ce: int, new_version: int) -> None:
+        self._flush_h2d(ce)
+        super().rotate_key(ce, new_version)
+
+    def rotate_d2h_key(self, ce: int) -> int:
+        self._flush_d2h(ce)
+        return super().rotate_d2h_key(ce)
+
+    def rotate_d2h_iv(self, ce: int) -> int:
+        self._flush_d2h(ce)
+        return super().rotate_d2h_iv(ce)
 
     def _seal(self, tx: Sender, src: Any, slot: memoryview) -> tuple[int, int]:
         if self.pinned is None:
             raise InvalidArgument("the arena is not attached yet")
         n = int(src.size)
-        self._after_callers_work()
+        if n + TAG_LEN > self.msg_stride or len(slot) != n + TAG_LEN:
+            raise InvalidArgument(f"a D2H message of {n} bytes needs a {n + TAG_LEN}-byte slot, got {len(slot)}")
+        ce = next(i for i, ch in enumerate(self.d2h) if ch is tx)
+        q = self._d2h_q.get(ce)
+        if q is not None and (len(q.entries) >= self.d2h_capacity or q.version != tx.epoch.version):
+            self._flush_d2h(ce)
+            q = None
+        if q is None:
+            q = self._d2h_q[ce] = _D2HBatch(tx, self._cipher(tx), tx.epoch.version)
         iv = tx.reserve()
         nonce = tx.take(iv, n)
-        out = self._outgoing[: n + TAG_LEN]
-        self._cipher(tx).encrypt_into(nonce, src, out, stream=self.stream)
-        self.pinned.to_host(out, slot, self.stream)
+        at = len(q.entries) * self.msg_stride
+        q.entries.append((nonce, src, self._outgoing[at : at + n + TAG_LEN], slot))
         tx.submit(iv)
+        if not self._batching:
+            self._flush_d2h(ce)
         return iv.version, iv.chan_ctr
+
+    def _flush_d2h(self, ce: int) -> None:
+        q = self._d2h_q.pop(ce, None)
+        if q is None or not q.entries:
+            return
+        assert self.pinned is not None
+        try:
+            self._after_callers_work()
+            q.cipher.encrypt_batch_into([(nonce, src, out) for nonce, src, out, _ in q.entries], stream=self.stream)
+            self.pinned.to_host_many([(out, slot) for _, _, out, slot in q.entries], self.stream)
+        except BaseException as exc:  # their nonces are spent and their slots hold no ciphertext
+            q.tx.kill(f"a D2H batch failed to run ({type(exc).__name__})")
+            raise
 
     # -- views ---------------------------------------------------------------------------------------
     def _device_bytes(self, a: Any, what: str) -> Any:
+        """A CuPy view (never a copy) of GPU memory: a CuPy array, anything with __cuda_array_interface__
+        (torch CUDA tensors), or a DLPack tensor CuPy imports in place. Host memory is refused: a copy on
+        the device would receive the plaintext and the caller's buffer would not."""
         cp = self.cp
-        arr = cp.asarray(a)  # cupy arrays, torch CUDA tensors (__cuda_array_interface__), ...
+        if isinstance(a, cp.ndarray):
+            arr = a
+        elif hasattr(a, "__cuda_array_interface__"):
+            arr = cp.asarray(a)  # zero-copy by the protocol
+        elif hasattr(a, "__dlpack__") and hasattr(a, "data_ptr"):
+            try:
+                arr = cp.from_dlpack(a)
+            except (TypeError, ValueError, BufferError, RuntimeError) as exc:
+                raise InvalidArgument(
+                    f"{what} is not GPU memory ({exc}); the CUDA endpoint writes GPU memory"
+                ) from None
+            if a.numel() and int(arr.data.ptr) != int(a.data_ptr()):
+                raise InvalidArgument(f"{what} is not GPU memory (importing it made a copy)")
+        else:
+            raise InvalidArgument(
+                f"{what} must be GPU memory (a CuPy array or a CUDA torch tensor) for the CUDA endpoint, "
+                f"got {type(a).__name__}"
+            )
         if arr.device.id != self.device_id:
             raise InvalidArgument(f"{what} is on device {arr.device.id}, this endpoint runs on {self.device_id}")
         if not arr.flags.c_contiguous:
@@ -159,20 +375,41 @@ class CudaEndpoint(Endpoint):
     def dest_view(self, dst: Any) -> Any:
         return self._device_bytes(dst, "destination")
 
+    def torch_empty(self, nbytes: int) -> Any:
+        """A uint8 torch tensor of `nbytes` in this endpoint's device memory (allocated by CuPy, shared with
+        torch through DLPack): what integrations fetch into."""
+        from torch.utils.dlpack import from_dlpack
+
+        with self.cp.cuda.Device(self.device_id):
+            arr = self.cp.empty(max(nbytes, 1), dtype=self.cp.uint8)
+        return from_dlpack(arr)[:nbytes]
+
+    @property
+    def torch_device(self) -> Any:
+        """The torch device whose tensors this endpoint writes (cuda:N)."""
+        dev = getattr(self, "_torch_device", None)
+        if dev is None:
+            dev = self._torch_device = self.torch_empty(16).device
+        return dev
+
     def source_view(self, src: Any) -> Any:
         return self._device_bytes(src, "source")
 
     def copy_plain(self, src: memoryview, out: Any) -> None:
         assert self.pinned is not None
+        self.flush()
         self._after_callers_work()
         self.pinned.to_device(src, out, self.stream)
         self.stream.synchronize()
 
     def to_host(self, src: Any) -> memoryview:
+        self.flush()
         self._after_callers_work()
         return memoryview(src.get(stream=self.stream))
 
     def close(self) -> None:
+        self._h2d_q.clear()
+        self._d2h_q.clear()
         if self.pinned is not None:
             self.pinned.close()
             self.pinned = None

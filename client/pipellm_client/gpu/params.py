@@ -16,7 +16,7 @@ from dataclasses import dataclass
 FLAG_OK = 0x5AFE600D
 FLAG_BAD = 0
 
-# ``mode`` argument of the GHASH kernels: what the final level does with the computed tag.
+# ``mode`` argument of the GHASH reduction kernel: what the final level does with the computed tag.
 MODE_DECRYPT = 1  # compare against the tag that follows the ciphertext, write the flag
 MODE_ENCRYPT = 2  # write the tag after the ciphertext
 
@@ -44,6 +44,16 @@ CTX_RK = 272  # 60 words (+4 pad): AES-256 round keys, big-endian column words
 CTX_SHOUP = 336  # per level: 16 entries x 4 words, Shoup table of that level's multiplier
 SHOUP_WORDS = 64
 PW_ENTRY_WORDS = 16  # (P, P*x^32, P*x^64, P*x^96), 4 words each
+
+# Batch table layout (uint32 words; built by plan.Plan.table, read by every kernel; see aesgcm.cu):
+# flags[n] at word 0, padded to a multiple of 4 words; then one descriptor of msg_words per message;
+# then (max_levels + 1) arrays of n + 1 block starts (the GHASH levels, then the CTR pass).
+MSG_SRC = 0  # u64 (two words, low first): decrypt: ciphertext || tag; encrypt: plaintext
+MSG_DST = 2  # u64: decrypt: plaintext (0: verify only); encrypt: ciphertext || tag
+MSG_NBYTES = 4  # u64: message length without the tag
+MSG_NONCE = 6  # 3 words: the nonce as big-endian words (the first three words of every counter block)
+MSG_LEVELS = 10  # per GHASH level L: word 2L = front padding (items), 2L + 1 = uint4 index of its partials
+MAX_BATCH = 4096  # messages one batch may hold (host-side limit; the kernels take any n >= 1)
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,23 @@ class GcmParams:
         """Largest plaintext/ciphertext length accepted, in bytes."""
         return min(self.max_blocks * AES_BLOCK, GCM_MAX_BYTES)
 
+    @property
+    def msg_words(self) -> int:
+        """Words of one message descriptor in the batch table (a multiple of 4: 16-byte aligned)."""
+        return -(-(MSG_LEVELS + 2 * self.max_levels) // 4) * 4
+
+    def tab_msgs(self, n: int) -> int:
+        """Word offset of the first message descriptor in the table of an n-message batch."""
+        return -(-n // 4) * 4
+
+    def tab_starts(self, n: int) -> int:
+        """Word offset of the block-start arrays in the table of an n-message batch."""
+        return self.tab_msgs(n) + n * self.msg_words
+
+    def tab_words(self, n: int) -> int:
+        """Size of the table of an n-message batch, in words."""
+        return self.tab_starts(n) + (self.max_levels + 1) * (n + 1)
+
     def cuda_defines(self) -> tuple[str, ...]:
         """The -D options that give aesgcm.cu these parameters (NVRTC and nvcc alike)."""
         values = {
@@ -134,6 +161,13 @@ class GcmParams:
             "PLM_CTX_PW": self.ctx_pw,
             "PLM_PW_LEVEL_WORDS": self.pw_level_words,
             "PLM_PW_ENTRY_WORDS": PW_ENTRY_WORDS,
+            "PLM_GHASH_MIN_BLOCKS": max(1, 1024 // self.threads_per_block),
+            "PLM_MSG_WORDS": self.msg_words,
+            "PLM_MSG_SRC": MSG_SRC,
+            "PLM_MSG_DST": MSG_DST,
+            "PLM_MSG_NBYTES": MSG_NBYTES,
+            "PLM_MSG_NONCE": MSG_NONCE,
+            "PLM_MSG_LEVELS": MSG_LEVELS,
         }
         return tuple(f"-D{name}={value}" for name, value in values.items())
 

@@ -14,6 +14,11 @@ own placement code (tied weights, dtype casts, buffers) runs unchanged on the de
 The order of fetches is the same every forward. The daemon's cycle predictor learns it from the second
 forward on; by default the first forward's order is also declared as a cyclic intent, which makes the
 prediction exact from the second forward on. `disable()` restores the hooks as they were.
+
+The execution device must be one the session's endpoint writes: the CPU with the CPU endpoint, or the
+endpoint's GPU with a session opened with `endpoint="cuda"` (then each module's block is decrypted and
+verified on the GPU, straight into a device buffer that the endpoint allocates; the weights never exist in
+plaintext on the host side of the channel, nor in device memory before they authenticated).
 """
 
 from __future__ import annotations
@@ -80,6 +85,15 @@ class OffloadStats:
     order: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) of the recorded forward
 
 
+def _resolved(device: torch.device) -> torch.device:
+    """`cuda` without an index means the current device."""
+    import torch
+
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _offloading_hooks(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, Any]]:
     from accelerate.hooks import AlignDevicesHook, SequentialHook
 
@@ -109,14 +123,18 @@ class PipeLLMOffload:
         self.blocks: list[_Block] = []
         self._recording: list[tuple[int, int]] | None = None
         self._root_handles: list[Any] = []
+        self._endpoint = session.core.endpoint
+        self._cuda = self._endpoint.kind == "cuda"
+        writes = self._endpoint.torch_device if self._cuda else torch.device("cpu")  # type: ignore[attr-defined]
         tensors: list[dict[str, torch.Tensor]] = []
         offset = 0
         for name, module, hook in _offloading_hooks(model):
-            device = torch.device(hook.execution_device if hook.execution_device is not None else "cpu")
-            if device.type != "cpu":
+            device = _resolved(torch.device(hook.execution_device if hook.execution_device is not None else "cpu"))
+            if device != writes:
+                hint = ' (open the session with endpoint="cuda" on that GPU)' if device.type == "cuda" else ""
                 raise InvalidArgument(
-                    f"{name or 'model'} executes on {device}: the CPU endpoint can only write CPU tensors "
-                    "(the CUDA endpoint is not wired into this integration yet)"
+                    f"{name or 'model'} executes on {device}, but this session's {self._endpoint.kind} endpoint "
+                    f"writes {writes}{hint}"
                 )
             values = {
                 n: hook.weights_map[n]
@@ -171,7 +189,10 @@ class PipeLLMOffload:
         n = block.layout.nbytes
         # A fresh buffer per forward, as accelerate's own `.to(device)` allocates one: offloaded weights
         # must not stay resident on the device between forwards.
-        staging = torch.empty(n, dtype=torch.uint8, device=block.device)
+        if self._cuda:
+            staging = self._endpoint.torch_empty(n)  # type: ignore[attr-defined]
+        else:
+            staging = torch.empty(n, dtype=torch.uint8, device=block.device)
         self.session.h2d(self.region, block.offset, n, staging)
         self.stats.fetches += 1
         self.stats.bytes += n

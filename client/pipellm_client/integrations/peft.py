@@ -11,6 +11,11 @@ slot's parameters: no staging copy. Loading follows peft's hot-swap rules (`hots
 be compatible (`check_hotswap_configs_compatible`), shapes equal, and the LoRA scaling is updated from the
 incoming adapter's alpha and rank. `hint(names)` declares the next batch's adapters as intents, so the
 daemon encrypts them ahead (S-LoRA's "prefetch the next batch's adapters").
+
+The model's LoRA parameters must live where the session's endpoint writes: on the CPU with the CPU
+endpoint, on the endpoint's GPU with a session opened with `endpoint="cuda"` (then a slot's buffer is
+device memory the endpoint allocates, and each load is decrypted and verified on the GPU straight into the
+slot's parameters).
 """
 
 from __future__ import annotations
@@ -120,7 +125,19 @@ class LoraAdapters:
         # The same canonical order as adapters use (sorted keys), so one layout describes both.
         keyed = sorted((_canonical(n, slot), n, p) for n, p in named)
         layout = Layout.of((k, p) for k, _n, p in keyed)
-        buffer = torch.zeros(layout.nbytes, dtype=torch.uint8, device=named[0][1].device)
+        endpoint = self.session.core.endpoint
+        cuda = endpoint.kind == "cuda"
+        writes = endpoint.torch_device if cuda else torch.device("cpu")  # type: ignore[attr-defined]
+        for n, p in named:
+            if p.device != writes:
+                hint = ' (open the session with endpoint="cuda" on that GPU)' if p.device.type == "cuda" else ""
+                raise InvalidArgument(
+                    f"LoRA parameter {n} is on {p.device}, but this session's {endpoint.kind} endpoint writes "
+                    f"{writes}{hint}"
+                )
+        # A CUDA endpoint allocates the slot's device memory itself (it is what it decrypts into).
+        zeros = endpoint.torch_empty(layout.nbytes).zero_ if cuda else None  # type: ignore[attr-defined]
+        buffer = zeros() if zeros is not None else torch.zeros(layout.nbytes, dtype=torch.uint8)
         params: dict[str, torch.nn.Parameter] = {}
         with torch.no_grad():
             for (key, pname, old), s in zip(keyed, layout.slots, strict=True):

@@ -1,6 +1,6 @@
 // Test-only: lets aesgcm.cu compile as host C++ so its kernels run on the CPU.
 //
-// Each CUDA block runs as PLM_TPB OS threads (harness.cpp); __syncthreads is a std::barrier and
+// Each CUDA block runs as PLM_TPB OS threads (harness.cpp); __syncthreads is a std::barrier, __syncthreads_or a barrier-fenced OR, and
 // __shfl_xor_sync exchanges through a per-block array between two barriers, so kernels that call
 // them uniformly (as aesgcm.cu does) behave as on the GPU. __shared__ variables become function
 // statics, which is correct because blocks run one after another. The intrinsics are bit-exact
@@ -32,9 +32,13 @@ extern emu_dim3 gridDim;
 extern emu_dim3 blockDim;
 
 void emu_syncthreads();
+int emu_syncthreads_or(int predicate);
 unsigned emu_shfl_xor(unsigned v, int lane_mask);
 
 inline void __syncthreads() { emu_syncthreads(); }
+
+// Non-zero in every thread iff the predicate is non-zero in any thread of the block.
+inline int __syncthreads_or(int predicate) { return emu_syncthreads_or(predicate); }
 
 inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int lane_mask)
 {

@@ -3,6 +3,7 @@
 // arguments as an array of 64-bit values (pointers are host addresses).
 #include "cuda_emu.h"
 
+#include <atomic>
 #include <string>
 #include <thread>
 #include <vector>
@@ -20,6 +21,18 @@ static unsigned g_xchg[1024];
 
 void emu_syncthreads() { g_bar->arrive_and_wait(); }
 
+static std::atomic<int> g_or{0};
+
+int emu_syncthreads_or(int predicate)
+{
+    g_bar->arrive_and_wait();  // everyone has read the previous result
+    if (threadIdx.x == 0u) g_or.store(0);
+    g_bar->arrive_and_wait();
+    if (predicate != 0) g_or.store(1);
+    g_bar->arrive_and_wait();
+    return g_or.load();
+}
+
 unsigned emu_shfl_xor(unsigned v, int lane_mask)
 {
     g_bar->arrive_and_wait();  // everyone has read the previous exchange
@@ -29,14 +42,10 @@ unsigned emu_shfl_xor(unsigned v, int lane_mask)
 }
 
 extern "C" {
-void plm_gcm_ghash_ct(const u32*, const unsigned char*, u64, u64, uint4*, u32, u32, u32,
-                      unsigned char*, u32*, u32);
-void plm_gcm_ghash_reduce(const u32*, const uint4*, u64, u64, u32, uint4*, u64, u32, u32, u32,
-                          unsigned char*, u32*, u32);
-void plm_gcm_ctr_decrypt(const u32*, const unsigned char*, unsigned char*, u64, u32, u32, u32,
-                         const u32*);
-void plm_gcm_encrypt(const u32*, const unsigned char*, unsigned char*, u64, u64, uint4*, u32, u32,
-                     u32, unsigned char*);
+void plm_gcm_ghash_ct(const u32*, u32*, u32, uint4*);
+void plm_gcm_ghash_reduce(const u32*, u32*, u32, uint4*, u32, u32);
+void plm_gcm_ctr_decrypt(const u32*, const u32*, u32);
+void plm_gcm_encrypt(const u32*, const u32*, u32, uint4*);
 }
 
 template <class F>
@@ -72,29 +81,22 @@ extern "C" int emu_launch(const char* name, unsigned grid, const u64* args, int 
 {
     std::vector<u64> a(args, args + nargs);
     const std::string k(name);
-    if (k == "plm_gcm_ghash_ct" && nargs == 11) {
+    if (k == "plm_gcm_ghash_ct" && nargs == 4) {
         run_grid(grid, [&a] {
-            plm_gcm_ghash_ct(P<const u32*>(a[0]), P<const unsigned char*>(a[1]), a[2], a[3],
-                             P<uint4*>(a[4]), (u32)a[5], (u32)a[6], (u32)a[7],
-                             P<unsigned char*>(a[8]), P<u32*>(a[9]), (u32)a[10]);
+            plm_gcm_ghash_ct(P<const u32*>(a[0]), P<u32*>(a[1]), (u32)a[2], P<uint4*>(a[3]));
         });
-    } else if (k == "plm_gcm_ghash_reduce" && nargs == 13) {
+    } else if (k == "plm_gcm_ghash_reduce" && nargs == 6) {
         run_grid(grid, [&a] {
-            plm_gcm_ghash_reduce(P<const u32*>(a[0]), P<const uint4*>(a[1]), a[2], a[3], (u32)a[4],
-                                 P<uint4*>(a[5]), a[6], (u32)a[7], (u32)a[8], (u32)a[9],
-                                 P<unsigned char*>(a[10]), P<u32*>(a[11]), (u32)a[12]);
+            plm_gcm_ghash_reduce(P<const u32*>(a[0]), P<u32*>(a[1]), (u32)a[2], P<uint4*>(a[3]),
+                                 (u32)a[4], (u32)a[5]);
         });
-    } else if (k == "plm_gcm_ctr_decrypt" && nargs == 8) {
+    } else if (k == "plm_gcm_ctr_decrypt" && nargs == 3) {
         run_grid(grid, [&a] {
-            plm_gcm_ctr_decrypt(P<const u32*>(a[0]), P<const unsigned char*>(a[1]),
-                                P<unsigned char*>(a[2]), a[3], (u32)a[4], (u32)a[5], (u32)a[6],
-                                P<const u32*>(a[7]));
+            plm_gcm_ctr_decrypt(P<const u32*>(a[0]), P<const u32*>(a[1]), (u32)a[2]);
         });
-    } else if (k == "plm_gcm_encrypt" && nargs == 10) {
+    } else if (k == "plm_gcm_encrypt" && nargs == 4) {
         run_grid(grid, [&a] {
-            plm_gcm_encrypt(P<const u32*>(a[0]), P<const unsigned char*>(a[1]),
-                            P<unsigned char*>(a[2]), a[3], a[4], P<uint4*>(a[5]), (u32)a[6],
-                            (u32)a[7], (u32)a[8], P<unsigned char*>(a[9]));
+            plm_gcm_encrypt(P<const u32*>(a[0]), P<const u32*>(a[1]), (u32)a[2], P<uint4*>(a[3]));
         });
     } else {
         return -1;
