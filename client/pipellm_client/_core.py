@@ -372,7 +372,9 @@ class SessionCore:
             raise
         if cons != start:
             ring.consumed = cons
-            if ring.bell_wanted or cons - self._rung >= BELL_EVERY or rest:
+            # Wake the daemon only when it waits on us and the ring runs low, or every BELL_EVERY records.
+            low = prod - cons <= BELL_EVERY
+            if (ring.bell_wanted and low) or cons - self._rung >= BELL_EVERY or rest:
                 self._ring_bell()
         return rest
 

@@ -14,8 +14,9 @@ trusts only the consumer index from this memory, which it checks.
 
 Layout: a 64-byte header (produced: u64 at 0, written by the daemon; consumed: u64 at 8, written by the
 SDK; bell_wanted: u64 at 16, set by the daemon when it waits for records to be taken), then `capacity`
-records of 64 bytes (`RECORD`). The SDK writes the doorbell when `bell_wanted` is set, and at least every
-`BELL_EVERY` records, so a busy serving loop makes a system call only now and then. (A wake-up lost to
+records of 64 bytes (`RECORD`). The SDK writes the doorbell when `bell_wanted` is set and at most
+`BELL_EVERY` records are left, and at least every `BELL_EVERY` records taken, so a busy serving loop makes
+a system call only now and then. (A wake-up lost to
 the two processes' unfenced stores costs nothing worse than a slow-path commit, which wakes the daemon.)
 """
 
