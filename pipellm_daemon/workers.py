@@ -1,4 +1,4 @@
-"""The crypto worker pool: long-lived processes attached to shared memory, fed over socketpairs.
+"""The crypto worker pool: long-lived processes attached to shared memory, fed through shared-memory rings.
 
 Workers are processes, not threads: with the daemon's event loop busy, a thread that re-acquires the
 GIL after each `encrypt_into` waits up to the switch interval, which caps threads well below the cores
@@ -7,10 +7,18 @@ of its jobs fail with `WorkerLost`, and the caller burns their IVs (they are nev
 message). A worker that keeps dying soon after its start is restarted with an exponential backoff, so a
 crash loop (a poisoned input, a hostile peer) cannot make the daemon spin spawning processes.
 
-Fairness: each worker holds at most `window_bytes` of jobs (sent in a few messages, so it never idles
-waiting for the next); the rest wait in per-tenant queues (a tenant is a session: by default the arena
-a job reads or writes) and are handed out in deficit round robin as workers finish. So a session that
-queues a thousand chunks delays another session's next chunk by about one window, not by its backlog.
+Transport (`jobwire`): each worker has a private memfd with a job ring and a completion ring, and an
+eventfd per direction that carries how many records are new; maps and keys still cross its socketpair,
+each marked in the job ring by a CONTROL record where it takes effect. A job submitted while nobody waits
+goes straight into the least-loaded worker's ring (the doorbell, one eventfd write, rings at once if the
+worker may run dry, else once per event-loop turn); a worker runs its ring without waiting for the
+daemon and announces completions a few at a time while more jobs are queued (`worker.HOLD_NS`), so the
+daemon wakes once per few jobs, not once per job. The worker's socket is only read for EOF: its death.
+
+Fairness: each worker holds at most `window_bytes` of jobs (several, so it never idles waiting for the
+next); the rest wait in per-tenant queues (a tenant is a session: by default the arena a job reads or
+writes) and are handed out in deficit round robin as workers finish. So a session that queues a thousand
+chunks delays another session's next chunk by about one window, not by its backlog.
 """
 
 from __future__ import annotations
@@ -46,16 +54,27 @@ class JobError(PipeLLMError):
 JOB_OVERHEAD: Final = 4096  # what a job costs beyond its bytes, in the window and fairness accounting
 
 
+# A job as the pool holds it: its ring record's fields (op, kind, job id, key id, nonce, src handle, src offset,
+# length, dst handle, dst offset), its cost and its future.
+_Fields = tuple[int, int, int, int, bytes, int, int, int, int, int]
+_Queued = tuple[_Fields, int, asyncio.Future[None]]
+# What the pool remembers of each record in a worker's ring, in ring order (None: a CONTROL record).
+_InFlight = tuple[int, asyncio.Future[None], int, int] | None  # job id, future, length, key id
+
+
 @dataclass(eq=False)
 class _Proc:
     index: int
     proc: subprocess.Popen[bytes]
     sock: socket.socket
-    outstanding: dict[int, tuple[asyncio.Future[None], int]] = field(default_factory=dict)
+    ring: w.Ring
+    inflight: deque[_InFlight] = field(default_factory=deque)  # records in the ring, oldest first
+    backlog: deque[tuple[_Fields | None, _InFlight]] = field(default_factory=deque)  # waiting for ring room
     load: int = 0  # cost of the jobs given to this worker and not done yet
-    outbox: deque[tuple[bytes, list[int]]] = field(default_factory=deque)
-    pending_jobs: list[bytes] = field(default_factory=list)  # given to it, not yet in a message
-    pending_cost: int = 0
+    head: int = 0  # records written into the ring
+    signalled: int = 0  # records announced on its job eventfd
+    done: int = 0  # completions read
+    outbox: deque[tuple[bytes, list[int]]] = field(default_factory=deque)  # control messages not yet sent
     writer_armed: bool = False
     busy_ns: int = 0
     jobs: int = 0
@@ -66,9 +85,19 @@ class _Proc:
     restart: asyncio.TimerHandle | None = None
 
 
-# A job waiting for a worker: (job id, packed record, cost, future, src handle, dst handle).
-_Queued = tuple[int, bytes, int, asyncio.Future[None], int, int]
 _load = attrgetter("load")
+_pack_job = w.JOB.pack_into
+_unpack_done = w.DONE.unpack_from
+# Plain ints for the per-job paths (an IntEnum member costs a class lookup at each use).
+_OK: Final = int(w.Status.OK)
+_TAG: Final = int(w.Status.TAG)
+_SEAL: Final = int(w.Kind.SEAL)
+_JOB: Final = int(w.Op.JOB)
+_URGENT: Final = w.URGENT
+_KIND_MASK: Final = w.KIND_MASK
+_JOB_SLOT: Final = w.JOB_SLOT
+_DONE_SLOT: Final = w.DONE_SLOT
+_EAGER_DOORBELL: Final = 4  # a worker with fewer announced jobs than this is woken at once by a submit
 
 
 class _Tenant:
@@ -99,13 +128,14 @@ class WorkerPool:
         restart_backoff_s: float = 0.05,
         restart_backoff_max_s: float = 5.0,
         stable_after_s: float = 30.0,
+        ring_slots: int = w.RING_SLOTS,
     ) -> None:
         if count < 1:
             raise ValueError("a worker pool needs at least one worker")
         self.count = count
         self.inline = inline
         self.window = max(1, window_bytes)
-        self._message_cost = max(1, self.window // 4)  # several messages per window: no idle round trips
+        self.ring_slots = max(2, ring_slots)
         self.quantum = (1 << 20) + JOB_OVERHEAD  # credit per round-robin turn: one default chunk's job
         self._tenants: dict[Hashable, _Tenant] = {}
         self._ring: deque[_Tenant] = deque()  # tenants with queued jobs; the head is being served
@@ -114,6 +144,7 @@ class WorkerPool:
         self.stable_after_s = stable_after_s
         self.restart_delays: deque[float] = deque(maxlen=64)  # the delay chosen at each death, newest last
         self._procs: list[_Proc] = []
+        self._live: list[_Proc] = []  # the workers that are up, in index order
         self._maps: dict[int, SharedMemory] = {}
         self._keys: dict[int, tuple[LockedKey, bytes]] = {}
         self._aeads: dict[int, Any] = {}
@@ -128,7 +159,7 @@ class WorkerPool:
         self.on_worker_lost: list[Any] = []
         self._inline_busy_ns = 0
         self._inline_jobs = 0
-        self._key_jobs: dict[int, int] = {}  # key id -> jobs in flight that use it
+        self._key_jobs: dict[int, int] = {}  # key id -> jobs submitted and not finished that use it
         self._drop_when_idle: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -138,34 +169,41 @@ class WorkerPool:
         if not self.inline:
             for i in range(self.count):
                 self._procs.append(self._spawn(i))
+            self._live = list(self._procs)
 
     def _spawn(self, index: int) -> _Proc:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ring: w.Ring | None = None
         try:
-            for s in (parent, child):
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            ring = w.Ring.create(self.ring_slots)
+            parent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            passed = [child.fileno(), *ring.fds()]
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pipellm_daemon.worker", str(child.fileno())],
-                pass_fds=[child.fileno()],
+                [sys.executable, "-m", "pipellm_daemon.worker", *map(str, passed), str(ring.slots)],
+                pass_fds=passed,
                 stdin=subprocess.DEVNULL,
             )
         except BaseException:
             parent.close()
+            if ring is not None:
+                ring.close()
             raise
         finally:
             child.close()
         parent.setblocking(False)
-        p = _Proc(index, proc, parent)
+        p = _Proc(index, proc, parent, ring)
         assert self._loop is not None
-        self._loop.add_reader(parent.fileno(), self._on_readable, p)
+        self._loop.add_reader(parent.fileno(), self._on_socket, p)
+        self._loop.add_reader(ring.done_efd, self._on_done, p)
         for handle, shm in self._maps.items():
-            self._queue(p, w.MAP.pack(w.Op.MAP, handle, shm.size, shm.writable), [shm.fd])
+            self._control(p, w.MAP.pack(w.Op.MAP, handle, shm.size, shm.writable), [shm.fd])
         for key_id, (key, _tag) in self._keys.items():
-            self._queue(p, w.KEY.pack(w.Op.KEY, key_id, key.reveal()), [])
+            self._control(p, w.KEY.pack(w.Op.KEY, key_id, key.reveal()), [])
         return p
 
     async def close(self) -> None:
         self.closed = True
+        self._live = []
         for p in self._procs:
             if p.restart is not None:
                 p.restart.cancel()
@@ -178,11 +216,13 @@ class WorkerPool:
             except TimeoutError:
                 p.proc.kill()
             self._fail_outstanding(p, "worker pool closed")
+            p.ring.close()
         self._procs.clear()
         for t in self._ring:
-            for queued in t.jobs:
-                if not queued[3].done():
-                    queued[3].set_exception(WorkerLost("worker pool closed"))
+            for fields, _cost, fut in t.jobs:
+                self._job_done(fields[3])
+                if not fut.done():
+                    fut.set_exception(WorkerLost("worker pool closed"))
         self._ring.clear()
         self._tenants.clear()
         for key, _tag in self._keys.values():
@@ -191,8 +231,11 @@ class WorkerPool:
         self._aeads.clear()
 
     def _detach(self, p: _Proc) -> None:
-        if self._loop is not None and p.sock.fileno() >= 0:
+        if p.sock.fileno() < 0:
+            return
+        if self._loop is not None:
             self._loop.remove_reader(p.sock.fileno())
+            self._loop.remove_reader(p.ring.done_efd)
             if p.writer_armed:
                 self._loop.remove_writer(p.sock.fileno())
         p.sock.close()
@@ -205,14 +248,14 @@ class WorkerPool:
     def map(self, handle: int, shm: SharedMemory) -> None:
         self._maps[handle] = shm
         for p in self._procs:
-            self._queue(p, w.MAP.pack(w.Op.MAP, handle, shm.size, shm.writable), [shm.fd])
+            self._control(p, w.MAP.pack(w.Op.MAP, handle, shm.size, shm.writable), [shm.fd])
 
     def unmap(self, handle: int) -> None:
         if self._maps.pop(handle, None) is not None:
             self._release_queued(handle)
-            self._flush()  # jobs queued before the unmap must reach the workers before it
+            self._flush()  # jobs queued before the unmap reach the rings before it
             for p in self._procs:
-                self._queue(p, w.HANDLE.pack(w.Op.UNMAP, handle), [])
+                self._control(p, w.HANDLE.pack(w.Op.UNMAP, handle), [])
 
     def add_key(self, key: bytes) -> int:
         """Install a key in every worker; returns its id. Keys cross only the private socketpairs."""
@@ -222,11 +265,11 @@ class WorkerPool:
         if self.inline:
             self._aeads[key_id] = crypto.new_aead(key)
         for p in self._procs:
-            self._queue(p, w.KEY.pack(w.Op.KEY, key_id, key), [])
+            self._control(p, w.KEY.pack(w.Op.KEY, key_id, key), [])
         return key_id
 
     def drop_key(self, key_id: int) -> None:
-        """Forget a key everywhere, once no job that uses it is still in flight."""
+        """Forget a key everywhere, once no job that uses it is still queued or in a worker."""
         if self._key_jobs.get(key_id):
             self._drop_when_idle.add(key_id)
             return
@@ -235,7 +278,7 @@ class WorkerPool:
         if entry is not None:
             entry[0].wipe()
             for p in self._procs:
-                self._queue(p, w.HANDLE.pack(w.Op.DROP_KEY, key_id), [])
+                self._control(p, w.HANDLE.pack(w.Op.DROP_KEY, key_id), [])
 
     # -- jobs ------------------------------------------------------------------------------------
     def submit(
@@ -247,42 +290,62 @@ class WorkerPool:
         length: int,
         dst: tuple[int, int],
         tenant: Hashable | None = None,
+        urgent: bool = False,
     ) -> asyncio.Future[None]:
         """Queue one job; the future resolves when its output is in place (TagMismatch for a bad OPEN).
 
         `tenant` is whose job it is, for fair scheduling; by default the arena handle (the dst of a SEAL,
-        the src of an OPEN), which is one per session.
+        the src of an OPEN), which is one per session. A worker with more jobs queued behind this one
+        may announce its completion together with theirs (up to `worker.HOLD_NS` later): one wake-up of
+        the daemon for several jobs. `urgent=True` is for a job someone is waiting on right now (an
+        on-demand chunk, a D2H landing): its completion is announced as soon as it is done.
         """
-        assert self._loop is not None, "start() the pool first"
+        loop = self._loop
+        assert loop is not None, "start() the pool first"
         if self.closed:
             raise WorkerLost("worker pool is closed")
-        fut: asyncio.Future[None] = self._loop.create_future()
-        if kind == w.Kind.SEAL:
+        fut: asyncio.Future[None] = loop.create_future()
+        seal = kind == _SEAL
+        if seal:
             audit = crypto.auditor()
             if audit is not None:
                 audit(self._keys[key_id][1], nonce, self._maps[src[0]].view[src[1] : src[1] + length])
         job_id = self._next_job
-        self._next_job += 1
-        job = w.Job(kind, job_id, key_id, nonce, src[0], src[1], length, dst[0], dst[1])
-        self._key_jobs[key_id] = self._key_jobs.get(key_id, 0) + 1
-        fut.add_done_callback(lambda _f: self._job_done(key_id))
+        self._next_job = job_id + 1
+        wire_kind = int(kind) | _URGENT if urgent else int(kind)
+        fields: _Fields = (_JOB, wire_kind, job_id, key_id, nonce, src[0], src[1], length, dst[0], dst[1])
+        kj = self._key_jobs
+        kj[key_id] = kj.get(key_id, 0) + 1
         if self.inline:
-            self._run_inline(job, fut)
+            self._run_inline(fields, fut)
             return fut
-        key = tenant if tenant is not None else (dst[0] if kind == w.Kind.SEAL else src[0])
+        cost = length + JOB_OVERHEAD
+        live = self._live
+        if not self._ring and live:  # nobody waits: straight into the least-loaded worker's ring
+            p = live[0] if len(live) == 1 else min(live, key=_load)
+            if p.load < self.window:
+                self._give(p, fields, cost, fut)
+                if p.signalled - p.done < _EAGER_DOORBELL:  # it may run dry: wake it now
+                    self._doorbell(p)
+                elif not self._flush_scheduled:  # busy: one doorbell for this turn's jobs
+                    self._flush_scheduled = True
+                    loop.call_soon(self._flush)
+                return fut
+        key = tenant if tenant is not None else (dst[0] if seal else src[0])
         t = self._tenants.get(key)
         if t is None:
             t = self._tenants[key] = _Tenant(key)
             if not self._ring:
                 t.credit = self.quantum  # its turn starts now
             self._ring.append(t)
-        t.jobs.append((job_id, job.pack(), length + JOB_OVERHEAD, fut, src[0], dst[0]))
+        t.jobs.append((fields, cost, fut))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            loop.call_soon(self._flush)
         return fut
 
     def _job_done(self, key_id: int) -> None:
+        """A job that uses `key_id` is over (done, failed, or dropped before it reached a worker)."""
         left = self._key_jobs[key_id] - 1
         if left:
             self._key_jobs[key_id] = left
@@ -292,27 +355,21 @@ class WorkerPool:
             self._drop_when_idle.discard(key_id)
             self.drop_key(key_id)
 
-    def _run_inline(self, job: w.Job, fut: asyncio.Future[None]) -> None:
-        aead: crypto.Aead = self._aeads[job.key_id]
-        src, dst = self._maps[job.src_handle].view, self._maps[job.dst_handle].view
+    def _run_inline(self, fields: _Fields, fut: asyncio.Future[None]) -> None:
+        _op, kind, _job_id, key_id, nonce, sh, so, n, dh, do = fields
+        aead: crypto.Aead = self._aeads[key_id]
+        src, dst = self._maps[sh].view, self._maps[dh].view
         t0 = time.perf_counter_ns()
         try:
-            if job.kind == w.Kind.SEAL:  # unaudited here: submit() already audited this job
-                aead.encrypt_into(
-                    job.nonce,
-                    src[job.src_offset : job.src_offset + job.length],
-                    dst[job.dst_offset : job.dst_offset + job.length + 16],
-                )
+            if kind & _KIND_MASK == _SEAL:  # unaudited here: submit() already audited this job
+                aead.encrypt_into(nonce, src[so : so + n], dst[do : do + n + 16])
             else:  # race-proof: the arena slot is read once, through private memory
-                crypto.open_into(
-                    aead,
-                    job.nonce,
-                    src[job.src_offset : job.src_offset + job.length + 16],
-                    dst[job.dst_offset : job.dst_offset + job.length],
-                )
+                crypto.open_into(aead, nonce, src[so : so + n + 16], dst[do : do + n])
             fut.set_result(None)
         except TagMismatch as exc:
             fut.set_exception(exc)
+        finally:
+            self._job_done(key_id)
         self._inline_busy_ns += time.perf_counter_ns() - t0
         self._inline_jobs += 1
 
@@ -321,26 +378,25 @@ class WorkerPool:
         self._pump()
 
     def _pump(self) -> None:
-        """Hand queued jobs to workers with room, then send what each worker was given."""
+        """Hand queued jobs to workers with room, then ring the doorbell of each worker given any."""
         if self._ring:
             self._hand_out()
         for p in self._procs:
-            if p.pending_jobs:
-                self._send_jobs(p)
+            self._doorbell(p)
 
     def _hand_out(self) -> None:
         """Deficit round robin over tenants, each job to the least-loaded live worker, until the windows
         are full: per job one `min` over the workers and a few deque operations."""
-        live = [p for p in self._procs if p.up]
+        live = self._live
         if not live:
             return  # every worker waits for its restart; `_respawn` pumps again
         ring, window, quantum = self._ring, self.window, self.quantum
         while ring:
-            p = min(live, key=_load)
+            p = min(live, key=_load) if len(live) > 1 else live[0]
             if p.load >= window:
                 return
             t = ring[0]
-            job_id, packed, cost, fut, _src, _dst = t.jobs[0]
+            fields, cost, fut = t.jobs[0]
             if t.credit < cost:
                 ring.rotate(-1)  # its turn is over; the next tenant's begins
                 ring[0].credit += quantum
@@ -352,50 +408,83 @@ class WorkerPool:
                 del self._tenants[t.key]
                 if ring:
                     ring[0].credit += quantum
-            if not fut.done():  # a job cancelled before it reached a worker: nothing will write its output
-                self._give(p, job_id, packed, cost, fut)
+            if fut.done():  # a job cancelled before it reached a worker: nothing will write its output
+                self._job_done(fields[3])
+            else:
+                self._give(p, fields, cost, fut)
 
-    def _give(self, p: _Proc, job_id: int, packed: bytes, cost: int, fut: asyncio.Future[None]) -> None:
-        p.outstanding[job_id] = (fut, cost - JOB_OVERHEAD)
+    def _give(self, p: _Proc, fields: _Fields, cost: int, fut: asyncio.Future[None]) -> None:
+        """Write a job into the worker's ring (or its backlog when the ring is full); the doorbell rings
+        separately, once for everything written in a turn."""
         p.load += cost
-        p.pending_jobs.append(packed)
-        p.pending_cost += cost
-        if p.pending_cost >= self._message_cost or len(p.pending_jobs) >= w.MAX_JOBS_PER_MESSAGE:
-            self._send_jobs(p)
+        entry = (fields[2], fut, fields[7], fields[3])
+        inflight = p.inflight
+        if p.backlog or len(inflight) >= p.ring.slots:
+            p.backlog.append((fields, entry))
+            return
+        _pack_job(p.ring.mem, (p.head % p.ring.slots) * _JOB_SLOT, *fields)
+        p.head += 1
+        inflight.append(entry)
 
-    def _send_jobs(self, p: _Proc) -> None:
-        jobs = p.pending_jobs
-        p.pending_jobs = []
-        p.pending_cost = 0
-        self._queue(p, b"".join(jobs), [])
+    def _put(self, p: _Proc, fields: _Fields | None, entry: _InFlight) -> None:
+        if p.backlog or len(p.inflight) >= p.ring.slots:
+            p.backlog.append((fields, entry))
+        else:
+            self._write(p, fields, entry)
+
+    def _write(self, p: _Proc, fields: _Fields | None, entry: _InFlight) -> None:
+        ring = p.ring
+        off = (p.head % ring.slots) * _JOB_SLOT
+        if fields is None:
+            ring.mem[off : off + w.JOB.size] = w.CONTROL_RECORD
+        else:
+            _pack_job(ring.mem, off, *fields)
+        p.head += 1
+        p.inflight.append(entry)
+
+    def _doorbell(self, p: _Proc) -> None:
+        if p.head == p.signalled:
+            return
+        try:
+            os.eventfd_write(p.ring.job_efd, p.head - p.signalled)
+        except OSError:
+            return  # never: the counter cannot overflow in practice
+        p.signalled = p.head
 
     def _release_queued(self, handle: int) -> None:
         """Before an UNMAP: queued jobs that use `handle` go to a worker now (ahead of their turn), since
         after the UNMAP no worker could run them; with no worker up they fail like a lost worker's."""
-        live = [p for p in self._procs if p.up]
+        live = self._live
         for t in list(self._ring):
-            if not any(q[4] == handle or q[5] == handle for q in t.jobs):
+            if not any(q[0][5] == handle or q[0][8] == handle for q in t.jobs):
                 continue
             keep: deque[_Queued] = deque()
             for q in t.jobs:
-                if q[4] != handle and q[5] != handle:
+                fields, cost, fut = q
+                if fields[5] != handle and fields[8] != handle:
                     keep.append(q)
-                elif q[3].done():
                     continue
+                if fut.done():
+                    self._job_done(fields[3])
                 elif live:
-                    self._give(min(live, key=_load), q[0], q[1], q[2], q[3])
+                    self._give(min(live, key=_load), fields, cost, fut)
                 else:
-                    q[3].set_exception(WorkerLost("no crypto worker is running (restart pending)"))
+                    self._job_done(fields[3])
+                    fut.set_exception(WorkerLost("no crypto worker is running (restart pending)"))
             t.jobs = keep
             if not keep:
                 self._ring.remove(t)
                 del self._tenants[t.key]
 
-    def _queue(self, p: _Proc, msg: bytes, fds: list[int]) -> None:
+    # -- control messages ------------------------------------------------------------------------
+    def _control(self, p: _Proc, msg: bytes, fds: list[int]) -> None:
+        """Send a control message and mark its place among the jobs with a CONTROL record."""
         if not p.up:
             return  # a dead worker: its replacement gets every map and key from `_spawn`
         p.outbox.append((msg, fds))
         self._drain(p)
+        self._put(p, None, None)
+        self._doorbell(p)
 
     def _drain(self, p: _Proc) -> None:
         while p.outbox:
@@ -420,7 +509,59 @@ class WorkerPool:
         self._loop.remove_writer(p.sock.fileno())
         self._drain(p)
 
-    def _on_readable(self, p: _Proc) -> None:
+    # -- completions and deaths ------------------------------------------------------------------
+    def _on_done(self, p: _Proc) -> None:
+        """The worker announced completions: resolve their futures, refill its ring and window."""
+        if self._collect(p) and p.up:
+            if p.backlog:
+                while p.backlog and len(p.inflight) < p.ring.slots:
+                    self._write(p, *p.backlog.popleft())
+            self._pump()
+
+    def _collect(self, p: _Proc) -> int:
+        """Resolve the completions the worker announced; returns how many."""
+        try:
+            n = os.eventfd_read(p.ring.done_efd)
+        except (BlockingIOError, OSError):
+            return 0
+        mem, slots, base, inflight, key_jobs = p.ring.mem, p.ring.slots, p.ring.done_base, p.inflight, self._key_jobs
+        done, load, busy_ns, jobs, nbytes = p.done, p.load, p.busy_ns, p.jobs, p.bytes
+        try:
+            for _ in range(min(n, len(inflight))):
+                job_id, busy, status = _unpack_done(mem, base + (done % slots) * _DONE_SLOT)
+                done += 1
+                entry = inflight.popleft()
+                if entry is None:
+                    continue  # a CONTROL record
+                jid, fut, length, key_id = entry
+                if jid != job_id:  # never: a worker runs its ring in order; treat it as a dead worker
+                    inflight.appendleft(entry)  # failed with the rest when the death is seen
+                    p.proc.kill()
+                    return n
+                load -= length + JOB_OVERHEAD
+                busy_ns += busy
+                jobs += 1
+                nbytes += length
+                left = key_jobs[key_id] - 1
+                if left:
+                    key_jobs[key_id] = left
+                else:
+                    key_jobs[key_id] = 1
+                    self._job_done(key_id)
+                if fut.done():
+                    continue
+                if status == _OK:
+                    fut.set_result(None)
+                elif status == _TAG:
+                    fut.set_exception(TagMismatch("D2H authentication tag mismatch"))
+                else:
+                    fut.set_exception(JobError(f"worker {p.index} could not run job {job_id}"))
+        finally:
+            p.done, p.load, p.busy_ns, p.jobs, p.bytes = done, load, busy_ns, jobs, nbytes
+        return n
+
+    def _on_socket(self, p: _Proc) -> None:
+        """The worker never writes its socket: readable means it is gone."""
         try:
             data = p.sock.recv(1 << 16)
         except BlockingIOError:
@@ -429,42 +570,31 @@ class WorkerPool:
             data = b""
         if not data:
             self._worker_died(p)
-            return
-        for off in range(0, len(data), w.DONE.size):
-            job_id, status, elapsed = w.DONE.unpack_from(data, off)
-            fut, length = p.outstanding.pop(job_id, (None, 0))
-            p.load -= length + JOB_OVERHEAD
-            p.busy_ns += elapsed
-            p.jobs += 1
-            p.bytes += length
-            if fut is None or fut.done():
-                continue
-            if status == w.Status.OK:
-                fut.set_result(None)
-            elif status == w.Status.TAG:
-                fut.set_exception(TagMismatch("D2H authentication tag mismatch"))
-            else:
-                fut.set_exception(JobError(f"worker {p.index} could not run job {job_id}"))
-        if self._ring:
-            self._pump()  # room in this worker's window: the next tenant's jobs
 
     def _fail_outstanding(self, p: _Proc, why: str) -> None:
-        for fut, _n in p.outstanding.values():
+        entries = [*p.inflight, *(entry for _fields, entry in p.backlog)]
+        p.inflight.clear()
+        p.backlog.clear()
+        p.load = 0
+        for entry in entries:
+            if entry is None:
+                continue
+            _jid, fut, _n, key_id = entry
+            self._job_done(key_id)
             if not fut.done():
                 fut.set_exception(WorkerLost(why))
-        p.outstanding.clear()
-        p.pending_jobs = []
-        p.pending_cost = 0
-        p.load = 0
 
     def _worker_died(self, p: _Proc) -> None:
+        self._collect(p)  # what it finished and announced before it died stands
         self._detach(p)
         p.up = False
+        self._live = [q for q in self._procs if q.up]
         code = p.proc.poll()
         if self.closed:
             return
-        lost = len(p.outstanding)
+        lost = sum(e is not None for e in p.inflight) + sum(e is not None for _f, e in p.backlog)
         self._fail_outstanding(p, f"crypto worker {p.index} (pid {p.proc.pid}) died with {code}")
+        p.ring.close()
         p.outbox.clear()
         p.quick_deaths = p.quick_deaths + 1 if time.monotonic() - p.spawned_at < self.stable_after_s else 0
         delay = self._restart_delay(p.quick_deaths)
@@ -499,6 +629,7 @@ class WorkerPool:
         fresh.busy_ns, fresh.jobs, fresh.bytes = dead.busy_ns, dead.jobs, dead.bytes
         fresh.quick_deaths = dead.quick_deaths
         self._procs[dead.index] = fresh
+        self._live = [q for q in self._procs if q.up]
         if self._ring:
             self._pump()
 
@@ -528,7 +659,7 @@ class WorkerPool:
             "jobs": sum(p.jobs for p in self._procs),
             "bytes": sum(p.bytes for p in self._procs),
             "queued_bytes": sum(max(0, p.load) for p in self._procs)
-            + sum(q[2] - JOB_OVERHEAD for t in self._ring for q in t.jobs),
+            + sum(q[1] - JOB_OVERHEAD for t in self._ring for q in t.jobs),
             "utilisation": [round(p.busy_ns / wall_ns, 4) for p in self._procs],
             "pids": self.pids(),
         }
