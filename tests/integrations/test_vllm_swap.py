@@ -18,6 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import numpy as np  # noqa: E402
 from pipellm_client import Client, InvalidArgument  # noqa: E402
 from pipellm_client.integrations.vllm_swap import (  # noqa: E402
     BlockIDs,
@@ -129,7 +130,8 @@ def test_v0_preempt_and_resume_lifo(daemon) -> None:
 
 
 @pytest.mark.daemon_settings(small_transfer_threshold=0)
-def test_v1_fifo_offloading_handlers(daemon) -> None:
+def test_v1_offloading_handlers(daemon) -> None:
+    """The older V1 handler API over PipeLLMKVWorker: a block is one chunk (every layer's K and V, 512 KiB)."""
     engine = Engine(layers=2, gpu_blocks=20, block_shape=LLAMA2_7B, seed=2)
     with Client(daemon.socket) as client, client.open_session(name="v1", swap_order="fifo") as s:
         handlers = OffloadingHandlers(s, engine.caches, num_cpu_blocks=32)
@@ -138,7 +140,7 @@ def test_v1_fifo_offloading_handlers(daemon) -> None:
         for req, n in reqs.items():
             engine.admit(req, n)
         cpu_next = 0
-        for job, req in enumerate(reqs):  # every newly full block is stored, FIFO
+        for job, req in enumerate(reqs):  # every newly full block is stored
             engine.expect[req] = engine.snapshot(req)
             dst = list(range(cpu_next, cpu_next + reqs[req]))
             cpu_next += reqs[req]
@@ -151,22 +153,121 @@ def test_v1_fifo_offloading_handlers(daemon) -> None:
             assert all(r.success and r.transfer_type == ("GPU", "CPU") for r in results)
             finished += [r.job_id for r in results]
         assert finished == list(range(len(reqs))), "stores complete in submission order"
+        assert load.get_finished() == []
         for req in reqs:  # requests finish; their device blocks are reused
             pairs = [(g, 0) for g in engine.gpu.pop(req)]
             engine.release_gpu(pairs)
         before = s.status().counters
-        for job, req in enumerate(reqs, start=100):  # prefix hits load them back, FIFO
+        order = [3, 1, 4, 2]  # prefix hits come back in any order: the intents say which
+        for job, req in enumerate(order, start=100):
             src = engine.cpu.pop(req)
             engine.gpu[req] = [engine.gpu_free.pop() for _ in src]
             assert load.transfer_async(job, (BlockIDs.cpu(src), BlockIDs.gpu(engine.gpu[req])))
+        results = load.get_finished()  # the loads run here, after the engine's step
+        assert [r.job_id for r in results] == [100, 101, 102, 103]
+        assert all(r.success and r.transfer_type == ("CPU", "GPU") for r in results)
+        assert sum(r.transfer_size or 0 for r in results) == 2 * 2 * sum(reqs.values()) * 128 * 1024
+        for req in order:
             engine.check(req)
-        assert [r.job_id for r in load.get_finished()] == [100, 101, 102, 103]
         hits, judged = hit_rate(before, s.status().counters)
-        assert judged == 2 * 2 * sum(reqs.values())
-        assert hits / judged >= 0.95, (hits, judged)
+        assert judged == sum(reqs.values())  # one message per block: all its layers' K and V in one chunk
+        assert hits / judged >= 0.9, (hits, judged)
+        assert s.endpoint_stats["unverified"] == 0
         with pytest.raises(InvalidArgument, match="moves"):
             store.transfer_async(9, (BlockIDs.cpu([0]), BlockIDs.gpu([0])))
         handlers.shutdown()
+
+
+# -- PipeLLMKVWorker / CopyKVWorker: vLLM's worker contract, without vLLM --------------------------------
+def _kv_tensors(seed: int, blocks: int, pages: list[int], stride_pad: int = 0) -> list[Any]:
+    """int8 (num_blocks, page) views as vLLM hands them over; one with padded (strided) rows."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, page in enumerate(pages):
+        pad = stride_pad if i == 0 else 0
+        base = torch.randint(-128, 128, (blocks, page + pad), dtype=torch.int8, generator=g)
+        out.append(base[:, :page])
+    return out
+
+
+def test_plan_pairs_blocks_like_vllm() -> None:
+    from pipellm_client.integrations.vllm import _plan
+
+    refs = [[(0, 8)], [(1, 8), (2, 4)]]
+    # group 0: 3 blocks starting at logical block 1 (skip 1 of chunk 10); group 1: 4 blocks from block 4.
+    groups = _plan([5, 6, 7, 1, 2, 3, 4], [3, 4], [1, 4], [10, 11, 20, 21], 2, refs)
+    assert [g.gpu.tolist() for g in groups] == [[5, 6, 7], [1, 2, 3, 4]]
+    assert [g.chunk.tolist() for g in groups] == [[10, 11, 11], [20, 20, 21, 21]]
+    assert [g.sub.tolist() for g in groups] == [[1, 0, 1], [0, 1, 0, 1]]
+    assert groups[1].refs == ((1, 8), (2, 4))
+    with pytest.raises(InvalidArgument, match="host chunks"):
+        _plan([1, 2, 3], [3], [0], [1, 2, 3], 2, [[(0, 8)]])  # 3 blocks fill 2 chunks, not 3
+    with pytest.raises(InvalidArgument, match="groups"):
+        _plan([1, 2], [2], [0], [1], 2, refs)
+
+
+@pytest.mark.parametrize("bpc", [1, 3])
+def test_copy_pages_loop_and_vectorized_agree(bpc: int) -> None:
+    """The per-page loop (CPU) and the indexed path (GPUs) move the same bytes, both ways."""
+    from pipellm_client.integrations.vllm import HostLayout, copy_pages
+
+    pages = [512, 256]
+    refs = [(0, 512), (1, 200)]
+    lay = HostLayout(pages, bpc, 6, align=1024)
+    gpu = np.array([4, 0, 7, 2], dtype=np.int64)
+    rows = np.array([0, 1, 3, 5], dtype=np.int64)
+    subs = np.array([0, bpc - 1, 0, bpc - 1], dtype=np.int64)
+    out = []
+    for vec in (False, True):
+        tensors = _kv_tensors(3, 8, pages, stride_pad=32)
+        buf = torch.zeros((6, lay.stride), dtype=torch.int8)
+        copy_pages(lay, tensors, refs, gpu, rows, subs, buf, to_buf=True, vectorized=vec)
+        for t in tensors:
+            t.zero_()
+        copy_pages(lay, tensors, refs, gpu[::-1].copy(), rows, subs, buf, to_buf=False, vectorized=vec)
+        out.append((buf.clone(), [t.clone() for t in tensors]))
+    assert torch.equal(out[0][0], out[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1], strict=True))
+    assert out[0][0].count_nonzero() > 0
+
+
+@pytest.mark.parametrize("bpc", [1, 2])
+def test_pipellm_worker_matches_copy_worker(daemon, bpc: int) -> None:
+    """Stores then loads (partial first chunks, two groups, a strided tensor, unpadded pages) move the same
+    bytes through pipellmd as the plain copy worker, every loaded chunk declared and verified."""
+    from pipellm_client.integrations.vllm import CopyKVWorker, PipeLLMKVWorker
+
+    pages = [4096, 4096, 2048]
+    refs = [[(0, 4096), (1, 4000)], [(2, 2048)]]  # layer 1's page is padded in the tensor: 4000 bytes used
+    with Client(daemon.socket) as client, client.open_session(name="kv", small_transfer_threshold=0) as s:
+        pip = PipeLLMKVWorker(s, _kv_tensors(7, 16, pages, stride_pad=64), refs, bpc, 12, batch=3)
+        ref = CopyKVWorker(_kv_tensors(7, 16, pages, stride_pad=64), refs, bpc, 12)
+        want = [t.clone() for t in ref.tensors]
+        skip = bpc - 1  # with two blocks per chunk, each group starts part-way into its first chunk
+        size = 4 * bpc - skip  # blocks per group: 4 host chunks each
+        blocks = [list(range(size)), list(range(8, 8 + size))]  # device blocks of groups 0 and 1
+        chunks = list(range(8))
+        moved = [[15 - b for b in g] for g in blocks]  # loaded back into other device blocks
+        for w in (pip, ref):
+            assert w.submit_store(1, blocks[0] + blocks[1], [size, size], [skip, skip], chunks)
+            w.wait({1})
+            assert [r.job_id for r in w.get_finished()] == [1]
+            for t in w.tensors:
+                t.zero_()  # the device blocks are reused
+            assert w.submit_load(2, chunks, moved[0] + moved[1], [size, size], [skip, skip])
+            assert [(r.job_id, r.success) for r in w.get_finished()] == [(2, True)]
+        for a, b in zip(pip.tensors, ref.tensors, strict=True):
+            assert torch.equal(a, b)
+        for g, group_refs in enumerate(refs):
+            for ti, nbytes in group_refs:
+                assert torch.equal(pip.tensors[ti][moved[g], :nbytes], want[ti][blocks[g], :nbytes])
+        st = pip.stats()
+        assert st["failed"] == 0 and st["loads"] == 1 and st["stores"] == 1
+        assert st["endpoint"]["unverified"] == 0 and st["endpoint"]["verified"] == st["load_chunks"] == 8
+        assert st["intents"] == 8 and st["daemon"]["hits"] == 8
+        pip.shutdown()
+        ref.shutdown()
+        assert not s.closed  # the caller's session stays open; only the region is given back
 
 
 def test_v0_swap_blocks_per_layer_default_threshold(daemon) -> None:

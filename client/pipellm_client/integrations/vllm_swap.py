@@ -8,23 +8,21 @@ per block per layer, K and V separately):
   encrypts, the daemon decrypts into the region asynchronously and pre-encrypts it for its swap-in, with the
   request id as the group: vLLM preempts the newest request first and swaps in first-come-first-served, so
   open the session with `swap_order="lifo"`). Swap-in is an H2D commit from the region into the device cache.
-* V1 CPU offloading (`vllm/v1/kv_offload/worker/`): `OffloadingHandlers` with one FIFO handler per
-  direction, `transfer_async(job_id, (src_spec, dst_spec))`, `get_finished()` polling and `wait(job_ids)`.
-  Jobs are FIFO per direction, so open the session with `swap_order="fifo"`.
+* the older V1 worker API (`OffloadingHandler.transfer_async(job_id, (src_spec, dst_spec))`, `get_finished()`,
+  `wait(job_ids)`): `OffloadingHandlers`, one FIFO handler per direction, a thin shape over
+  `integrations.vllm.PipeLLMKVWorker` (the worker behind `PipeLLMOffloadingSpec`, which is what vLLM >= 0.32
+  loads: use that with a real vLLM). Loads are declared as intents when submitted.
 
 Layouts follow vLLM's paged KV cache: a device cache is one tensor per layer shaped
-`(2, num_blocks, block_size, num_kv_heads, head_size)`, K at index 0 and V at 1; the CPU cache has the same
-shape per layer, laid out layer-major in one mutable region. The "device" is a CPU tensor here: the CPU
-endpoint stands in for the GPU's copy engine.
+`(2, num_blocks, block_size, num_kv_heads, head_size)`, K at index 0 and V at 1; the V0 CPU cache has the
+same shape per layer, laid out layer-major in one mutable region (V1: see `PipeLLMKVWorker`). The "device"
+is a CPU tensor here: the CPU endpoint stands in for the GPU's copy engine.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import select
-import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,6 +31,7 @@ import numpy as np
 
 from ..errors import InvalidArgument, PipeLLMError
 from ._packing import raw_bytes
+from .vllm import PipeLLMKVWorker
 
 if TYPE_CHECKING:
     import torch
@@ -154,15 +153,13 @@ def _swap_out(
     not in swap-out order, and their swap-ins would skip instead of hit.
     """
     landings: list[Landing] = []
-    core = session.core
     for dev, cpu in layers:
         cpu.cache.check_device(dev)
         for kv in (0, 1):
             for (src, dst), g in zip(pairs, groups, strict=True):
                 off = cpu.cache.offset(cpu.index, kv, dst)
-                before = set(core.landing)
-                session.d2h(raw_bytes(dev[kv, src]), cpu.cache.region, off, swap_out=True, group=g, wait=ordered)
-                landings.extend(v for k, v in core.landing.items() if k not in before)
+                region = cpu.cache.region
+                landings += session.d2h(raw_bytes(dev[kv, src]), region, off, swap_out=True, group=g, wait=ordered)
     return landings
 
 
@@ -252,7 +249,7 @@ class CacheEngine:
         self.cpu.close()
 
 
-# -- vLLM V1 offloading -------------------------------------------------------------------------------
+# -- vLLM V1 offloading, the older handler API ------------------------------------------------------
 @dataclass(frozen=True)
 class BlockIDs:
     """A `LoadStoreSpec` of block ids on one medium ("GPU" or "CPU"), as vLLM V1's `BlockIDsLoadStoreSpec`."""
@@ -283,57 +280,19 @@ class TransferResult:
     transfer_type: tuple[str, str] | None = None
 
 
-@dataclass
-class _Job:
-    job_id: int
-    nbytes: int
-    started: float
-    landings: list[Landing]
-    error: BaseException | None = None
-
-
-def _poll(session: Session) -> None:
-    """Read the frames the daemon has already sent, without blocking (completions of D2H landings)."""
-    while select.select([session.fs.sock], [], [], 0)[0]:
-        seen = [False]
-
-        def once(seen: list[bool] = seen) -> bool:
-            if seen[0]:
-                return True
-            seen[0] = True
-            return False
-
-        session._pump(once)
-
-
 class OffloadingHandler:
-    """One direction of vLLM V1's CPU<->GPU offloading worker: jobs run in submission order (FIFO).
+    """One direction of the older vLLM V1 worker API (`transfer_async(job_id, (src, dst))`), over the shared
+    `PipeLLMKVWorker` of its `OffloadingHandlers`: jobs finish in submission order (FIFO).
 
-    The CPU endpoint runs in this thread, so a job's device-side work (encrypting a store, verifying a
-    load) happens inside `transfer_async`, in order; a store completes when the daemon has decrypted it
-    into the region (polled by `get_finished`), a load when `transfer_async` returns.
+    A store's device blocks are read (gathered and encrypted by the endpoint) inside `transfer_async`; it
+    finishes when the daemon has landed it. A load's chunks are declared as intents in `transfer_async` and
+    moved by the next `get_finished()` / `wait()` of this handler.
     """
 
-    def __init__(
-        self,
-        session: Session,
-        device_caches: Sequence[torch.Tensor],
-        cpu_cache: CpuKVCache,
-        *,
-        gpu_to_cpu: bool,
-        batch: int = COMMIT_BATCH,
-        ordered: bool = True,
-    ) -> None:
-        self.session = session
-        self.ordered = ordered
-        self.device_caches = list(device_caches)
-        self.cpu = cpu_cache
+    def __init__(self, worker: PipeLLMKVWorker, *, gpu_to_cpu: bool) -> None:
+        self.worker = worker
         self.gpu_to_cpu = gpu_to_cpu
-        self.batch = batch
         self.transfer_type = ("GPU", "CPU") if gpu_to_cpu else ("CPU", "GPU")
-        self._jobs: deque[_Job] = deque()
-        for c in self.device_caches:
-            cpu_cache.check_device(c)
 
     def transfer_async(self, job_id: int, spec: TransferSpec) -> bool:
         src, dst = spec
@@ -341,58 +300,30 @@ class OffloadingHandler:
             raise InvalidArgument(f"this handler moves {self.transfer_type}, got ({src.medium}, {dst.medium})")
         if len(src.block_ids) != len(dst.block_ids):
             raise InvalidArgument("source and destination specs name different numbers of blocks")
-        pairs = [(int(s), int(d)) for s, d in zip(src.block_ids, dst.block_ids, strict=True)]
-        job = _Job(job_id, 2 * len(pairs) * len(self.device_caches) * self.cpu.block_bytes, time.monotonic(), [])
-        try:
-            if self.gpu_to_cpu:
-                layers = [(d, self.cpu.layer(i)) for i, d in enumerate(self.device_caches)]
-                job.landings = _swap_out(self.session, layers, pairs, [0] * len(pairs), self.ordered)
-            else:
-                layers_in = [(self.cpu.layer(i), d) for i, d in enumerate(self.device_caches)]
-                _swap_in(self.session, layers_in, pairs, self.batch)
-        except PipeLLMError as exc:
-            job.error = exc
-        self._jobs.append(job)
-        return job.error is None
-
-    def _done(self, job: _Job) -> bool:
-        return all(x.done for x in job.landings)
+        if self.gpu_to_cpu:
+            return self.worker.submit_store(job_id, src.block_ids, None, None, dst.block_ids)
+        return self.worker.submit_load(job_id, src.block_ids, dst.block_ids, None, None)
 
     def get_finished(self) -> list[TransferResult]:
-        """Jobs finished since the last call, in submission order (never blocks)."""
-        if any(not self._done(j) for j in self._jobs):
-            _poll(self.session)
-        out: list[TransferResult] = []
-        while self._jobs and self._done(self._jobs[0]):
-            job = self._jobs.popleft()
-            failed = job.error is not None or any(x.error is not None for x in job.landings)
-            out.append(
-                TransferResult(
-                    job.job_id,
-                    not failed and self.session.core.dead is None,
-                    job.nbytes,
-                    time.monotonic() - job.started,
-                    self.transfer_type,
-                )
-            )
-        return out
+        """Jobs finished since the last call, in submission order."""
+        done = self.worker.finished_stores() if self.gpu_to_cpu else self.worker.finished_loads()
+        return [TransferResult(r.job_id, r.success, r.transfer_size, r.transfer_time, self.transfer_type) for r in done]
 
     def wait(self, job_ids: set[int]) -> None:
         """Block until those jobs have finished (their results still come from `get_finished`)."""
-        for job in list(self._jobs):
-            if job.job_id in job_ids:
-                for x in job.landings:
-                    if not x.done:
-                        self.session._wait_landed(x.region, x.offset, x.length)
+        self.worker.wait(job_ids)
 
     def shutdown(self) -> None:
         with contextlib.suppress(PipeLLMError):
-            self.wait({j.job_id for j in self._jobs})
+            self.worker.wait(self.worker.pending(stores=self.gpu_to_cpu, loads=not self.gpu_to_cpu))
 
 
 class OffloadingHandlers:
-    """vLLM V1's `CpuGpuOffloadingHandlers`: a CPU cache of `num_cpu_blocks` in a PipeLLM region, and a
-    store (GPU->CPU) and a load (CPU->GPU) handler over it. Open the session with `swap_order="fifo"`."""
+    """The older vLLM V1 `CpuGpuOffloadingHandlers` shape over `PipeLLMKVWorker`: device caches per layer
+    `(2, num_blocks, block_size, num_kv_heads, head_size)`, a host cache of `num_cpu_blocks` in one PipeLLM
+    region (each block: every layer's K and V, one contiguous chunk), a store (GPU->CPU) and a load (CPU->GPU)
+    handler. Loads are declared as intents when submitted; vLLM >= 0.32 uses
+    `pipellm_client.integrations.vllm.PipeLLMOffloadingSpec` instead."""
 
     def __init__(
         self,
@@ -400,22 +331,31 @@ class OffloadingHandlers:
         device_caches: Sequence[torch.Tensor],
         num_cpu_blocks: int,
         *,
-        pad_to_granule: bool = False,
         batch: int = COMMIT_BATCH,
-        ordered: bool = True,
+        declare: bool = True,
+        swap_out: bool = False,
+        ordered: bool = False,
     ) -> None:
+        import torch
+
         if not device_caches:
             raise InvalidArgument("need at least one layer")
         first = device_caches[0]
-        self.cpu = CpuKVCache(
-            session, len(device_caches), num_cpu_blocks, first.shape[2:], first.dtype, pad_to_granule=pad_to_granule
+        tensors = []
+        for c in device_caches:
+            if c.shape != first.shape or c.dtype != first.dtype or c.ndim < 3 or c.shape[0] != 2:
+                raise InvalidArgument("device caches must all be (2, num_blocks, ...) tensors of one shape and dtype")
+            for kv in (0, 1):
+                half = c[kv]
+                if not half.is_contiguous():
+                    raise InvalidArgument("device caches must be contiguous")
+                tensors.append(half.reshape(half.shape[0], -1).view(torch.int8))
+        refs = [[(t, int(tensors[t].shape[1])) for t in range(len(tensors))]]
+        self.worker = PipeLLMKVWorker(
+            session, tensors, refs, 1, num_cpu_blocks, batch=batch, declare=declare, swap_out=swap_out, ordered=ordered
         )
-        self.gpu_to_cpu_handler = OffloadingHandler(
-            session, device_caches, self.cpu, gpu_to_cpu=True, batch=batch, ordered=ordered
-        )
-        self.cpu_to_gpu_handler = OffloadingHandler(session, device_caches, self.cpu, gpu_to_cpu=False, batch=batch)
+        self.gpu_to_cpu_handler = OffloadingHandler(self.worker, gpu_to_cpu=True)
+        self.cpu_to_gpu_handler = OffloadingHandler(self.worker, gpu_to_cpu=False)
 
     def shutdown(self) -> None:
-        self.gpu_to_cpu_handler.shutdown()
-        self.cpu_to_gpu_handler.shutdown()
-        self.cpu.close()
+        self.worker.shutdown()
