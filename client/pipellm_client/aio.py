@@ -5,8 +5,11 @@
         w = await s.alloc_region(n, readonly=True, data=weights)
         await s.h2d(w, 0, n, dst)
 
+`AsyncClient`/`AsyncSession` mirror `Client`/`Session` method for method (names, arguments, semantics,
+`recover`/`max_rekeys` included); both run the same operations (`_session_common`), this one awaited.
 Several commits may be in flight at once; the daemon serves them in order. The data-plane socket is read
-by a loop reader callback, so waiting costs no thread.
+by a loop reader callback, so waiting costs no thread. Region methods (`read`, `write`, `seal`) cannot
+await: `await session.wait_landed(...)` before touching a landing range, `await session.seal(region)`.
 """
 
 from __future__ import annotations
@@ -14,32 +17,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ._core import (
-    TICKET_KEY,
-    DaemonError,
-    Handshake,
-    Intent,
-    Landing,
-    SessionCore,
-    as_source_view,
-    from_rpc_error,
-    swap_order_value,
-)
+from ._core import TICKET_KEY, DaemonError, Intent, Landing, SessionCore, from_rpc_error
 from ._dataplane import DaemonUnavailable, FrameSocket, default_socket
 from ._gen.pipellm.v1 import pipellm_pb2 as pb
 from ._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
-from .client import _welcome
-from .errors import InvalidArgument, PipeLLMError, TagMismatch
+from ._session_common import (
+    Blocking,
+    Call,
+    Metadata,
+    SessionBase,
+    SessionOptions,
+    Step,
+    Steps,
+    Transfer,
+    Wait,
+    advance,
+    connect_steps,
+    greet,
+    on_frame,
+    rpc_failure,
+    serving_status,
+    stale_ticket,
+)
+from .errors import ChannelDead, PipeLLMError
 from .regions import Region
 
 T = TypeVar("T")
-_RETRIES_ON_ABORT = 2
 
 
 class AsyncClient:
@@ -55,6 +63,7 @@ class AsyncClient:
         self._stub = pb_grpc.PipeLLMStub(self._channel)
         self._ctl: FrameSocket | None = None
         self._ticket = ""
+        self._greeting = asyncio.Lock()  # concurrent first calls greet the daemon once
         self.sessions: list[AsyncSession] = []
 
     async def __aenter__(self) -> AsyncClient:
@@ -63,23 +72,35 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _metadata(self) -> list[tuple[str, str]]:
+    async def _metadata(self) -> Metadata:
         if self._ctl is None:
-            fs = FrameSocket(self.socket, self.timeout, self.daemon_uids)
-            welcome = await asyncio.to_thread(_welcome, fs)
-            self._ctl, self._ticket = fs, welcome.ticket
+            async with self._greeting:
+                if self._ctl is None:
+                    self._ctl, self._ticket = await asyncio.to_thread(greet, self)
         return [(TICKET_KEY, self._ticket)]
 
-    async def call(
-        self, method: Callable[..., Any], request: Any, metadata: list[tuple[str, str]] | None = None
-    ) -> Any:
+    async def call(self, method: Callable[..., Any], request: Any, metadata: Metadata | None = None) -> Any:
+        md = metadata or await self._metadata()
         try:
-            return await method(request, metadata=metadata or await self._metadata(), timeout=self.timeout)
+            return await method(request, metadata=md, timeout=self.timeout)
         except grpc.RpcError as exc:
             err = from_rpc_error(exc)
-            if err.code == grpc.StatusCode.UNAVAILABLE:
-                raise DaemonUnavailable(f"pipellmd at {self.socket} is unavailable: {err.details}") from None
-            raise err from None
+            if stale_ticket(err, metadata):
+                # The daemon restarted: our control connection's ticket died with it. Greet it again, once
+                # (unless a concurrent call already has: then its new ticket is the one to use).
+                if self._ticket == md[0][1]:
+                    self._drop_ctl()
+                return await self.call(method, request, [(TICKET_KEY, await self._greet())])
+            raise rpc_failure(err, self.socket) from None
+
+    async def _greet(self) -> str:
+        await self._metadata()
+        return self._ticket
+
+    def _drop_ctl(self) -> None:
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
 
     async def status(self) -> pb.Status:
         status: pb.Status = await self.call(self._stub.GetStatus, pb.GetStatusRequest())
@@ -106,7 +127,7 @@ class AsyncClient:
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout)
         except grpc.RpcError as exc:
             raise DaemonUnavailable(f"health check failed: {from_rpc_error(exc)}") from None
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+        return serving_status(resp)
 
     async def open_session(
         self,
@@ -119,43 +140,36 @@ class AsyncClient:
         device: int | None = None,
         device_staging: bool = True,
         small_transfer_threshold: int | None = None,
+        recover: bool = False,
+        max_rekeys: int = 3,
         allow_plain: bool = False,
         allow_unverified: bool = False,
     ) -> AsyncSession:
-        fs = FrameSocket(self.socket, self.timeout, self.daemon_uids)
+        """Open a session: a fresh key agreement, its own channels, arena and regions (as `Client.open_session`).
+
+        With `recover=True`, a transfer that fails because the channel died is retried once on a new session
+        with new keys, from the plaintext; every such death stays visible (`AsyncSession.deaths`, `.rekeys`).
+        """
+        opts = SessionOptions(
+            name,
+            channels,
+            swap_order,
+            verify,
+            endpoint,
+            device,
+            device_staging,
+            small_transfer_threshold,
+            recover,
+            max_rekeys,
+            allow_plain,
+            allow_unverified,
+        )
+        fs, md, core = await _drive(connect_steps(self, opts), self)
         try:
-            welcome = await asyncio.to_thread(_welcome, fs)
-            hs = Handshake(welcome.daemon_public_key, channels)
-            md = [(TICKET_KEY, welcome.ticket)]
-            req = hs.request(
-                client_name=name,
-                endpoint=endpoint,
-                swap_order=swap_order_value(swap_order),
-                small_transfer_threshold=small_transfer_threshold,
-                allow_plain=allow_plain,
-                verify=verify,
-                allow_unverified=allow_unverified,
-            )
-            resp: pb.OpenSessionResponse = await self.call(self._stub.OpenSession, req, md)
-            core = SessionCore(
-                resp,
-                hs.secrets(resp.channels),
-                verify,
-                endpoint=endpoint,
-                device=device,
-                allow_plain=allow_plain,
-                allow_unverified=allow_unverified,
-            )
-            s = AsyncSession(self, fs, md, core)
-            await s._until(lambda: core.arena is not None)
-            staging = core.staging_request() if device_staging else None
-            if staging is not None:
-                try:
-                    await self.call(self._stub.AttachDeviceStaging, staging, md)
-                except DaemonError:
-                    core.staging_refused()  # no speculative DMA: the endpoint copies from the arena itself
+            s = AsyncSession(self, fs, md, core, opts)
         except BaseException:
             fs.close()
+            core.close()
             raise
         self.sessions.append(s)
         return s
@@ -163,27 +177,55 @@ class AsyncClient:
     async def close(self) -> None:
         for s in list(self.sessions):
             await s.close()
-        if self._ctl is not None:
-            self._ctl.close()
-            self._ctl = None
+        self._drop_ctl()
         await self._channel.close()
 
 
-class AsyncSession:
+async def _drive(steps: Steps[T], client: AsyncClient, session: AsyncSession | None = None) -> T:
+    """Run a shared operation (`_session_common`) to its end, awaiting each step it takes."""
+    reply: Any = None
+    failure: BaseException | None = None
+    while True:
+        step, result = advance(steps, reply, failure)
+        if step is None:
+            return cast(T, result)
+        reply, failure = None, None
+        try:
+            reply = await _take(step, client, session)
+        except BaseException as exc:  # thrown into the operation, which cleans up and usually re-raises it
+            failure = exc
+
+
+async def _take(step: Step, client: AsyncClient, session: AsyncSession | None) -> Any:
+    if isinstance(step, Call):
+        return await client.call(getattr(client._stub, step.method), step.request, step.metadata)
+    if isinstance(step, Blocking):
+        return await asyncio.to_thread(step.fn)
+    assert session is not None, step
+    if isinstance(step, Wait):
+        await session._until(step.until)
+    else:
+        async with session._rekeying:  # the calls that saw this death wait for one re-key
+            if session.core is step.dead:
+                await session.rekey()
+    return None
+
+
+class AsyncSession(SessionBase):
+    """`Session` for an event loop: the same methods, awaited. Calls may run concurrently (commits are
+    served in order); the data-plane socket is read by a loop reader callback, so waiting costs no thread."""
+
+    client: AsyncClient
+
     def __init__(
-        self, client: AsyncClient, fs: FrameSocket, metadata: list[tuple[str, str]], core: SessionCore
+        self, client: AsyncClient, fs: FrameSocket, metadata: Metadata, core: SessionCore, options: SessionOptions
     ) -> None:
-        self.client = client
-        self.fs = fs
-        self.metadata = metadata
-        self.core = core
-        self.id = core.id
-        self.closed = False
-        self.aborted_retries = 0  # commits retried from plaintext after a worker died under them (ABORTED)
+        super().__init__(client, fs, metadata, core, options)
         self._loop = asyncio.get_running_loop()
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
-        self._failure: BaseException | None = None
-        self._d2h_lock = asyncio.Lock()  # D2H messages must reach the daemon in the order they were encrypted
+        self._broken: BaseException | None = None  # the connection or its channel failed: every wait raises it
+        self._unclaimed: DaemonError | None = None  # an error frame no call waited for: the next wait raises it
+        self._rekeying = asyncio.Lock()
         self._loop.add_reader(fs.fileno(), self._on_readable)
 
     async def __aenter__(self) -> AsyncSession:
@@ -199,25 +241,19 @@ class AsyncSession:
                 frame, fds = self.fs.recv(block=False)
             except BlockingIOError:
                 break
-            except PipeLLMError as exc:
+            except Exception as exc:
                 self._fail(exc)
                 return
             try:
-                reply, err = self.core.handle(frame, fds)
-            except PipeLLMError as exc:
-                with contextlib.suppress(DaemonUnavailable, BlockingIOError):
-                    self.fs.send(self.core.endpoint_failure(exc))
+                err = on_frame(self.core, self.fs, frame, fds)
+            except Exception as exc:  # what the sync client raises from the call reading the frame
                 self._fail(exc)
                 return
-            if reply is not None:
-                with contextlib.suppress(DaemonUnavailable):
-                    self.fs.send(reply)
-            with contextlib.suppress(DaemonUnavailable):
-                for landed in self.core.drain_d2h():  # slots the daemon freed take queued D2H ciphertext
-                    self.fs.send(landed)
             if err is not None:
-                self._fail(err)
-                return
+                if self.core.dead is not None:
+                    self._fail(err)
+                    return
+                self._raise_once(err)
         self._wake()
 
     def _wake(self) -> None:
@@ -231,175 +267,139 @@ class AsyncSession:
                 still.append((pred, fut))
         self._waiters = still
 
+    def _raise_once(self, err: DaemonError) -> None:
+        """An error frame for no request: the sync client raises it from the call that reads it, so here the
+        oldest waiting call raises it, or the next one to wait."""
+        for i, (_pred, fut) in enumerate(self._waiters):
+            if not fut.done():
+                fut.set_exception(err)
+                del self._waiters[i]
+                return
+        self._unclaimed = err
+
     def _fail(self, exc: BaseException) -> None:
-        self._failure = exc
-        with contextlib.suppress(ValueError, OSError):
-            self._loop.remove_reader(self.fs.fileno())
+        self._broken = exc
+        self._unwatch()
         for _pred, fut in self._waiters:
             if not fut.done():
                 fut.set_exception(exc)
         self._waiters = []
 
+    def _unwatch(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self.fs.fileno())
+
     async def _until(self, pred: Callable[[], bool]) -> None:
-        if self._failure is not None:
-            raise self._failure
+        if self._broken is not None:
+            raise self._broken
+        if self._unclaimed is not None:
+            err, self._unclaimed = self._unclaimed, None
+            raise err
         if pred():
             return
         fut: asyncio.Future[None] = self._loop.create_future()
         self._waiters.append((pred, fut))
         await fut
 
+    # -- hooks ---------------------------------------------------------------------------------------
+    def _region_waits(self, region: Region, offset: int, length: int) -> None:
+        # Region methods are synchronous (numpy views): here they may only touch data that already landed.
+        if any(not x.done for x in self.core.landings_over(region, offset, length)):
+            raise PipeLLMError(f"{region!r}: D2H data is still landing; await session.wait_landed() first")
+
+    def _region_seals(self, region: Region) -> None:
+        raise PipeLLMError("use `await session.seal(region)` with the asyncio client")
+
+    def _swap(self, fs: FrameSocket, metadata: Metadata, core: SessionCore) -> None:
+        self._unwatch()
+        super()._swap(fs, metadata, core)
+        self._broken = self._unclaimed = None
+        stale, self._waiters = self._waiters, []
+        for _pred, fut in stale:  # they waited on the old channels: their calls fail (or recover)
+            if not fut.done():
+                fut.set_exception(ChannelDead("the session was re-keyed under this call"))
+        self._loop.add_reader(fs.fileno(), self._on_readable)
+
+    def _may_say_goodbye(self) -> bool:
+        return super()._may_say_goodbye() and self._broken is None
+
+    def _release(self) -> None:
+        self._unwatch()
+        super()._release()
+
+    async def poll(self) -> None:
+        """Act on whatever the daemon has sent so far without waiting (the event loop also does this by
+        itself), and raise an error the session saw that no call has raised yet."""
+        if self._broken is None:
+            self._on_readable()
+        await self._until(lambda: True)
+
     # -- regions -------------------------------------------------------------------------------------
     async def alloc_region(
         self, nbytes: int, *, readonly: bool = False, name: str = "", adapter: bool = False, data: Any = None
     ) -> Region:
-        core = self.core
-        shm, offer, req = core.new_region_memory(nbytes, readonly=readonly, name=name, adapter=adapter)
-        try:
-            self.fs.send(offer, fds=[shm.fd])
-            resp: pb.RegisterRegionResponse = await self.client.call(
-                self.client._stub.RegisterRegion, req, self.metadata
-            )
-        except BaseException:
-            shm.close()
-            raise
-        # Region methods that wait are synchronous by nature (numpy views); here they may only wait on
-        # data that already landed: use `await session.wait_landed(...)` before touching a landing range.
-        region = Region(resp.region_id, name, shm, nbytes, readonly, core.granule, self._check_landed, self._no_seal)
-        core.regions[region.id] = region
-        if data is not None:
-            raw = as_source_view(data)
-            if len(raw) > nbytes:
-                raise InvalidArgument(f"data of {len(raw)} bytes does not fit a region of {nbytes}")
-            if readonly:
-                region.array[: len(raw)] = np.frombuffer(raw, np.uint8)
-                await self.seal(region)
-            else:
-                region.write(0, raw)
-        return region
-
-    def _check_landed(self, region: Region, offset: int, length: int) -> None:
-        pending = [x for x in self.core.landings_over(region, offset, length) if not x.done]
-        if pending:
-            raise PipeLLMError(f"{region!r}: D2H data is still landing; await session.wait_landed() first")
-
-    @staticmethod
-    def _no_seal(region: Region) -> None:
-        raise PipeLLMError("use `await session.seal(region)` with the asyncio client")
+        """Shared memory the daemon maps. With `data`, a read-only region is filled and sealed at once."""
+        return await _drive(self._alloc_steps(nbytes, readonly, name, adapter, data), self.client, self)
 
     async def seal(self, region: Region) -> None:
-        if region.sealed:
-            return
-        region.shm.seal_readonly()
-        region.array.flags.writeable = False
-        await self.client.call(
-            self.client._stub.SealRegion, pb.SealRegionRequest(session_id=self.id, region_id=region.id), self.metadata
-        )
-        region.sealed = True
+        """Freeze a read-only region once loaded (`region.seal()` cannot await the daemon here)."""
+        await _drive(self._seal_steps(region), self.client, self)
 
     async def wait_landed(self, region: Region, offset: int = 0, length: int | None = None) -> None:
-        length = region.size - offset if length is None else length
-        landings = self.core.landings_over(region, offset, length)
-        await self._until(lambda: all(x.done for x in landings))
-        for x in landings:
-            if x.error is not None:
-                raise x.error
+        """Until the D2H data landing in [offset, offset+length) has been decrypted and verified (raises its
+        error); `region.read`/`write` refuse a range that is still landing instead of waiting."""
+        await _drive(self._landed_steps(region, offset, length), self.client, self)
 
     async def unregister(self, region: Region) -> None:
-        await self.wait_landed(region)
-        await self.client.call(
-            self.client._stub.UnregisterRegion,
-            pb.UnregisterRegionRequest(session_id=self.id, region_id=region.id),
-            self.metadata,
-        )
-        self.core.regions.pop(region.id, None)
-        region.close()
+        """Free a region, once the D2H data landing in it is in."""
+        await _drive(self._unregister_steps(region), self.client, self)
 
     # -- transfers -----------------------------------------------------------------------------------
     async def h2d(self, region: Region, offset: int, length: int, dst: Any, *, unpredicted: bool = False) -> None:
+        """Move region bytes to `dst` through the channel; returns when the endpoint has verified them."""
         await self.h2d_many([(region, offset, length, dst)], unpredicted=unpredicted)
 
-    async def h2d_many(self, transfers: Sequence[tuple[Region, int, int, Any]], *, unpredicted: bool = False) -> None:
-        items = [(r, o, n, d, unpredicted) for (r, o, n, d) in transfers]
-        for r, o, n, _d, _u in items:
-            await self.wait_landed(r, o, n)
-        for attempt in range(_RETRIES_ON_ABORT + 1):
-            try:
-                frame, pending = self.core.commit_frame(items)
-            except TagMismatch as exc:  # the endpoint refused a record taken from the ring: tell the daemon
-                with contextlib.suppress(DaemonUnavailable):
-                    self.fs.send(self.core.endpoint_failure(exc))
-                raise
-            if frame is None:
-                return  # every chunk was a hit taken from the delivery ring: no round trip
-            self.fs.send(frame)
-            await self._until(lambda p=pending: p.done)  # type: ignore[misc]
-            if pending.error is None:
-                return
-            if pending.error.code != grpc.StatusCode.ABORTED or attempt == _RETRIES_ON_ABORT:
-                raise pending.error
-            self.aborted_retries += 1
+    async def h2d_many(self, transfers: Sequence[Transfer], *, unpredicted: bool = False) -> None:
+        """Several transfers in one commit (one data-plane round trip)."""
+        await _drive(self._h2d_steps(transfers, unpredicted), self.client, self)
+
+    async def rekey(self) -> None:
+        """Replace the session's channels: a fresh key agreement and arena, the same Region objects (see
+        `Session.rekey`). Calls waiting on the old channels fail with ChannelDead, or recover."""
+        await _drive(self._rekey_steps(), self.client, self)
 
     async def d2h(
-        self, src: Any, region: Region, offset: int, *, swap_out: bool = False, group: int = 0, wait: bool = False
+        self,
+        src: Any,
+        region: Region,
+        offset: int,
+        *,
+        swap_out: bool = False,
+        group: int = 0,
+        wait: bool = False,
     ) -> list[Landing]:
-        data = self.core.endpoint.source_view(src)
-        if self.core.mode == pb.MODE_PLAIN:
-            region.write(offset, self.core.endpoint.to_host(data))  # plain mode (NO ENCRYPTION): a direct copy
-            return []
-        landings: list[Landing] = []
-        async with self._d2h_lock:
-            gen = self.core.landed_frames(data, region, offset, swap_out=swap_out, group=group)
-            while True:
-                # Never waits on a CPU endpoint: without a free slot the ciphertext queues (core.drain_d2h).
-                await self._until(lambda: bool(self.core.d2h_free) or self.core.can_queue_d2h())
-                try:
-                    frame, landing = next(gen)
-                except StopIteration:
-                    break
-                if frame is not None:
-                    self.fs.send(frame)
-                landings.append(landing)
-        if wait:
-            await self.wait_landed(region, offset, data.nbytes)
-        return landings
+        """Encrypt device data at the endpoint and land it in `region`; the daemon decrypts asynchronously
+        (see `Session.d2h`). With `wait=True` a session opened with `recover=True` also re-keys and re-sends."""
+        return await _drive(self._d2h_steps(src, region, offset, swap_out, group, wait), self.client, self)
 
     async def wait_all(self) -> None:
-        await self._until(lambda: not self.core.landing)
+        """Until every D2H transfer of this session has landed."""
+        await _drive(self._wait_all_steps(), self.client, self)
 
+    # -- intents ------------------------------------------------------------------------------------
     async def declare(self, intents: Sequence[Intent], *, replace: bool = False, cyclic: bool = False) -> int:
         """Tell the daemon what will be transferred next (fire-and-forget on the data plane; a refusal is
         raised at a later call). Returns the number of intents sent."""
-        for frame in self.core.declare_frames(intents, replace=replace, cyclic=cyclic):
-            self.fs.send(frame)
-        return len(intents)
+        return self._declare(intents, replace, cyclic)
 
     async def cancel_intents(self) -> None:
         """Drop every pending intent and the declared cycle (fire-and-forget, like `declare`)."""
-        self.fs.send(self.core.cancel_frame())
+        self._cancel_intents()
 
     async def status(self) -> pb.SessionStatus:
-        resp: pb.ListSessionsResponse = await self.client.call(
-            self.client._stub.ListSessions, pb.ListSessionsRequest(), self.metadata
-        )
-        return self.core.own_status(resp)
+        """This session's status at the daemon: channels, counters, pending intents."""
+        return await _drive(self._status_steps(), self.client, self)
 
     async def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            if self.core.dead is None and self._failure is None:
-                await self.wait_all()
-                await self.client.call(
-                    self.client._stub.CloseSession, pb.CloseSessionRequest(session_id=self.id), self.metadata
-                )
-        except (PipeLLMError, grpc.RpcError):
-            pass
-        finally:
-            with contextlib.suppress(ValueError, OSError):
-                self._loop.remove_reader(self.fs.fileno())
-            self.fs.close()
-            self.core.close()
-            if self in self.client.sessions:
-                self.client.sessions.remove(self)
+        """Wait for landings, close the session at the daemon and free its memory (idempotent)."""
+        await _drive(self._close_steps(), self.client, self)

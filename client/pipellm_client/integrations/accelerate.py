@@ -123,9 +123,9 @@ class PipeLLMOffload:
         self.blocks: list[_Block] = []
         self._recording: list[tuple[int, int]] | None = None
         self._root_handles: list[Any] = []
-        self._endpoint = session.core.endpoint
-        self._cuda = self._endpoint.kind == "cuda"
-        writes = self._endpoint.torch_device if self._cuda else torch.device("cpu")  # type: ignore[attr-defined]
+        endpoint = session.endpoint  # a re-key replaces it: read it from the session when it is needed
+        self._cuda = endpoint.kind == "cuda"
+        writes = endpoint.torch_device if self._cuda else torch.device("cpu")  # type: ignore[attr-defined]
         tensors: list[dict[str, torch.Tensor]] = []
         offset = 0
         for name, module, hook in _offloading_hooks(model):
@@ -133,7 +133,7 @@ class PipeLLMOffload:
             if device != writes:
                 hint = ' (open the session with endpoint="cuda" on that GPU)' if device.type == "cuda" else ""
                 raise InvalidArgument(
-                    f"{name or 'model'} executes on {device}, but this session's {self._endpoint.kind} endpoint "
+                    f"{name or 'model'} executes on {device}, but this session's {endpoint.kind} endpoint "
                     f"writes {writes}{hint}"
                 )
             values = {
@@ -190,7 +190,7 @@ class PipeLLMOffload:
         # A fresh buffer per forward, as accelerate's own `.to(device)` allocates one: offloaded weights
         # must not stay resident on the device between forwards.
         if self._cuda:
-            staging = self._endpoint.torch_empty(n)  # type: ignore[attr-defined]
+            staging = self.session.endpoint.torch_empty(n)  # type: ignore[attr-defined]
         else:
             staging = torch.empty(n, dtype=torch.uint8, device=block.device)
         self.session.h2d(self.region, block.offset, n, staging)
@@ -223,7 +223,7 @@ class PipeLLMOffload:
         self._root_handles = []
         # Transfers below the daemon's small-transfer threshold take the second channel and are never
         # speculated; declaring them would only queue ciphertext that gets burned.
-        threshold = self.session.core.small_threshold
+        threshold = self.session.small_transfer_threshold
         intents = [Intent(self.region, off, n) for off, n in order if n >= threshold]
         if intents:
             self.session.declare(intents, cyclic=True)

@@ -125,7 +125,7 @@ class LoraAdapters:
         # The same canonical order as adapters use (sorted keys), so one layout describes both.
         keyed = sorted((_canonical(n, slot), n, p) for n, p in named)
         layout = Layout.of((k, p) for k, _n, p in keyed)
-        endpoint = self.session.core.endpoint
+        endpoint = self.session.endpoint
         cuda = endpoint.kind == "cuda"
         writes = endpoint.torch_device if cuda else torch.device("cpu")  # type: ignore[attr-defined]
         for n, p in named:
@@ -200,7 +200,7 @@ class LoraAdapters:
         Adapters already loaded in a slot are left out (loading them again moves nothing). Replaces earlier
         hints (and any other intents of this session). Returns the number of intents declared.
         """
-        threshold = self.session.core.small_threshold
+        threshold = self.session.small_transfer_threshold
         resident = {s.loaded for s in self.slots.values()}
         intents = []
         for n in names:
