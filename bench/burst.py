@@ -32,14 +32,15 @@ from . import workloads as W
 from .devicemodel import TESTBED, DeviceModel, Testbed, TimeScale, VirtualClock
 
 
-@dataclass(order=True)
+@dataclass(eq=False)
 class _Job:
     need: float  # when the serving loop needs it, as an op number (earliest first; D2H nobody reads: inf)
     seq: int  # tie-break: creation order
-    left: float = field(compare=False)
-    waits: int = field(default=0, compare=False)  # unfinished jobs it depends on (swapped-out data to land)
-    done_at: float | None = field(default=None, compare=False)
-    then: list[_Job] = field(default_factory=list, compare=False)  # jobs waiting for this one
+    left: float
+    waits: int = 0  # unfinished jobs it depends on (swapped-out data to land)
+    released: bool = False
+    done_at: float | None = None
+    then: list[_Job] = field(default_factory=list)  # jobs waiting for this one
 
 
 class _Engine:
@@ -48,7 +49,8 @@ class _Engine:
     def __init__(self, rate: float) -> None:
         self.rate = rate
         self.t = 0.0
-        self.ready: list[_Job] = []
+        # (need, seq, job); an entry whose need is no longer the job's (it was hurried) is stale and skipped
+        self.ready: list[tuple[float, int, _Job]] = []
         self.later: list[tuple[float, int, _Job]] = []  # (release time, seq, job)
         self._seq = 0
 
@@ -58,15 +60,17 @@ class _Engine:
 
     def release(self, job: _Job, at: float) -> None:
         if at <= self.t:
-            heapq.heappush(self.ready, job)
+            job.released = True
+            heapq.heappush(self.ready, (job.need, job.seq, job))
         else:
             heapq.heappush(self.later, (at, job.seq, job))
 
     def hurry(self, job: _Job, need: float) -> None:
         """`job` is needed by `need` now (what a swap-in reads back must land first)."""
-        if need < job.need:
+        if need < job.need and job.done_at is None:
             job.need = need
-            heapq.heapify(self.ready)
+            if job.released:
+                heapq.heappush(self.ready, (need, job.seq, job))  # the old entry goes stale
 
     def _complete(self, job: _Job) -> None:
         job.left, job.done_at = 0.0, self.t
@@ -81,7 +85,11 @@ class _Engine:
             if job is not None and job.done_at is not None:
                 return job.done_at
             while self.later and self.later[0][0] <= self.t:
-                heapq.heappush(self.ready, heapq.heappop(self.later)[2])
+                j = heapq.heappop(self.later)[2]
+                j.released = True
+                heapq.heappush(self.ready, (j.need, j.seq, j))
+            while self.ready and (self.ready[0][2].done_at is not None or self.ready[0][0] != self.ready[0][2].need):
+                heapq.heappop(self.ready)  # stale: hurried since, or done
             if job is None and self.t >= until:
                 return self.t
             nxt = self.later[0][0] if self.later else math.inf
@@ -93,7 +101,7 @@ class _Engine:
                     return self.t
                 self.t = max(self.t, stop)
                 continue
-            top = self.ready[0]
+            top = self.ready[0][2]
             finish = self.t + top.left / self.rate
             if finish <= stop:
                 heapq.heappop(self.ready)

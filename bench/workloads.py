@@ -10,20 +10,25 @@ The shapes come from the systems' own code (sources in docs/design.md, figures w
 
 * **FlexGen** weight offloading of OPT-30B/66B/175B: per layer 4h^2 attention + 8h^2 MLP fp16 weights, a
   GPU-resident fraction stays on the GPU, the rest crosses once per token; layer j+1 loads while layer j
-  computes (`flex_opt.py` `generation_loop_overlap_single_batch`).
+  computes (`flex_opt.py` `generation_loop_overlap_single_batch`); with the KV cache on the CPU and attention
+  on the GPU, each (layer, GPU batch)'s cache prefix loads and its new position is stored back
+  (`generation_loop_overlap_multi_batch`, `SelfAttention.load_cache`/`store_cache`).
 * **vLLM V0** KV swapping: newest request preempted first, swapped back first-come-first-served, one copy
-  per block per layer for K and for V (`scheduler.py`, `cache_engine.py`), ShareGPT-like request lengths.
+  per block per layer for K and for V (`scheduler.py`, `cache_engine.py`), ShareGPT-like request lengths;
+  a request's adjacent blocks packed into one range, or each block its own copy as `swap_blocks` issues it.
 * **vLLM V1** CPU offloading: every newly full block stored (FIFO), blocks loaded on prefix hits when a
   request is admitted (`vllm/v1/kv_offload/`), multi-turn conversations.
 * **multi-LoRA**: Zipf adapter popularity, ranks 8-64 at about 2 MiB x rank (q/k/v/o of a 7B model), an
-  LRU of GPU adapter slots, next-batch prefetch in the middle of the current batch's decode (S-LoRA).
+  LRU of GPU adapter slots, next-batch prefetch in the middle of the current batch's decode (S-LoRA); or
+  with the next batch mispredicted: part of the declared guess unused, the rest loaded on demand.
 * **accelerate** `cpu_offload`: every layer's weights moved synchronously in forward order, no prefetch.
 * **adversarial**: random ranges in random order; prediction cannot help.
 
 Host RAM here is 24 GiB, so model weights and adapters are scaled by a `byte_scale` factor (the device
 time of a scaled layer, compute and link alike, shrinks by the same factor, so a layer keeps its shape:
 layers x per-layer bytes, compute:link ratio unchanged). KV copies keep their real per-block sizes; the
-KV workloads are scaled by a `token_scale` on request lengths instead. Every trace records its scales.
+KV workloads are scaled by a `token_scale` on request lengths instead (FlexGen's KV cache, which moves with
+the weights layer by layer, takes their `byte_scale`). Every trace records its scales.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ MiB: Final = 1 << 20
 GiB: Final = 1 << 30
 PAGE: Final = 4096
 BLOCK_TOKENS: Final = 16  # vLLM's default KV block size
+MAX_COMMIT_RANGES: Final = 4096  # the daemon's default max_transfers_per_commit (pipellm_daemon/config.py)
 
 
 # -- trace vocabulary -------------------------------------------------------------------------------------
@@ -209,6 +215,11 @@ def _pages(n: float) -> int:
     return max(PAGE, round(n / PAGE) * PAGE)
 
 
+def _lines(n: float, line: int = 64) -> int:
+    """Round a byte count to whole 64-byte lines (at least one): for scaled copies far below a page."""
+    return max(line, round(n / line) * line)
+
+
 def sharegpt_lengths(rng: np.random.Generator, n: int, token_scale: float = 1.0) -> list[tuple[int, int]]:
     """(prompt, output) token counts shaped like ShareGPT as vLLM's paper reports it (means 161 and 338).
 
@@ -238,6 +249,8 @@ def flexgen(
     gpu_fraction: float = 0.2,
     gpu_batch: int = 48,
     num_gpu_batches: int = 3,
+    kv_offload: bool = False,
+    prompt_len: int = 512,
     seed: int = 0,
     testbed: Testbed = TESTBED,
 ) -> Trace:
@@ -247,6 +260,20 @@ def flexgen(
     cache and activations stay where that setting keeps them (CPU, attention computed there) and are not
     modelled: the trace is the weight stream. Per layer compute is the roofline of the dense matmuls over
     the 144-token batch (weights read once per GPU batch) plus attention over `context` tokens.
+
+    `kv_offload=True`: the KV cache lives on the CPU too but attention runs on the GPU (`--percent 20 80 0
+    100 ...` without `--cpu-cache-compute`: `flex_opt.py` `SelfAttention.load_cache` path 0), so the cache crosses the
+    link. The loop is `generation_loop_overlap_multi_batch`: for every layer j and GPU batch k, the next
+    layer's weights load (at k = 0 only: `load_weight` copies once per layer), the K and V cache of the next
+    (layer, GPU batch) load (`load_cache(i, j, k+1)`: one copy each of positions [0, prompt + i), the home is
+    laid out (position, batch x heads, head dim), so a prefix is contiguous), batch k computes, and the new
+    token's K and V of the previous (layer, GPU batch) are stored (`store_cache(i, j, k-1)`: one position,
+    `gpu_batch x hidden x 2` bytes each, fp16), then everything syncs. A stored position is read back by the
+    next token's load of the same (layer, GPU batch), inside a larger range: the stores are D2H copies into
+    the mutable region "kv" marked as coming back (`swap_out`, one group per (layer, GPU batch)). KV bytes
+    scale with `byte_scale` like the weights (to 64-byte lines, not pages: a scaled position is under a
+    page); attention compute is the roofline of reading that cache once, scaled alike. The trace starts at
+    the first decode token (the prefill that wrote the prompt's cache is not replayed; the region holds it).
     """
     h, layers = OPT[model]
     full_layer = 12 * h * h * 2  # 4h^2 attention + 8h^2 MLP, fp16
@@ -261,16 +288,84 @@ def flexgen(
         return H2D((Range("weights", j * layer_bytes, layer_bytes),), label=f"w{j}")
 
     steps = []
+    if not kv_offload:
+        for t in range(warmup + tokens):
+            ops: list[Op] = [load(0), Sync()] if t == 0 else []
+            for j in range(layers):
+                ops += [load((j + 1) % layers), Compute(compute_s, after_copies=False, label=f"L{j}"), Sync()]
+            steps.append(Step(tuple(ops), tokens=batch))
+        return Trace(
+            name=f"flexgen-{model.replace('-', '')}",
+            kind="flexgen",
+            description=f"FlexGen {model.upper()} decode, {1 - gpu_fraction:.0%} of weights offloaded, batch {batch}",
+            regions=(region,),
+            steps=tuple(steps),
+            warmup=warmup,
+            scale={"byte_scale": byte_scale},
+            params={
+                "model": model,
+                "hidden": h,
+                "layers": layers,
+                "layer_bytes_full": full_layer,
+                "layer_bytes_offloaded": layer_bytes,
+                "gpu_fraction": gpu_fraction,
+                "batch_tokens": batch,
+                "compute_per_layer_testbed_s": compute_s,
+                "link_per_layer_testbed_s": testbed.link_s(layer_bytes),
+                "seed": seed,
+            },
+        )
+
+    gpu_batches = num_gpu_batches
+    pos_full = gpu_batch * h * 2  # one position of K (or V) of one GPU batch, fp16
+    pos_bytes = _lines(pos_full * byte_scale)
+    home = _pages((prompt_len + warmup + tokens + 1) * pos_bytes)  # positions [0, prompt + tokens] of one K or V
+    subs = [(j, k) for j in range(layers) for k in range(gpu_batches)]
+
+    def home_of(j: int, k: int, kv: int) -> int:
+        return ((j * gpu_batches + k) * 2 + kv) * home
+
+    def load_kv(t: int, j: int, k: int) -> H2D:
+        ctx = prompt_len + t + 1  # decode token i = t + 1 attends over positions [0, prompt + i)
+        ranges = tuple(Range("kv", home_of(j, k, kv), ctx * pos_bytes) for kv in (0, 1))
+        return H2D(ranges, label=f"kv{j}b{k}")
+
+    def store_kv(t: int, j: int, k: int) -> list[Op]:
+        at = prompt_len + t  # token i = t + 1 writes position prompt + i - 1
+        g = 1 + j * gpu_batches + k
+        return [
+            D2H(Range("kv", home_of(j, k, kv) + at * pos_bytes, pos_bytes), group=g, label=f"store {j}b{k}")
+            for kv in (0, 1)
+        ]
+
+    def attention_s(ctx: int) -> float:
+        kv_read = ctx * gpu_batch * 2 * h * 2
+        return testbed.compute_s(2 * kv_read, kv_read) * byte_scale  # ~1 FLOP per KV byte each way
+
+    per_batch_s = compute_s / gpu_batches  # the dense part of one GPU batch: weights read once, 48 tokens
     for t in range(warmup + tokens):
-        ops: list[Op] = [load(0), Sync()] if t == 0 else []
-        for j in range(layers):
-            ops += [load((j + 1) % layers), Compute(compute_s, after_copies=False, label=f"L{j}"), Sync()]
+        ops = [load(0), load_kv(0, 0, 0), Sync()] if t == 0 else []
+        for n, (j, k) in enumerate(subs):
+            if k == 0:
+                ops.append(load((j + 1) % layers))
+            nt, nn = (t, n + 1) if n + 1 < len(subs) else (t + 1, 0)
+            ops.append(load_kv(nt, *subs[nn]))
+            secs = per_batch_s + attention_s(prompt_len + t + 1)
+            ops.append(Compute(secs, after_copies=False, label=f"L{j}b{k}"))
+            if n > 0:
+                ops += store_kv(t, *subs[n - 1])
+            elif t > 0:
+                ops += store_kv(t - 1, *subs[-1])
+            ops.append(Sync())
         steps.append(Step(tuple(ops), tokens=batch))
     return Trace(
-        name=f"flexgen-{model.replace('-', '')}",
+        name=f"flexgen-kv-{model.replace('-', '')}",
         kind="flexgen",
-        description=f"FlexGen {model.upper()} decode, {1 - gpu_fraction:.0%} of weights offloaded, batch {batch}",
-        regions=(region,),
+        description=(
+            f"FlexGen {model.upper()} decode, {1 - gpu_fraction:.0%} of weights and the KV cache offloaded "
+            f"(attention on the GPU), batch {gpu_batch} x {gpu_batches}, {prompt_len}-token prompts"
+        ),
+        regions=(region, RegionSpec("kv", layers * gpu_batches * 2 * home, readonly=False)),
         steps=tuple(steps),
         warmup=warmup,
         scale={"byte_scale": byte_scale},
@@ -282,8 +377,16 @@ def flexgen(
             "layer_bytes_offloaded": layer_bytes,
             "gpu_fraction": gpu_fraction,
             "batch_tokens": batch,
+            "gpu_batch": gpu_batch,
+            "num_gpu_batches": gpu_batches,
+            "kv_offload": True,
+            "prompt_len": prompt_len,
+            "kv_position_bytes_full": pos_full,
+            "kv_position_bytes": pos_bytes,
+            "kv_home_bytes": home,
             "compute_per_layer_testbed_s": compute_s,
             "link_per_layer_testbed_s": testbed.link_s(layer_bytes),
+            "kv_link_per_layer_testbed_s": testbed.link_s(gpu_batches * 2 * (prompt_len + 1) * pos_bytes),
             "seed": seed,
         },
     )
@@ -367,6 +470,7 @@ def vllm_v0(
     warmup: int = 2,
     max_running: int = 256,
     token_scale: float = 1.0,
+    unpacked: bool = False,
     seed: int = 0,
     testbed: Testbed = TESTBED,
 ) -> Trace:
@@ -382,6 +486,15 @@ def vllm_v0(
     A request's CPU blocks are one contiguous run (first fit), so the copies of one request in one layer
     are adjacent; the replay sends each such run as one range (what an integration packing adjacent copies
     does) and each request's swap-out as its own group. Request lengths are ShareGPT-like (seeded).
+
+    `unpacked=True` replays the copies as `swap_blocks` issues them instead (`vllm/worker/cache_engine.py`
+    `CacheEngine.swap_in`/`swap_out` call the attention backend's `swap_blocks` once per layer for K, then for
+    V; `csrc/cache_kernels.cu` `swap_blocks` issues one `cudaMemcpyAsync` of one block per entry of the block
+    mapping): every block of every layer, K and V apart, is its own range of the model's copy size (128 KiB
+    for Llama-2-7B at block size 16, fp16). A step's swap-in is one H2D commit with all of them in that order
+    (layer-major, K then V, the mapping's blocks request by request), split only where it would pass the
+    daemon's limit of `MAX_COMMIT_RANGES` transfers per commit; its swap-out is one D2H per block, in the same
+    order. Same scheduling, window and bytes as the packed trace: only the copies' granularity differs.
 
     The simulation runs `skip` steps first (the ramp-up, not replayed) and emits the next `steps`: a
     prologue step re-creates the part of the swap space that the window reads (the swap-outs, in their
@@ -441,6 +554,7 @@ def vllm_v0(
             warmup=warmup,
             max_running=max_running,
             token_scale=token_scale,
+            unpacked=unpacked,  # the window and swap space do not depend on the copies' granularity
             seed=seed,
             testbed=testbed,
         )
@@ -457,10 +571,14 @@ def vllm_v0(
     emitted: list[Step] = []
     stats = {"swap_outs": 0, "swap_ins": 0, "recomputes": 0, "swap_out_bytes": 0, "swap_in_bytes": 0}
 
-    def rng_of(r: _Req, layer: int, kv: int) -> Range:
+    def ranges_of(r: _Req, layer: int, kv: int) -> list[Range]:
+        """One request's copies in one layer, K (kv=0) or V: its run of blocks, or each block apart."""
         assert r.cpu is not None
         first, n = r.cpu
-        return Range("kv", ((layer * 2 + kv) * cpu_blocks + first) * copy, n * copy)
+        at = (layer * 2 + kv) * cpu_blocks + first
+        if unpacked:
+            return [Range("kv", (at + b) * copy, copy) for b in range(n)]
+        return [Range("kv", at * copy, n * copy)]
 
     window_ins: set[int] = set()
     before: dict[int, list[D2H]] = {}
@@ -529,8 +647,9 @@ def vllm_v0(
             i += 1
         ops: list[Op] = []
         if ins:
-            ranges = tuple(rng_of(r, layer, kv) for layer in range(layers) for kv in (0, 1) for r in ins)
-            ops.append(H2D(ranges, label=f"swap-in x{len(ins)}"))
+            ranges = [x for layer in range(layers) for kv in (0, 1) for r in ins for x in ranges_of(r, layer, kv)]
+            for at in range(0, len(ranges), MAX_COMMIT_RANGES):
+                ops.append(H2D(tuple(ranges[at : at + MAX_COMMIT_RANGES]), label=f"swap-in x{len(ins)}"))
             for r in ins:
                 assert r.cpu is not None
                 extents.give(*r.cpu)
@@ -540,9 +659,10 @@ def vllm_v0(
         for layer in range(layers):
             for kv in (0, 1):
                 for r, g in outs:
-                    op = D2H(rng_of(r, layer, kv), group=g, swap_out=True, label=f"swap-out r{r.rid}")
-                    d2h.append(op)
-                    out_ops.setdefault(r.rid, []).append(op)
+                    for x in ranges_of(r, layer, kv):
+                        op = D2H(x, group=g, swap_out=True, label=f"swap-out r{r.rid}")
+                        d2h.append(op)
+                        out_ops.setdefault(r.rid, []).append(op)
         ops += d2h
         batch = len(running)
         ctx = sum(r.length for r in running)
@@ -569,9 +689,12 @@ def vllm_v0(
     back = sorted((lst for rid, lst in before.items() if rid in window_ins), key=lambda lst: lst[0].group)
     emitted.insert(0, Step((*(op for lst in back for op in lst), Sync()), tokens=0))
     return Trace(
-        name=f"vllm-v0-{model.replace('-', '').replace('llama2', 'llama2-')}",
+        name=f"vllm-v0-{'blocks-' if unpacked else ''}{model.replace('-', '').replace('llama2', 'llama2-')}",
         kind="vllm-v0",
-        description=f"vLLM V0 {model} swap preemption, ShareGPT-like requests x{token_scale}, {gpu_blocks} GPU blocks",
+        description=(
+            f"vLLM V0 {model} swap preemption, ShareGPT-like requests x{token_scale}, {gpu_blocks} GPU blocks"
+            + (", one copy per block (swap_blocks)" if unpacked else "")
+        ),
         regions=(RegionSpec("kv", layers * 2 * cpu_blocks * copy, readonly=False),),
         steps=tuple(emitted),
         warmup=1 + warmup,
@@ -581,6 +704,7 @@ def vllm_v0(
             "model": model,
             "layers": layers,
             "copy_bytes": copy,
+            "unpacked": unpacked,
             "requests": requests,
             "gpu_blocks": gpu_blocks,
             "cpu_blocks": cpu_blocks,
@@ -749,6 +873,7 @@ def lora(
     decode_steps: int = 8,
     byte_scale: float = 1.0,
     warmup_batches: int = 1,
+    mispredict: float = 0.0,
     seed: int = 0,
     testbed: Testbed = TESTBED,
 ) -> Trace:
@@ -760,7 +885,23 @@ def lora(
     intents at the start of batch i and loads them in the middle of its decode steps (S-LoRA's prefetch),
     so the loads overlap compute. Base-model compute is scaled with the adapters (same `byte_scale`) so the
     load:compute ratio stays that of the full-size model.
+
+    `mispredict` > 0: the scheduler's guess of the next batch is wrong for that fraction of the adapters it
+    declares (S-LoRA prefetches the adapters of the requests it expects to schedule next; requests that
+    arrive, finish or are reordered after the guess change the batch). At the start of batch i it declares
+    its guess of batch i+1's missing adapters, replacing its previous guess (`Declare(replace=True)`: the
+    old guess's unused intents are dropped, as a scheduler re-planning would). By the mid-batch prefetch it
+    knows which guessed requests made the batch and loads only those adapters; the adapters that replaced
+    the wrong guesses are loaded on demand when batch i+1 starts (undeclared, and its first step waits for
+    them). The loads are exactly what each batch needs, the same as with `mispredict=0` (same batches, same
+    LRU); only the intents and the loads' timing differ. Which declared adapters are wrong is drawn once
+    over the whole trace (its own seeded generator), exactly `round(mispredict x declared)` of them; a
+    wrong guess is a non-resident adapter the batch does not use, drawn by popularity.
     """
+    if not 0.0 <= mispredict <= 1.0:
+        raise ValueError("mispredict is a fraction in [0, 1]")
+    if mispredict > 0 and adapters < gpu_slots + max_loras:
+        raise ValueError("mispredicting needs adapters that are neither resident nor in the batch")
     rng = np.random.default_rng(seed)
     layers, _copy, params, hidden = KV_MODELS["llama-2-7b"]
     rank_of = [int(rng.choice(ranks)) for _ in range(adapters)]
@@ -796,24 +937,53 @@ def lora(
     steps: list[Step] = []
     first = need(batch_sets[0], [])
     ctx = batch * 400
+    nxts: list[list[int]] = []  # batch b+1's missing adapters, as batch b sees them
+    outside: list[list[int]] = []  # adapters neither resident nor in batch b+1 then: what a wrong guess can be
     for b in range(warmup_batches + batches):
-        nxt = need(batch_sets[b + 1], batch_sets[b])
+        nxts.append(need(batch_sets[b + 1], batch_sets[b]))
+        outside.append([a for a in range(adapters) if a not in resident])
+    guesses = [list(nxt) for nxt in nxts]  # what batch b declares of batch b+1's missing adapters
+    mispredicted = 0
+    if mispredict > 0:
+        wrong_rng = np.random.default_rng([seed, 1])  # apart from `rng`: the batches stay those of mispredict=0
+        declared = sum(len(nxt) for nxt in nxts)
+        mispredicted = round(mispredict * declared)
+        wrong = set(wrong_rng.choice(declared, size=mispredicted, replace=False).tolist())
+        weight = np.zeros(adapters)
+        weight[order] = popularity  # adapter order[k] has the k-th popularity
+        at = 0
+        for b, guess in enumerate(guesses):
+            for i in range(len(guess)):
+                if at in wrong:
+                    pool = [a for a in outside[b] if a not in guess]
+                    guess[i] = int(wrong_rng.choice(pool, p=weight[pool] / weight[pool].sum()))
+                at += 1
+    for b in range(warmup_batches + batches):
+        nxt, guess = nxts[b], guesses[b]
+        prefetch = [a for a in nxt if a in guess]
+        on_demand = [a for a in nxts[b - 1] if a not in guesses[b - 1]] if b > 0 else []
         for d in range(decode_steps):
             ops: list[Op] = []
             if b == 0 and d == 0 and first:
                 ops += [load(first), Sync()]
-            if d == 0 and nxt:
+            if d == 0 and on_demand:
+                ops.append(load(on_demand))  # not prefetched: the batch cannot start without them
+            if d == 0 and mispredict > 0:
+                ops.append(Declare(load(guess).ranges if guess else (), replace=True))
+            elif d == 0 and nxt:
                 ops.append(Declare(load(nxt).ranges))
-            if d == decode_steps // 2 and nxt:
-                ops.append(load(nxt))
+            if d == decode_steps // 2 and prefetch:
+                ops.append(load(prefetch))
             secs = _decode_s(params, batch, ctx, kv_token, testbed) + testbed.compute_s(lora_flops * batch)
-            ops += [Compute(secs * byte_scale, after_copies=False, label=f"batch {b} step {d}"), Sync()]
+            wait = d == 0 and bool(on_demand)
+            ops += [Compute(secs * byte_scale, after_copies=wait, label=f"batch {b} step {d}"), Sync()]
             steps.append(Step(tuple(ops), tokens=batch))
     regions = tuple(RegionSpec(f"lora{a}", sizes[a], readonly=True, adapter=True) for a in range(adapters))
     return Trace(
-        name="lora-llama2-7b",
+        name="lora-mispredicted-llama2-7b" if mispredict > 0 else "lora-llama2-7b",
         kind="lora",
-        description=f"multi-LoRA Llama-2-7B, {adapters} adapters (Zipf a={zipf_a}), {gpu_slots} GPU slots",
+        description=f"multi-LoRA Llama-2-7B, {adapters} adapters (Zipf a={zipf_a}), {gpu_slots} GPU slots"
+        + (f", {mispredict:.0%} of the declared next-batch adapters mispredicted" if mispredict > 0 else ""),
         regions=regions,
         steps=tuple(steps),
         warmup=warmup_batches * decode_steps,
@@ -826,6 +996,9 @@ def lora(
             "gpu_slots": gpu_slots,
             "batch": batch,
             "decode_steps_per_batch": decode_steps,
+            "mispredict": mispredict,
+            "declared_adapters": sum(len(g) for g in guesses),
+            "mispredicted_adapters": mispredicted,
             "seed": seed,
         },
     )
@@ -940,6 +1113,7 @@ def suite(size: str = "quick", seed: int = 0) -> list[Trace]:
         flexgen("opt-30b", byte_scale=1 / 256 if q else 1 / 32, tokens=3 if q else 8, seed=seed),
         flexgen("opt-66b", byte_scale=1 / 512 if q else 1 / 64, tokens=3 if q else 8, seed=seed),
         flexgen("opt-175b", byte_scale=1 / 1024 if q else 1 / 128, tokens=3 if q else 8, seed=seed),
+        flexgen("opt-30b", byte_scale=1 / 768 if q else 1 / 96, tokens=3 if q else 8, kv_offload=True, seed=seed),
         vllm_v0(
             "llama-2-7b",
             requests=2000,
@@ -949,6 +1123,18 @@ def suite(size: str = "quick", seed: int = 0) -> list[Trace]:
             steps=24 if q else 120,
             skip=400,
             busiest=400,
+            seed=seed,
+        ),
+        vllm_v0(
+            "llama-2-7b",
+            requests=2000,
+            gpu_blocks=384,
+            cpu_blocks=1024,
+            token_scale=0.5,
+            steps=24 if q else 120,
+            skip=400,
+            busiest=400,
+            unpacked=True,
             seed=seed,
         ),
         vllm_v0(
@@ -985,6 +1171,13 @@ def suite(size: str = "quick", seed: int = 0) -> list[Trace]:
             seed=seed,
         ),
         lora(adapters=16 if q else 32, byte_scale=1 / 4 if q else 1 / 2, batches=6 if q else 24, seed=seed),
+        lora(
+            adapters=16 if q else 32,
+            byte_scale=1 / 4 if q else 1 / 2,
+            batches=6 if q else 24,
+            mispredict=0.2,
+            seed=seed,
+        ),
         accelerate(byte_scale=1 / 64 if q else 1 / 8, tokens=3 if q else 8, seed=seed),
         adversarial(region_bytes=(256 if q else 1024) * MiB, steps=24 if q else 160, seed=seed),
     ]
@@ -994,6 +1187,7 @@ __all__ = [
     "D2H",
     "H2D",
     "KV_MODELS",
+    "MAX_COMMIT_RANGES",
     "OPT",
     "Compute",
     "Declare",
