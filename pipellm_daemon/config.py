@@ -131,11 +131,14 @@ class Config:
         return self.socket + ".data"
 
     def effective_workers(self) -> int:
-        from .workers import default_worker_count
-
         if self.mode == "naive":
             return 1
         return self.workers or default_worker_count()
+
+
+def default_worker_count() -> int:
+    """One crypto worker per CPU this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 SETTINGS: Final = {f.name: f for f in dataclasses.fields(Config)}

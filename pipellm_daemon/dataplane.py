@@ -22,19 +22,17 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import grpc
 from google.protobuf.message import DecodeError
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
-from pipellm_client.keys import KeyAgreement
+from pipellm_client.keys import KeyAgreement, Transcript
 
 from . import __version__, logs
 from . import refusal as R
 from .auth import Peer, Policy, peer_of
-
-if TYPE_CHECKING:
-    from .sessions import Session, SessionManager
+from .sessions import Session, SessionManager
 
 PROTOCOL_VERSION: Final = 1
 MAX_FRAME: Final = 1 << 16
@@ -89,6 +87,9 @@ class _Throttle:
 
 
 class Connection:
+    """One client's data-plane connection: the `sessions.Link` of the session it opens, which lives exactly
+    as long as the connection (or until CloseSession)."""
+
     def __init__(
         self,
         sock: socket.socket,
@@ -103,8 +104,8 @@ class Connection:
         self.manager = manager
         self.loop = loop
         self.ticket = secrets.token_hex(16)
-        self.agreement: KeyAgreement | None = KeyAgreement()
-        self.daemon_public = self.agreement.public_bytes
+        self._agreement: KeyAgreement | None = KeyAgreement()
+        self.daemon_public = self._agreement.public_bytes
         self.session: Session | None = None
         self.offers: dict[int, int] = {}
         self._offer_waiters: dict[int, asyncio.Future[int]] = {}
@@ -116,6 +117,40 @@ class Connection:
         self.closed = False
         self.frames_in = 0
         self.errors_sent = 0
+
+    # -- the session on this connection ------------------------------------------------------------
+    @property
+    def can_agree(self) -> bool:
+        return self._agreement is not None
+
+    def shared_secret(self, endpoint_public: bytes) -> tuple[bytes, Transcript]:
+        if self._agreement is None:
+            raise R.precondition("this connection's key agreement was already used")
+        transcript = Transcript(self.daemon_public, endpoint_public)
+        master = self._agreement.master_secret(endpoint_public, transcript)  # checks the point
+        self._agreement = None  # a computed shared secret is used once
+        return master, transcript
+
+    def open_session(self, req: pb.OpenSessionRequest) -> Session:
+        """OpenSession: at most one session per connection, bound to it until either ends."""
+        if self.session is not None:
+            raise R.precondition("this connection already has a session; open a new connection for another")
+        session = self.manager.open(self, req)
+        self.session = session  # before its Attach goes out: a send that finds the peer gone closes it
+        self.manager.start(session)
+        return session
+
+    def session_named(self, session_id: str) -> Session:
+        s = self.session
+        if s is None or s.id != session_id or s.closed:
+            raise R.not_found(f"session {session_id!r} not found on this connection")
+        return s
+
+    def end_session(self, session: Session, reason: str) -> None:
+        """Close `session` (CloseSession, or this connection's end); the connection itself stays open."""
+        if self.session is session:
+            self.session = None
+        self.manager.close(session, reason)
 
     # -- sending ---------------------------------------------------------------------------------
     def send(self, frame: pb.Frame, fds: list[int] | None = None) -> None:
@@ -241,7 +276,7 @@ class Connection:
         elif body == "declare":
             self._session().declare_frame(frame.declare)
         elif body == "release":
-            self._session().pipeline.release(list(frame.release.slots), list(frame.release.nop_cells))
+            self._session().release(list(frame.release.slots), list(frame.release.nop_cells))
         elif body == "landed":
             s = self._session()
             if self.manager.draining:
@@ -260,7 +295,7 @@ class Connection:
     def _client_error(self, err: pb.Error) -> None:
         """The endpoint reports a failure on its side (a tag mismatch kills the channel)."""
         if self.session is not None:
-            self.session.pipeline.kill(f"endpoint reported: {err.message[:200]}")
+            self.session.kill(f"endpoint reported: {err.message[:200]}")
 
     def _offer(self, offer_id: int, fd: int) -> None:
         if offer_id in self.offers or len(self.offers) >= MAX_OFFERS:
@@ -303,7 +338,7 @@ class Connection:
             if self._writer_armed:
                 self.loop.remove_writer(self.sock.fileno())
         if self.session is not None:
-            self.manager.close(self.session, reason)
+            self.end_session(self.session, reason)
         for fd in self.offers.values():
             os.close(fd)
         self.offers.clear()
@@ -334,6 +369,7 @@ class DataPlane:
         self.mode = mode
         self.policy = policy
         self.manager = manager
+        self.cfg = manager.cfg
         self.by_ticket: dict[str, Connection] = {}
         self.per_uid: dict[int, int] = {}  # connections, greeted or waiting for their key agreement
         self.rejected = 0
@@ -425,7 +461,7 @@ class DataPlane:
             self._loop.add_reader(self._sock.fileno(), self._accept)
 
     def _over_quota(self, peer: Peer) -> R.Refusal | None:
-        cfg = self.manager.cfg
+        cfg = self.cfg
         total = len(self.by_ticket) + len(self._waiting)
         if total >= cfg.max_connections:
             return R.exhausted(f"pipellmd has {total} data-plane connections open (max_connections)")
@@ -440,7 +476,7 @@ class DataPlane:
     def _bucket(self, uid: int) -> _Bucket:
         b = self._buckets.get(uid)
         if b is None:
-            cfg = self.manager.cfg
+            cfg = self.cfg
             b = self._buckets[uid] = _Bucket(cfg.connect_rate_per_uid, cfg.max_connections_per_uid)
         return b
 
@@ -469,9 +505,7 @@ class DataPlane:
                     ticket=conn.ticket,
                     daemon_public_key=conn.daemon_public,
                     daemon_version=__version__,
-                    mode={"pipellm": pb.MODE_PIPELLM, "naive": pb.MODE_NAIVE, "plain": pb.MODE_PLAIN}[
-                        self.manager.cfg.mode
-                    ],  # type: ignore[arg-type]
+                    mode={"pipellm": pb.MODE_PIPELLM, "naive": pb.MODE_NAIVE, "plain": pb.MODE_PLAIN}[self.cfg.mode],  # type: ignore[arg-type]
                 )
             )
         )

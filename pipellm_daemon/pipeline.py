@@ -33,11 +33,12 @@ from pipellm_client import chunks
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client.channel import PredictingReceiver, ReservedIv, Sender
 from pipellm_client.endpoint import NOP_MESSAGE_LEN, NOP_PLAINTEXT
-from pipellm_client.errors import ChannelDead, PipeLLMError, StaleSource, TagMismatch
+from pipellm_client.errors import ChannelDead, StaleSource, TagMismatch
 from pipellm_client.ring import FLAG_STAGED, KIND_DATA, Record, RingView, source_digest
 
 from . import jobwire as w
 from .config import Config
+from .errors import CommitAborted, ProtocolViolation
 from .events import EventBus
 from .latency import Latency
 from .logs import get as _get_log
@@ -52,14 +53,6 @@ _BATCH = 64  # deliveries per Completion frame
 # Only what the serving code declared or swapped out is published: publishing makes an IV irrevocable
 # (consumed or burned by DISCARD), and learned guesses are often replaced by a hint before they are used.
 _PUBLISHED_SOURCES = frozenset({"intents", "swap"})
-
-
-class CommitAborted(PipeLLMError):
-    """A worker died under this commit; the IVs involved were abandoned and the SDK retries from plaintext."""
-
-
-class ProtocolViolation(PipeLLMError):
-    """The client did something the protocol forbids (releasing a slot it does not hold, say)."""
 
 
 @dataclass
@@ -334,7 +327,7 @@ class Pipeline:
         self._committing = True
         try:
             for ti, (region, t) in enumerate(transfers):
-                for f in region.overlapping_writes(t.offset, t.length):
+                for f in region.landings_touching(t.offset, t.length):
                     await asyncio.shield(f)  # a swap-in waits for the swap-out's decryption
                 self.counters.bytes_h2d += t.length
                 if self.mode == "plain":
@@ -734,7 +727,7 @@ class Pipeline:
             if self._ahead + e.nbytes > self.cfg.ahead_bytes or self._speculative_slot_budget() <= 0:
                 return
             r = e.region
-            if r.shm.closed or r.overlapping_writes(e.key.offset, e.key.length):
+            if r.shm.closed or r.landings_touching(e.key.offset, e.key.length):
                 continue
             snap = r.snapshot(e.key.offset, e.key.length)
             if snap is None:
@@ -867,6 +860,7 @@ class Pipeline:
             if len(self.h2d) > 1 and want and queued[: len(want)] == want and key not in queued:
                 self.counters.misses += 1
                 self.counters.detours += 1
+                self.predictors.observe(key, region.readonly)  # as on every other path: it was transferred
                 return "detour"
             self._flush_published(out)
             return ""
@@ -929,13 +923,13 @@ class Pipeline:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         region.pending_writes.append((msg.offset, msg.length, fut))
         region.begin_write(msg.offset, msg.length)
-        if msg.swap_out and self.mode == "pipellm" and msg.length >= self.small_threshold:
+        if msg.swap_out and self.mode == "pipellm" and (msg.continues or msg.length >= self.small_threshold):
             # Record the swap-out in arrival order, not in decryption-completion order; speculation skips the
             # range until its decryption lands. (Small ones come back on the second channel, unspeculated.)
             keys = [
                 Key(region.id, c.offset, c.length) for c in chunks.split(msg.offset, msg.length, self.cfg.chunk_size)
             ]
-            self.predictors.swap.swapped_out(keys, msg.group)
+            self.predictors.swap.swapped_out(keys, msg.group, continues=msg.continues)
         try:
             pending = list(enumerate(msg.messages))
             offsets = list(itertools.accumulate((m.length for m in msg.messages), initial=msg.offset))
@@ -1004,3 +998,30 @@ class Pipeline:
             s.close()
         for r in self.d2h:
             r.close()
+
+    # -- what its session asks of it (so the session never reaches into predictors or streams) --------
+    def intents_pending(self) -> int:
+        """Declared intent chunks not consumed yet."""
+        return self.predictors.intents.pending
+
+    def declare_intents(self, keys: list[Key], *, replace: bool, cyclic: bool) -> None:
+        """Hand checked intent chunks to the intent predictor, then encrypt ahead what they allow."""
+        self.predictors.intents.declare(keys, replace=replace, cyclic=cyclic)
+        self.refill()
+
+    def cancel_intents(self) -> int:
+        """Forget every pending intent; returns how many chunks that was."""
+        return self.predictors.intents.cancel()
+
+    def add_adapter(self, region_id: int, keys: list[Key]) -> None:
+        """A LoRA adapter region: its chunks, for the adapter predictor."""
+        self.predictors.lora.add_adapter(region_id, keys)
+
+    def channel_snapshots(self) -> list[tuple[int, bool, dict[str, Any]]]:
+        """(copy engine, is D2H, snapshot) for each direction of each channel: every H2D one, then D2H."""
+        h2d = [(s.ce, False, s.sender.snapshot()) for s in self.h2d]
+        return h2d + [(d.ce, True, d.receiver.snapshot()) for d in self.d2h]
+
+    def ahead(self) -> int:
+        """Entries queued or published ahead of the commits right now (the status `depth`)."""
+        return len(self.spec.queue) + len(self.published)

@@ -12,12 +12,9 @@ import asyncio
 from collections import deque
 
 from pipellm_client.arena import ArenaLayout
-from pipellm_client.errors import PipeLLMError
 from pipellm_client.shm import SharedMemory
 
-
-class PoolExhausted(PipeLLMError):
-    """No arena left within pool_bytes; the caller gets RESOURCE_EXHAUSTED."""
+from .errors import PoolExhausted
 
 
 class SlotAllocator:

@@ -6,6 +6,8 @@ import grpc
 from pipellm_client.errors import ChannelDead, InvalidArgument, StaleSource, TagMismatch
 from pipellm_client.keys import KeyAgreementError
 
+from .errors import CommitAborted, PoolExhausted, ProtocolViolation
+
 
 class Refusal(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
@@ -40,9 +42,6 @@ def unavailable(message: str) -> Refusal:
 
 def from_exception(exc: BaseException) -> Refusal:
     """Map the typed errors of the channel model and the pipeline to status codes."""
-    from .pipeline import CommitAborted, ProtocolViolation
-    from .pool import PoolExhausted
-
     if isinstance(exc, Refusal):
         return exc
     if isinstance(exc, TagMismatch):

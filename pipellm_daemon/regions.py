@@ -19,8 +19,6 @@ import xxhash
 from pipellm_client.errors import InvalidArgument
 from pipellm_client.shm import SharedMemory, is_sealed_readonly
 
-from .workers import WorkerPool
-
 
 def generation_table_bytes(size: int, granule: int) -> int:
     return -(-size // granule) * 8
@@ -51,6 +49,9 @@ class Region:
                 shm.buf, dtype=np.uint64, count=generation_table_bytes(size, granule) // 8, offset=size
             )
         self.pending_writes: list[tuple[int, int, asyncio.Future[None]]] = []
+        # granule -> D2H landings writing into it now. Two landings into disjoint bytes of one granule run
+        # at once; the granule's generation must stay odd until the last of them ends (one +1 each way).
+        self._writers: dict[int, int] = {}
 
     def check_range(self, offset: int, length: int) -> None:
         if length <= 0:
@@ -80,16 +81,43 @@ class Region:
     def fingerprint(self, offset: int, length: int) -> int:
         return xxhash.xxh3_64_intdigest(self.view(offset, length))
 
+    def _granules(self, offset: int, length: int) -> range:
+        return range(offset // self.granule, (offset + length - 1) // self.granule + 1)
+
     def begin_write(self, offset: int, length: int) -> None:
         """The daemon writes a D2H result here: make the granules odd (stale for any snapshot)."""
-        if self.gens is not None:
-            self.gens[offset // self.granule : (offset + length - 1) // self.granule + 1] += np.uint64(1)
+        if self.gens is None:
+            return
+        for g in self._granules(offset, length):
+            n = self._writers.get(g, 0)
+            if n == 0:
+                self.gens[g] += np.uint64(1)
+            self._writers[g] = n + 1
 
-    end_write = begin_write
+    def end_write(self, offset: int, length: int) -> None:
+        """A landing is over: a granule turns even again (a new generation) when its last writer is done."""
+        if self.gens is None:
+            return
+        for g in self._granules(offset, length):
+            n = self._writers.pop(g, 0) - 1
+            if n > 0:
+                self._writers[g] = n
+            else:
+                self.gens[g] += np.uint64(1)
 
     def overlapping_writes(self, offset: int, length: int) -> list[asyncio.Future[None]]:
+        """Landings into these bytes (two D2H transfers into the same bytes may not land at once)."""
         end = offset + length
         return [f for (o, n, f) in self.pending_writes if o < end and offset < o + n and not f.done()]
+
+    def landings_touching(self, offset: int, length: int) -> list[asyncio.Future[None]]:
+        """Landings into any granule of these bytes: a reader waits for them, since until they end the
+        granules' generations are odd and nothing there can be validated."""
+        if self.gens is None:
+            return self.overlapping_writes(offset, length)
+        lo = offset // self.granule * self.granule
+        hi = -(-(offset + length) // self.granule) * self.granule
+        return self.overlapping_writes(lo, hi - lo)
 
     def seal(self) -> None:
         if not self.readonly:
@@ -102,7 +130,7 @@ class Region:
             )
         self.sealed = True
 
-    def close(self, pool: WorkerPool) -> None:
-        pool.unmap(self.handle)
+    def close(self) -> None:
+        """Drop this process's mapping (the session unmaps `handle` from the workers first)."""
         self.gens = None
         self.shm.close()

@@ -92,7 +92,7 @@ class Daemon:
             stack.callback(events.close)
             manager = SessionManager(cfg, workers, pool, events)
             await asyncio.to_thread(pool.replenish)
-            self._wire(manager, workers, events)
+            self._wire(manager, pool, workers, events)
             status = StatusBuilder(cfg, manager, workers, pool, self.started)
             policy = Policy(cfg.allowed_uids, cfg.allowed_gids, cfg.admin_uids)
             dataplane = DataPlane(cfg.data_socket, cfg.socket_mode, policy, manager)
@@ -136,13 +136,13 @@ class Daemon:
         return 0
 
     @staticmethod
-    def _wire(manager: SessionManager, workers: WorkerPool, events: EventBus) -> None:
+    def _wire(manager: SessionManager, pool: BouncePool, workers: WorkerPool, events: EventBus) -> None:
         """Keep a spare arena ready after every session change, and log every worker restart."""
         refill: set[asyncio.Future[None]] = set()
 
         def replenish() -> None:
             if not refill:
-                fut = asyncio.ensure_future(asyncio.to_thread(manager.pool.replenish))
+                fut = asyncio.ensure_future(asyncio.to_thread(pool.replenish))
                 refill.add(fut)
                 fut.add_done_callback(refill.discard)
 

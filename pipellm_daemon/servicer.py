@@ -47,6 +47,7 @@ def _statuses(rpc: Rpc[Req, Resp]) -> Rpc[Req, Resp]:
 class PipeLLMServicer(pb_grpc.PipeLLMServicer):
     def __init__(self, manager: SessionManager, dataplane: DataPlane, status: StatusBuilder, events: EventBus) -> None:
         self.manager = manager
+        self.cfg = manager.cfg
         self.dataplane = dataplane
         self.status = status
         self.events = events
@@ -69,7 +70,7 @@ class PipeLLMServicer(pb_grpc.PipeLLMServicer):
         return conn
 
     def _session(self, context: grpc.aio.ServicerContext, session_id: str) -> Session:
-        return self.manager.get(self._conn(context), session_id)
+        return self._conn(context).session_named(session_id)
 
     def _sees_all(self, conn: Connection) -> bool:
         return self.dataplane.policy.is_admin(conn.peer)
@@ -92,15 +93,16 @@ class PipeLLMServicer(pb_grpc.PipeLLMServicer):
         conn = self._conn(context)
         if conn.session is None:  # (a second session on one connection gets its own, precise refusal)
             self.manager.check_session_quota(conn.peer.uid)
-        return self.manager.response_for(self.manager.open(conn, request))
+        return self.manager.response_for(conn.open_session(request))
 
     @_statuses
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CloseSessionResponse:
-        s = self._session(context, request.session_id)
+        conn = self._conn(context)
+        s = conn.session_named(request.session_id)
         await s.drain()
-        self.manager.close(s, "closed by client")
+        conn.end_session(s, "closed by client")
         return pb.CloseSessionResponse()
 
     @_statuses
@@ -118,13 +120,7 @@ class PipeLLMServicer(pb_grpc.PipeLLMServicer):
     async def SealRegion(
         self, request: pb.SealRegionRequest, context: grpc.aio.ServicerContext
     ) -> pb.SealRegionResponse:
-        session = self._session(context, request.session_id)
-        region = session.region(request.region_id)
-        try:
-            region.seal()
-        except ValueError as exc:
-            raise R.precondition(str(exc)) from None
-        session.pipeline.refill()  # intents declared before the seal may be encrypted ahead now
+        self._session(context, request.session_id).seal_region(request.region_id)
         return pb.SealRegionResponse()
 
     @_statuses
@@ -174,7 +170,7 @@ class PipeLLMServicer(pb_grpc.PipeLLMServicer):
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Event]:
         try:
             conn = self._conn(context)
-            uid, limit = conn.peer.uid, self.manager.cfg.max_watches_per_uid
+            uid, limit = conn.peer.uid, self.cfg.max_watches_per_uid
             if self.events.watchers(uid) >= limit:
                 raise R.exhausted(f"uid {uid} already has {limit} Watch streams open (max_watches_per_uid)")
         except Exception as exc:

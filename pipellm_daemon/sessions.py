@@ -17,7 +17,7 @@ import secrets
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 from pipellm_client import chunks
@@ -31,6 +31,7 @@ from pipellm_client.ring import RingView, ring_bytes
 from pipellm_client.shm import SharedMemory
 
 from . import refusal as R
+from .auth import Peer
 from .config import Config
 from .events import EventBus
 from .latency import Latency
@@ -40,13 +41,47 @@ from .predictors import Key
 from .regions import Region, generation_table_bytes
 from .workers import WorkerPool
 
-if TYPE_CHECKING:
-    from .dataplane import Connection
-
 MAX_NAME = 64
 _INTENT_RECORD = struct.Struct("<QQQQ")  # a data-plane intent: region_id, offset, length, flags
 _INTENT_D2H = 1
 OFFER_WAIT_S = 2.0
+
+
+class Link(Protocol):
+    """What a session and its manager need of the data-plane connection it is bound to, and nothing more
+    (`dataplane.Connection` is one; this module never imports it)."""
+
+    @property
+    def peer(self) -> Peer: ...
+
+    @property
+    def can_agree(self) -> bool:
+        """True until an OpenSession has spent the key agreement of the connection's Welcome."""
+        ...
+
+    def shared_secret(self, endpoint_public: bytes) -> tuple[bytes, Transcript]:
+        """The master secret with the endpoint's public key (which it checks) and the transcript it binds;
+        spends the key agreement."""
+        ...
+
+    def send(self, frame: pb.Frame, fds: list[int] | None = None) -> None: ...
+
+    def send_error(self, ref: R.Refusal, seq: int = 0) -> None: ...
+
+    async def take_offer(self, offer_id: int, timeout: float) -> int: ...
+
+    def discard_offer(self, offer_id: int) -> None: ...
+
+
+class Accounts(Protocol):
+    """The daemon-wide bookkeeping a session takes part in (`SessionManager` is it): per-uid limits that
+    span sessions, and region ids."""
+
+    def check_region_quota(self, uid: int, size: int) -> None: ...
+
+    def inflight_bytes(self, uid: int) -> int: ...
+
+    def next_region_id(self) -> int: ...
 
 
 class DeliveryRing:
@@ -79,7 +114,7 @@ class Session:
     def __init__(
         self,
         sid: str,
-        conn: Connection,
+        link: Link,
         cfg: Config,
         workers: WorkerPool,
         arena: Arena,
@@ -88,9 +123,14 @@ class Session:
         channels: int,
         endpoint: int,
         client_name: str,
+        *,
+        accounts: Accounts,
+        events: EventBus,
     ) -> None:
         self.id = sid
-        self.conn = conn
+        self.link = link
+        self.accounts = accounts
+        self.events = events
         self.cfg = cfg
         self.workers = workers
         self.arena = arena
@@ -103,6 +143,7 @@ class Session:
         self.closed = False
         self.verify_every = 1  # the client's endpoint verifies one DATA message in this many (1 = all)
         self.ring: DeliveryRing | None = None
+        self._d2h_busy: set[int] = set()  # D2H slots whose landed data is being decrypted
         self._declaring: list[tuple[int, int, int, bool]] = []  # a Declare split over frames, until the last
         # Bounded: enqueue_commit refuses past max_queued_commits (one place more for the end marker).
         self._commits: asyncio.Queue[tuple[int, list[tuple[Region, pb.Transfer]], int] | None] = asyncio.Queue(
@@ -117,8 +158,16 @@ class Session:
 
     # -- data plane --------------------------------------------------------------------------------
     @property
+    def peer(self) -> Peer:
+        return self.link.peer
+
+    @property
     def uid(self) -> int:
-        return self.conn.peer.uid
+        return self.link.peer.uid
+
+    @property
+    def small_threshold(self) -> int:
+        return self.pipeline.small_threshold
 
     def enqueue_commit(self, seq: int, transfers: list[tuple[Region, pb.Transfer]]) -> None:
         cfg = self.cfg
@@ -131,7 +180,7 @@ class Session:
         limit = cfg.max_inflight_bytes_per_uid
         if nbytes > limit:
             raise R.exhausted(f"a commit of {nbytes} bytes is more than max_inflight_bytes_per_uid={limit}; split it")
-        used = self.conn.manager.inflight_bytes(self.uid)
+        used = self.accounts.inflight_bytes(self.uid)
         if used + nbytes > limit:
             raise R.exhausted(
                 f"uid {self.uid} has {used} bytes of commits in flight; {nbytes} more would pass "
@@ -150,7 +199,7 @@ class Session:
                 return
             seq, transfers, nbytes = item
             try:
-                await self.pipeline.commit(seq, transfers, lambda c: self.conn.send(pb.Frame(completion=c)))
+                await self.pipeline.commit(seq, transfers, lambda c: self.link.send(pb.Frame(completion=c)))
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:
@@ -158,8 +207,8 @@ class Session:
                     self.pipeline.kill(str(exc))  # e.g. key exhausted: recorded like any other death
                 ref = R.from_exception(exc)
                 if ref.code == grpc.StatusCode.INTERNAL:
-                    self.pipeline.events.emit("internal_error", self.id, type(exc).__name__, level="error")
-                self.conn.send_error(ref, seq)
+                    self.events.emit("internal_error", self.id, type(exc).__name__, level="error")
+                self.link.send_error(ref, seq)
             finally:
                 self.in_flight -= 1
                 self.queued_commits -= 1
@@ -167,19 +216,19 @@ class Session:
 
     def landed(self, msg: pb.Landed, region: Region) -> None:
         slots = [m.slot for m in msg.messages]
-        self.pipeline.d2h_slots_busy.update(slots)
+        self._d2h_busy.update(slots)
         self.in_flight += 1
 
         async def run() -> None:
             try:
                 directives = await self.pipeline.landed(msg, region)
-                self.conn.send(pb.Frame(landed_done=pb.LandedDone(seq=msg.seq, directives=directives)))
+                self.link.send(pb.Frame(landed_done=pb.LandedDone(seq=msg.seq, directives=directives)))
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:
-                self.conn.send_error(R.from_exception(exc), msg.seq)
+                self.link.send_error(R.from_exception(exc), msg.seq)
             finally:
-                self.pipeline.d2h_slots_busy.difference_update(slots)
+                self._d2h_busy.difference_update(slots)
                 self.in_flight -= 1
 
         task = asyncio.get_running_loop().create_task(run())
@@ -210,7 +259,7 @@ class Session:
                 raise R.invalid(f"transfer {i}: unknown flags {t.flags:#x}")
             if r.readonly and not r.sealed:
                 raise R.precondition(f"region {r.id} is read-only but not sealed yet; seal it after loading")
-            if not r.overlapping_writes(t.offset, t.length) and r.snapshot(t.offset, t.length) is None:
+            if not r.landings_touching(t.offset, t.length) and r.snapshot(t.offset, t.length) is None:
                 raise R.precondition(f"transfer {i}: region {r.id} range is being written right now")
             out.append((r, t))
         return out
@@ -231,7 +280,7 @@ class Session:
                 raise R.invalid(f"copy engine {m.ce} does not exist in this session ({self.channels})")
             if m.slot >= self.arena.layout.d2h_slots:
                 raise R.invalid(f"D2H slot {m.slot} out of range 0..{self.arena.layout.d2h_slots - 1}")
-            if m.slot in seen or m.slot in self.pipeline.d2h_slots_busy:
+            if m.slot in seen or m.slot in self._d2h_busy:
                 raise R.invalid(f"D2H slot {m.slot} is already in use")
             if not 0 < m.length <= self.cfg.chunk_size:
                 raise R.invalid(f"D2H message of {m.length} bytes; must be 1..{self.cfg.chunk_size}")
@@ -252,13 +301,13 @@ class Session:
                 raise R.invalid(f"region size must be 1..{self.cfg.max_region_bytes} bytes, got {size}")
             if len(name) > MAX_NAME:
                 raise R.invalid(f"region name longer than {MAX_NAME} characters")
-            self.conn.manager.check_region_quota(self.uid, size)
+            self.accounts.check_region_quota(self.uid, size)
         except R.Refusal:
-            self.conn.discard_offer(offer_id)  # (its memfd, if it already came, would otherwise stay open)
+            self.link.discard_offer(offer_id)  # (its memfd, if it already came, would otherwise stay open)
             raise
-        fd = await self.conn.take_offer(offer_id, OFFER_WAIT_S)
+        fd = await self.link.take_offer(offer_id, OFFER_WAIT_S)
         try:  # again: other registrations of this uid may have finished while this one waited
-            self.conn.manager.check_region_quota(self.uid, size)
+            self.accounts.check_region_quota(self.uid, size)
             if len(self.regions) >= self.cfg.max_regions:
                 raise R.exhausted(f"this session already has {len(self.regions)} regions (max_regions)")
         except R.Refusal:
@@ -274,15 +323,13 @@ class Session:
             os.close(fd)
             raise R.invalid(f"offer {offer_id} cannot be mapped: {exc.strerror}") from None
         handle = self.workers.new_handle()
-        region = Region(
-            self.conn.manager.next_region_id(), name, shm, size, readonly, self.cfg.generation_granule, handle
-        )
+        region = Region(self.accounts.next_region_id(), name, shm, size, readonly, self.cfg.generation_granule, handle)
         self.workers.map(handle, shm)
         self.regions[region.id] = region
         self.region_bytes += size
         if kind == pb.REGION_KIND_ADAPTER:
             keys = [Key(region.id, c.offset, c.length) for c in chunks.split(0, size, self.cfg.chunk_size)]
-            self.pipeline.predictors.lora.add_adapter(region.id, keys)
+            self.pipeline.add_adapter(region.id, keys)
         return region
 
     def attach_staging(self, req: pb.AttachDeviceStagingRequest) -> None:
@@ -317,7 +364,20 @@ class Session:
         del self.regions[region_id]
         self.region_bytes -= r.size
         self.pipeline.forget_region(region_id)
-        r.close(self.workers)
+        self._drop(r)
+
+    def _drop(self, r: Region) -> None:
+        self.workers.unmap(r.handle)
+        r.close()
+
+    def seal_region(self, region_id: int) -> None:
+        """SealRegion: the region's bytes are final, so intents declared before may be encrypted ahead now."""
+        region = self.region(region_id)
+        try:
+            region.seal()
+        except ValueError as exc:
+            raise R.precondition(str(exc)) from None
+        self.pipeline.refill()
 
     def declare(self, req: pb.DeclareIntentsRequest) -> int:
         """The DeclareIntents RPC (the SDK uses the data plane's Declare frames instead)."""
@@ -326,7 +386,7 @@ class Session:
                 raise R.invalid(f"intent {i}: direction must be H2D or D2H")
         intents = [(it.region_id, it.offset, it.length, it.direction == pb.DIRECTION_D2H) for it in req.intents]
         self._declare(intents, replace=req.replace, cyclic=req.cyclic)
-        return self.pipeline.predictors.intents.pending
+        return self.pipeline.intents_pending()
 
     def declare_frame(self, msg: pb.Declare) -> None:
         """A data-plane Declare: records of four little-endian u64 (region, offset, length, flags)."""
@@ -354,7 +414,7 @@ class Session:
 
     def _declare(self, intents: list[tuple[int, int, int, bool]], *, replace: bool, cyclic: bool) -> None:
         """Check every intent first (all or nothing), then hand their chunks to the intent predictor."""
-        pending = self.pipeline.predictors.intents.pending
+        pending = self.pipeline.intents_pending()
         keys: list[Key] = []
         for i, (region_id, offset, length, d2h) in enumerate(intents):
             r = self.region(region_id)
@@ -368,33 +428,44 @@ class Session:
         total = len(keys) + (0 if replace else pending)
         if total > self.cfg.max_intents:
             raise R.exhausted(f"{total} pending intent chunks would exceed max_intents={self.cfg.max_intents}")
-        self.pipeline.predictors.intents.declare(keys, replace=replace, cyclic=cyclic)
-        self.pipeline.refill()
+        self.pipeline.declare_intents(keys, replace=replace, cyclic=cyclic)
 
     def cancel_intents(self) -> int:
-        return self.pipeline.predictors.intents.cancel()
+        return self.pipeline.cancel_intents()
+
+    def release(self, slots: list[int], nop_cells: list[int]) -> None:
+        """The endpoint is done with these H2D slots and NOP cells."""
+        self.pipeline.release(slots, nop_cells)
+
+    def kill(self, reason: str) -> None:
+        """The channels are dead (the endpoint reported a failure on its side, say): recorded, and final."""
+        self.pipeline.kill(reason)
 
     # -- status and lifecycle ------------------------------------------------------------------------
-    def status(self) -> pb.SessionStatus:
+    def counters(self) -> Counters:
+        """This session's counters, including the hits the SDK took from the ring since its last doorbell."""
         with contextlib.suppress(Exception):  # a corrupt consumer index is reported at the next doorbell
             self.pipeline.sync_ring()
-        chans: list[pb.ChannelStatus] = []
-        for s in self.pipeline.h2d:
-            chans.append(_channel_status(s.sender.snapshot(), s.ce, pb.DIRECTION_H2D))
-        for d in self.pipeline.d2h:
-            chans.append(_channel_status(d.receiver.snapshot(), d.ce, pb.DIRECTION_D2H))
+        return self.pipeline.counters
+
+    def status(self) -> pb.SessionStatus:
+        counters = self.counters()
+        chans = [
+            _channel_status(snap, ce, pb.DIRECTION_D2H if d2h else pb.DIRECTION_H2D)
+            for ce, d2h, snap in self.pipeline.channel_snapshots()
+        ]
         return pb.SessionStatus(
             session_id=self.id,
-            uid=self.conn.peer.uid,
-            pid=self.conn.peer.pid,
+            uid=self.link.peer.uid,
+            pid=self.link.peer.pid,
             client_name=self.client_name,
             age_s=time.monotonic() - self.created,
             regions=len(self.regions),
             region_bytes=sum(r.size for r in self.regions.values()),
             channels=chans,
-            counters=self.pipeline.counters.to_proto(),
-            depth=len(self.pipeline.spec.queue) + len(self.pipeline.published),
-            intents_pending=self.pipeline.predictors.intents.pending,
+            counters=counters.to_proto(),
+            depth=self.pipeline.ahead(),
+            intents_pending=self.pipeline.intents_pending(),
             device_staging=self.pipeline.staging is not None,
             endpoint=self.endpoint,  # type: ignore[arg-type]
             verify_every=self.verify_every,
@@ -418,13 +489,22 @@ class Session:
             self.ring.close()
             self.ring = None
         for r in list(self.regions.values()):
-            r.close(self.workers)
+            self._drop(r)
         self.regions.clear()
         self.region_bytes = 0
         self.workers.unmap(self.arena.handle)
         pool.release(self.arena.shm)
 
     # -- the delivery ring ---------------------------------------------------------------------------
+    def send_attach(self) -> None:
+        """The Attach frame: this session's arena, and its delivery ring and doorbell if it has them."""
+        shm, ring = self.arena.shm, self.ring
+        if ring is None:
+            self.link.send(pb.Frame(attach=pb.Attach(session_id=self.id, size=shm.size)), fds=[shm.fd])
+        else:
+            attach = pb.Attach(session_id=self.id, size=shm.size, ring_size=ring.shm.size, ring_capacity=ring.capacity)
+            self.link.send(pb.Frame(attach=attach), fds=[shm.fd, ring.shm.fd, ring.bell])
+
     def attach_ring(self, ring: DeliveryRing) -> None:
         """The SDK rings `ring.bell` after taking records; a bad consumer index ends this session only."""
         self.ring = ring
@@ -438,7 +518,7 @@ class Session:
         try:
             self.pipeline.doorbell()
         except Exception as exc:
-            self.conn.send_error(R.from_exception(exc))
+            self.link.send_error(R.from_exception(exc))
 
 
 def _channel_status(snap: dict[str, Any], ce: int, direction: int) -> pb.ChannelStatus:
@@ -476,11 +556,11 @@ class SessionManager:
 
     # -- per-uid quotas and visibility (see the *_per_uid settings) ---------------------------------
     def owned_by(self, uid: int) -> list[Session]:
-        return [s for s in self.sessions.values() if s.conn.peer.uid == uid]
+        return [s for s in self.sessions.values() if s.uid == uid]
 
     def owner_of(self, session_id: str) -> int | None:
         s = self.sessions.get(session_id)
-        return s.conn.peer.uid if s is not None else None
+        return s.uid if s is not None else None
 
     def check_session_quota(self, uid: int) -> None:
         """Before OpenSession: one uid holds at most max_sessions_per_uid of the max_sessions."""
@@ -505,7 +585,7 @@ class SessionManager:
             )
 
     def inflight_bytes(self, uid: int) -> int:
-        return sum(s.inflight_bytes for s in self.sessions.values() if s.conn.peer.uid == uid)
+        return sum(s.inflight_bytes for s in self.sessions.values() if s.uid == uid)
 
     def next_region_id(self) -> int:
         self._region_ids += 1
@@ -515,21 +595,19 @@ class SessionManager:
         t = Counters()
         t.add(self.closed_totals)
         for s in self.sessions.values():
-            with contextlib.suppress(Exception):  # hits taken from the ring since the last doorbell
-                s.pipeline.sync_ring()
-            t.add(s.pipeline.counters)
+            t.add(s.counters())  # (with the hits taken from the ring since the last doorbell)
         return t
 
-    def open(self, conn: Connection, req: pb.OpenSessionRequest) -> Session:
+    def open(self, link: Link, req: pb.OpenSessionRequest) -> Session:
+        """A new session for `link` (which holds no session yet), registered but not announced: the caller
+        binds it to its connection, then `start`s it."""
         if self.draining:
             raise R.unavailable("pipellmd is shutting down; no new sessions")
-        if conn.session is not None:
-            raise R.precondition("this connection already has a session; open a new connection for another")
         if self.cfg.mode == "plain" and not req.allow_plain:
             raise R.precondition(
                 "pipellmd runs in plain mode (NO ENCRYPTION); open the session with allow_plain=True to accept that"
             )
-        if conn.agreement is None:
+        if not link.can_agree:
             raise R.precondition("this connection's key agreement was already used")
         if len(self.sessions) >= self.cfg.max_sessions:
             raise R.exhausted(f"{len(self.sessions)} sessions open (max_sessions)")
@@ -548,13 +626,10 @@ class SessionManager:
             if req.small_transfer_threshold > self.cfg.chunk_size:
                 raise R.invalid(f"small_transfer_threshold above the chunk size ({self.cfg.chunk_size}) is pointless")
             small = req.small_transfer_threshold
-        transcript = Transcript(conn.daemon_public, bytes(req.endpoint_public_key))
-        master = conn.agreement.master_secret(bytes(req.endpoint_public_key), transcript)  # checks the point
+        # The point is checked, and a computed shared secret is used once, whether the masks open or not.
+        master, transcript = link.shared_secret(bytes(req.endpoint_public_key))
         requested = req.channels or 2
-        try:
-            masks = open_masks(master, transcript, bytes(req.sealed_masks), 2 * requested)
-        finally:
-            conn.agreement = None  # a computed shared secret is used once, whether the masks opened or not
+        masks = open_masks(master, transcript, bytes(req.sealed_masks), 2 * requested)
         shm = self.pool.acquire()
         arena = Arena(self.layout, shm, self.workers.new_handle())
         self.workers.map(arena.handle, shm)
@@ -600,7 +675,7 @@ class SessionManager:
         )
         session = Session(
             sid,
-            conn,
+            link,
             self.cfg,
             self.workers,
             arena,
@@ -609,24 +684,29 @@ class SessionManager:
             channels,
             req.endpoint,
             req.client_name,
+            accounts=self,
+            events=self.events,
         )
         session.verify_every = max(1, req.verify_every)
         self.sessions[sid] = session
-        conn.session = session
-        if ring is None:
-            conn.send(pb.Frame(attach=pb.Attach(session_id=sid, size=shm.size)), fds=[shm.fd])
-        else:
+        if ring is not None:
             session.attach_ring(ring)
-            attach = pb.Attach(session_id=sid, size=shm.size, ring_size=ring.shm.size, ring_capacity=ring.capacity)
-            conn.send(pb.Frame(attach=attach), fds=[shm.fd, ring.shm.fd, ring.bell])
+        return session
+
+    def start(self, session: Session) -> None:
+        """Send a new session its Attach (the arena, and the delivery ring with its doorbell, by SCM_RIGHTS)
+        and announce it. Called once its connection is bound to it, so that a send that finds the peer gone
+        (which closes the connection there and then) closes the session too."""
+        session.send_attach()
+        sid, peer = session.id, session.peer
         self.events.emit(
             "session_opened",
             sid,
-            f"uid {conn.peer.uid} pid {conn.peer.pid}",
-            uid=conn.peer.uid,
-            pid=conn.peer.pid,
-            channels=channels,
-            client=req.client_name,
+            f"uid {peer.uid} pid {peer.pid}",
+            uid=peer.uid,
+            pid=peer.pid,
+            channels=session.channels,
+            client=session.client_name,
         )
         if self.cfg.mode == "plain":
             self.events.emit("plaintext_session", sid, "plain mode: NO ENCRYPTION for this session", level="warning")
@@ -640,24 +720,15 @@ class SessionManager:
             )
         for cb in self.on_change:
             cb()
-        return session
-
-    def get(self, conn: Connection, session_id: str) -> Session:
-        s = conn.session
-        if s is None or s.id != session_id or s.closed:
-            raise R.not_found(f"session {session_id!r} not found on this connection")
-        return s
 
     def close(self, session: Session, reason: str) -> None:
+        """End a session (its connection unbinds it: `dataplane.Connection.end_session`)."""
         if session.closed:
             return
-        with contextlib.suppress(Exception):
-            session.pipeline.sync_ring()
-        self.closed_totals.add(session.pipeline.counters)
+        self.closed_totals.add(session.counters())
         session.close(self.pool)
         self.events.emit("session_closed", session.id, reason)  # while still listed: its owner's watchers see it
         self.sessions.pop(session.id, None)
-        session.conn.session = None
         for cb in self.on_change:
             cb()
 
@@ -680,7 +751,7 @@ class SessionManager:
                 key_usage_upper=self.policy.upper,
                 iv_rotation_remaining=self.policy.iv_rotation_remaining,
             ),
-            small_transfer_threshold=s.pipeline.small_threshold,
+            small_transfer_threshold=s.small_threshold,
             channels=s.channels,
             generation_granule=self.cfg.generation_granule,
         )

@@ -1,7 +1,7 @@
 """The crypto worker pool: long-lived processes attached to shared memory, fed through shared-memory rings.
 
 Workers are processes, not threads: with the daemon's event loop busy, a thread that re-acquires the
-GIL after each `encrypt_into` waits up to the switch interval, which caps threads well below the cores
+GIL after each encryption waits up to the switch interval, which caps threads well below the cores
 (measured in bench/engine.py). A worker that dies is restarted with the same maps and keys; the futures
 of its jobs fail with `WorkerLost`, and the caller burns their IVs (they are never handed to another
 message). A worker that keeps dying soon after its start is restarted with an exponential backoff, so a
@@ -41,6 +41,7 @@ from pipellm_client.keymem import LockedKey
 from pipellm_client.shm import SharedMemory
 
 from . import jobwire as w
+from .config import default_worker_count  # noqa: F401 (bench/ imports it from here)
 
 
 class WorkerLost(PipeLLMError):
@@ -306,7 +307,9 @@ class WorkerPool:
             raise WorkerLost("worker pool is closed")
         fut: asyncio.Future[None] = loop.create_future()
         seal = kind == _SEAL
-        if seal:
+        if seal and not self.inline:
+            # A worker process runs `crypto.seal_job` where no auditor is installed: this job is audited here,
+            # as it leaves for the worker. (Inline jobs are audited once, by `crypto.seal_job` itself.)
             audit = crypto.auditor()
             if audit is not None:
                 audit(self._keys[key_id][1], nonce, self._maps[src[0]].view[src[1] : src[1] + length])
@@ -361,8 +364,8 @@ class WorkerPool:
         src, dst = self._maps[sh].view, self._maps[dh].view
         t0 = time.perf_counter_ns()
         try:
-            if kind & _KIND_MASK == _SEAL:  # unaudited here: submit() already audited this job
-                aead.encrypt_into(nonce, src[so : so + n], dst[do : do + n + 16])
+            if kind & _KIND_MASK == _SEAL:  # the one door, which audits it (submit() did not)
+                crypto.seal_job(aead, nonce, src[so : so + n], dst[do : do + n + 16])
             else:  # race-proof: the arena slot is read once, through private memory
                 crypto.open_into(aead, nonce, src[so : so + n + 16], dst[do : do + n])
             fut.set_result(None)
@@ -667,7 +670,3 @@ class WorkerPool:
 
 def _fd_bytes(fds: list[int]) -> bytes:
     return b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
-
-
-def default_worker_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -101,6 +101,32 @@ def test_vllm_v0_swap_in_is_fcfs_over_requests() -> None:
     assert sp.upcoming(5) == []
 
 
+def test_a_d2h_call_that_arrives_in_pieces_is_still_one_swap_unit() -> None:
+    """A swap-out larger than the free bounce slots reaches the daemon as several Landed frames (the rest
+    `continues` the call). Each call is one unit of the CacheEngine's rounds: were each piece a unit of its
+    own, the rounds would interleave requests mid-range and every swap-in chunk would miss."""
+    sp = SwapPredictor("lifo")
+    ranges: dict[int, list[list[Key]]] = {}
+    for group, req in enumerate((2, 1), start=1):
+        ranges[req] = []
+        for layer in range(3):
+            keys = [Key(51, (req * 100 + layer * 4 + c) * MiB, MiB) for c in range(4)]
+            ranges[req].append(keys)
+            sp.swapped_out(keys[:1], group=group)  # one free slot ...
+            for k in keys[1:]:
+                sp.swapped_out([k], group=group, continues=True)  # ... the rest from the SDK's backlog
+    swap_in = [k for layer in range(3) for req in (1, 2) for k in ranges[req][layer]]
+    hits = 0
+    for k in swap_in:
+        hits += sp.upcoming(1) == [k]
+        sp.observe(k)
+    assert hits >= len(swap_in) - 4, "only the first range's guess of the set may be wrong"
+    # An ungrouped call continued stays one group of its own, not one per piece.
+    sp.swapped_out([Key(52, 0, MiB)], group=0)
+    sp.swapped_out([Key(52, MiB, MiB)], group=0, continues=True)
+    assert sp.upcoming(4) == [Key(52, 0, MiB), Key(52, MiB, MiB)]
+
+
 def test_vllm_v1_offloading_is_fifo() -> None:
     sp = SwapPredictor("fifo")
     stores = [Key(60, i * 2 * MiB, 2 * MiB) for i in range(10)]

@@ -193,6 +193,34 @@ def test_worker_open_job_uses_the_race_proof_path() -> None:
     b.close()
 
 
+def test_worker_seal_job_goes_through_the_audited_door(ledger: Any) -> None:
+    """Worker.run's SEAL is `crypto.seal_job`: exact ciphertext, and an auditor installed in the worker's
+    process (a test's; a real worker process has none) sees it once, under the pool's key tag."""
+    key, nonce, pt = os.urandom(32), os.urandom(12), os.urandom(5000)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds = [os.memfd_create("region"), os.memfd_create("arena")]
+    for fd in fds:
+        os.ftruncate(fd, 1 << 16)
+    worker = Worker(a)
+    worker.handle(w.MAP.pack(w.Op.MAP, 1, 1 << 16, 0), [os.dup(fds[0])])
+    worker.handle(w.MAP.pack(w.Op.MAP, 2, 1 << 16, 1), [os.dup(fds[1])])
+    worker.handle(w.KEY.pack(w.Op.KEY, 3, key), [])
+    region, arena = mmap.mmap(fds[0], 1 << 16), mmap.mmap(fds[1], 1 << 16)
+    region[100 : 100 + len(pt)] = pt
+    assert worker.run(w.Job(w.Kind.SEAL, 1, 3, nonce, 1, 100, len(pt), 2, 64)) == w.Status.OK
+    assert arena[64 : 64 + len(pt) + TAG_LEN] == seal(key, nonce, pt)
+    assert ledger.count == 1 and set(ledger.seen) == {(crypto.key_tag(key), nonce)}
+    assert worker.run(w.Job(w.Kind.SEAL, 2, 3, nonce, 1, 100, len(pt), 2, (1 << 16) - 10)) == w.Status.ERROR
+    for h in (1, 2):
+        worker.handle(w.HANDLE.pack(w.Op.UNMAP, h), [])
+    arena.close()
+    region.close()
+    for fd in fds:
+        os.close(fd)
+    a.close()
+    b.close()
+
+
 @pytest.mark.parametrize("inline", [False, True])
 def test_pool_open_round_trip_and_tamper(inline: bool, ledger: Any) -> None:
     """Through a real worker process (started as the daemon starts it) and the inline mode."""
@@ -213,7 +241,7 @@ def test_pool_open_round_trip_and_tamper(inline: bool, ledger: Any) -> None:
         region.view[:1000] = pt
         await pool.submit(w.Kind.SEAL, kid, nonce, (hr, 0), 1000, (ha, 0))
         assert bytes(arena.view[: 1000 + TAG_LEN]) == seal(key, nonce, pt)
-        assert ledger.count == 1, "a SEAL job is audited once, when it is submitted"
+        assert ledger.count == 1, "a SEAL job is audited once (inline: by the door; else by the pool)"
         for i, n in enumerate([0, 5, OPEN_PIECE + 1, 3 * OPEN_PIECE - 7]):
             nonce, pt = os.urandom(12), os.urandom(n)
             arena.view[i : i + n + TAG_LEN] = seal(key, nonce, pt)

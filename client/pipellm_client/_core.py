@@ -169,6 +169,7 @@ class _Backlogged:
     ciphertext: bytearray
     swap_out: bool
     group: int
+    continues: bool  # not the first frame of its d2h call
 
 
 D2H_BACKLOG_MAX: Final = 1 << 30  # past this much queued ciphertext, `d2h` waits for slots after all
@@ -532,7 +533,7 @@ class SessionCore:
                     n = sum(m.length for m in msgs)
                     landing = Landing(seq, region, offset + start, n, slots)
                     self.landing[seq] = landing
-                    yield self._landed(seq, region, offset + start, n, msgs, swap_out, group), landing
+                    yield self._landed(seq, region, offset + start, n, msgs, swap_out, group, start > 0), landing
                     start += n
                     msgs, slots = [], []
                 if not self.can_queue_d2h():
@@ -540,7 +541,13 @@ class SessionCore:
                 yield (
                     None,
                     self._queue_d2h(
-                        ce, data[c.offset : c.offset + c.length], region, offset + c.offset, swap_out, group
+                        ce,
+                        data[c.offset : c.offset + c.length],
+                        region,
+                        offset + c.offset,
+                        swap_out,
+                        group,
+                        continues=c.offset > 0,
                     ),
                 )
                 start += c.length
@@ -556,17 +563,32 @@ class SessionCore:
                 landing = Landing(seq, region, offset + start, n, slots)
                 self.landing[seq] = landing
                 self.endpoint.flush()  # (a batching endpoint) the ciphertext is in its slots before the frame goes
-                yield self._landed(seq, region, offset + start, n, msgs, swap_out, group), landing
+                yield self._landed(seq, region, offset + start, n, msgs, swap_out, group, start > 0), landing
                 start += n
                 msgs, slots = [], []
 
     @staticmethod
     def _landed(
-        seq: int, region: Region, offset: int, n: int, msgs: list[pb.D2HMessage], swap_out: bool, group: int
+        seq: int,
+        region: Region,
+        offset: int,
+        n: int,
+        msgs: list[pb.D2HMessage],
+        swap_out: bool,
+        group: int,
+        continues: bool,
     ) -> pb.Frame:
+        """One Landed frame; `continues`: a later part of the same d2h call (one swap unit for the daemon)."""
         return pb.Frame(
             landed=pb.Landed(
-                seq=seq, region_id=region.id, offset=offset, length=n, messages=msgs, swap_out=swap_out, group=group
+                seq=seq,
+                region_id=region.id,
+                offset=offset,
+                length=n,
+                messages=msgs,
+                swap_out=swap_out,
+                group=group,
+                continues=continues,
             )
         )
 
@@ -574,7 +596,9 @@ class SessionCore:
         """Whether a D2H chunk without a free slot may wait in private memory (CPU endpoint, under the cap)."""
         return self.endpoint.kind == "cpu" and self.d2h_backlog_bytes < D2H_BACKLOG_MAX
 
-    def _queue_d2h(self, ce: int, src: Any, region: Region, offset: int, swap_out: bool, group: int) -> Landing:
+    def _queue_d2h(
+        self, ce: int, src: Any, region: Region, offset: int, swap_out: bool, group: int, *, continues: bool
+    ) -> Landing:
         n = len(src)
         buf = bytearray(n + TAG_LEN)
         version, chan = self.endpoint.send(ce, src, memoryview(buf))
@@ -582,7 +606,7 @@ class SessionCore:
         landing = Landing(seq, region, offset, n, [])
         self.landing[seq] = landing  # a read or swap-in of the range waits for it like for any landing
         msg = pb.D2HMessage(ce=ce, length=n, key_version=version, chan_ctr=chan)
-        self.d2h_backlog.append(_Backlogged(landing, msg, buf, swap_out, group))
+        self.d2h_backlog.append(_Backlogged(landing, msg, buf, swap_out, group, continues))
         self.d2h_backlog_bytes += len(buf)
         return landing
 
@@ -607,7 +631,9 @@ class SessionCore:
             b.landing.slots = [slot]
             b.message.slot = slot
             x = b.landing
-            frames.append(self._landed(x.seq, x.region, x.offset, x.length, [b.message], b.swap_out, b.group))
+            frames.append(
+                self._landed(x.seq, x.region, x.offset, x.length, [b.message], b.swap_out, b.group, b.continues)
+            )
         return frames
 
     def landed_done(self, done: pb.LandedDone) -> None:

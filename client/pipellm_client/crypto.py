@@ -1,14 +1,20 @@
 """The one place AES-GCM runs on the CPU, so that every encryption can be audited in tests.
 
-`seal_into` encrypts straight into the caller's buffer. `open_into` is the only CPU decryption: its
-ciphertext usually lies in the bounce arena, which the untrusted host may rewrite at any moment, also
-while we decrypt. OpenSSL may read its input twice (GHASH, then CTR), so a byte the host toggles between
-the two reads would pass the tag and still change the plaintext. `open_into` therefore copies the
-message, piece by piece, into a small buffer private to this thread and decrypts only from there: every
-ciphertext byte is read from shared memory exactly once, so the tag covers exactly what was decrypted.
+`seal_into` encrypts straight into the caller's buffer; `seal_job` is the same door for the crypto
+workers' job path (in the worker processes and the pool's inline mode), without the argument checks. No
+other code of the daemon or the SDK encrypts or decrypts channel data (`tests/test_layering.py` checks;
+`keys.py` wraps the IV masks once per session under a key of their own).
 
-An optional auditor sees (key tag, nonce, plaintext) for every encryption; the property tests use it to
-prove that no (key, nonce) pair ever encrypts two different messages.
+`open_into` is the only CPU decryption: its ciphertext usually lies in the bounce arena, which the
+untrusted host may rewrite at any moment, also while we decrypt. OpenSSL may read its input twice (GHASH,
+then CTR), so a byte the host toggles between the two reads would pass the tag and still change the
+plaintext. `open_into` therefore copies the message, piece by piece, into a small buffer private to this
+thread and decrypts only from there: every ciphertext byte is read from shared memory exactly once, so
+the tag covers exactly what was decrypted.
+
+An optional auditor sees (key tag, nonce, plaintext) for every encryption that runs in its process; the
+property tests use it to prove that no (key, nonce) pair ever encrypts two different messages. (A worker
+process has none installed, so the pool audits each job it sends one, as it submits it.)
 """
 
 from __future__ import annotations
@@ -55,12 +61,13 @@ def key_tag(key: Buffer) -> bytes:
 
 
 class Aead:
-    """One AES-256-GCM key: OpenSSL's one-shot AEAD to seal, the raw block cipher for streamed opens.
+    """One AES-256-GCM key: OpenSSL's one-shot AEAD to seal, the raw block cipher for streamed opens, and
+    the key's audit tag (`key_tag`). This module's functions are what use them.
 
     Both objects share one copy of the key bytes. `repr` never shows them.
     """
 
-    __slots__ = ("_aes", "_gcm")
+    __slots__ = ("_aes", "_gcm", "tag")
 
     def __init__(self, key: Buffer) -> None:
         if len(key) != KEY_LEN:
@@ -68,9 +75,11 @@ class Aead:
         raw = bytes(key)
         self._gcm = AESGCM(raw)
         self._aes = algorithms.AES(raw)
+        self.tag = key_tag(raw)
 
     def encrypt_into(self, nonce: bytes, src: Buffer, dst: memoryview) -> None:
-        """Unaudited encryption for the worker job path, whose pool audits each job when it is submitted."""
+        """Unaudited, unchecked encryption: the library anchor of `bench/engine.py`, nothing else. The daemon
+        and the SDK encrypt through `seal_into` and `seal_job`, which the auditor sees."""
         self._gcm.encrypt_into(nonce, src, None, dst)
 
     def __repr__(self) -> str:
@@ -93,7 +102,19 @@ def seal_into(aead: Aead, tag: bytes, nonce: bytes, src: Buffer, dst: memoryview
         raise SlotError(f"output must be exactly {len(src) + TAG_LEN} bytes (data + tag), got {len(dst)}")
     if _auditor is not None:
         _auditor(tag, nonce, memoryview(src))
-    aead.encrypt_into(nonce, src, dst)
+    aead._gcm.encrypt_into(nonce, src, None, dst)
+
+
+def seal_job(aead: Aead, nonce: bytes, src: Buffer, dst: memoryview) -> None:
+    """`seal_into` for a crypto worker's job: audited the same way (under `aead.tag`), without the checks.
+
+    The pool built the job, so its nonce and ranges are right; a wrong length is OpenSSL's ValueError,
+    which the worker reports as a failed job. Where no auditor is installed (a worker process, always)
+    this is one test of a module global before OpenSSL: nothing per job.
+    """
+    if _auditor is not None:
+        _auditor(aead.tag, nonce, memoryview(src))
+    aead._gcm.encrypt_into(nonce, src, None, dst)
 
 
 def _private_buffer(n: int) -> memoryview:

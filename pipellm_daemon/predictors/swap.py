@@ -35,12 +35,26 @@ class SwapPredictor:
         self._swapins = 0  # swap-ins started so far
         self._group_epoch: dict[int, int] = {}  # group -> swap-ins that had started when it was swapped out
 
-    def swapped_out(self, keys: list[Key], group: int) -> None:
+    def swapped_out(self, keys: list[Key], group: int, *, continues: bool = False) -> None:
+        """`keys` were swapped out as one unit of `group`; `continues`: more of the previous call's unit
+        (a d2h call larger than the free bounce slots reaches the daemon in several pieces)."""
         if not keys:
             return
-        if group == 0:
+        if group == 0 and not continues:
             self._anon -= 1
+        if group == 0:
             group = self._anon  # an ungrouped block is a group of its own
+        units = self._groups.get(group)
+        if continues and units:
+            for k in keys:
+                old = self._where.get(k)
+                if old is not None:
+                    self._drop(k, old)
+                self._where[k] = group
+            units = self._groups.get(group)
+            if units:
+                units[-1].extend(keys)
+                return
         for k in keys:
             old = self._where.get(k)
             if old is not None:
