@@ -319,7 +319,8 @@ def flexgen(
     gpu_batches = num_gpu_batches
     pos_full = gpu_batch * h * 2  # one position of K (or V) of one GPU batch, fp16
     pos_bytes = _lines(pos_full * byte_scale)
-    home = _pages((prompt_len + warmup + tokens + 1) * pos_bytes)  # positions [0, prompt + tokens] of one K or V
+    # positions [0, prompt + tokens] of one K or V, rounded up to whole pages (never below what is read)
+    home = -(-(prompt_len + warmup + tokens + 1) * pos_bytes // PAGE) * PAGE
     subs = [(j, k) for j in range(layers) for k in range(gpu_batches)]
 
     def home_of(j: int, k: int, kv: int) -> int:

@@ -513,6 +513,21 @@ def test_adversarial_ranges_are_random_and_inside_the_region() -> None:
 
 
 # -- suites ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", ["quick", "full"])
+def test_every_range_of_every_workload_lies_inside_its_region(size: str) -> None:
+    for tr in W.suite(size):
+        sizes = {r.name: r.nbytes for r in tr.regions}
+        for op in tr.ops(measured=False):
+            if isinstance(op, W.H2D | W.Declare):
+                ranges = op.ranges
+            elif isinstance(op, W.D2H):
+                ranges = (op.range,)
+            else:
+                continue
+            for r in ranges:
+                assert r.offset >= 0 and r.length > 0 and r.offset + r.length <= sizes[r.region], (tr.name, r)
+
+
 def test_quick_suite_has_every_workload_and_fits_this_machine() -> None:
     traces = W.suite("quick")
     kinds = {t.kind for t in traces}
