@@ -167,6 +167,32 @@ class PipelineMachine(RuleBasedStateMachine):
         if back:
             self._commit(si, [(1, block * CHUNK, CHUNK, False)])
 
+    @rule(
+        si=st.integers(0, 1),
+        blocks=st.lists(st.integers(0, 7), min_size=2, max_size=5, unique=True),
+        seed=st.integers(0, 2**16),
+        whole=st.booleans(),
+    )
+    def swap_out_several_and_back_reordered(self, si: int, blocks: list[int], seed: int, whole: bool) -> None:
+        """Swap-ins in an order the swap predictor did not expect (it was told LIFO/FIFO by group), after
+        swap-outs of one chunk each or one call larger than the D2H slots (it lands in pieces that
+        `continue` the call): whatever was encrypted ahead is used, skipped or burned, never reused."""
+        s = self.sessions[si]
+        rw = self.regions[si][1]
+        rng = np.random.default_rng(seed)
+        if whole:  # 6 chunks through 4 D2H slots: two Landed frames, the second continues the first
+            src = rng.integers(0, 256, 6 * CHUNK, dtype=np.uint8)
+            self.w.run(s.d2h(src, rw, 0, swap_out=True, group=5))
+            assert np.array_equal(rw.array[: 6 * CHUNK], src), "D2H landed wrong bytes"
+            blocks = [b for b in blocks if b < 6] or [0, 1]
+        else:
+            for i, b in enumerate(blocks):
+                src = rng.integers(0, 256, CHUNK, dtype=np.uint8)
+                self.w.run(s.d2h(src, rw, b * CHUNK, swap_out=True, group=1 + i % 2))
+        self.w.run(settle())
+        for b in rng.permutation(blocks):
+            self._commit(si, [(1, int(b) * CHUNK, CHUNK, False)])
+
     @precondition(lambda self: True)
     @rule()
     def let_workers_catch_up(self) -> None:
