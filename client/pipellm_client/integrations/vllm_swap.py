@@ -95,7 +95,7 @@ class CpuKVCache:
         self.block_shape = tuple(int(x) for x in block_shape)
         self.dtype = dtype
         self.block_bytes: int = math.prod(self.block_shape) * int(torch.empty((), dtype=dtype).element_size())
-        granule = session.core.granule
+        granule = session.generation_granule
         self.stride = -(-self.block_bytes // granule) * granule if pad_to_granule else self.block_bytes
         self.region = session.alloc_region(num_layers * 2 * num_blocks * self.stride, name=name)
 
