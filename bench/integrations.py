@@ -152,23 +152,29 @@ def sessions(daemons: dict[str, DaemonProcess], name: str, swap_order: str = "fi
         yield out
 
 
-# -- accelerate --------------------------------------------------------------------------------------
-def bench_accelerate(daemons: dict[str, DaemonProcess], reps: int) -> dict[str, dict[str, Any]]:
-    import accelerate
+def _small_opt(*, hidden: int, heads: int) -> Any:
+    """A 4-layer OPT with random weights (seeded), vocabulary 8192, in eval mode."""
     import transformers
-    from pipellm_client.integrations import accelerate as pa
 
     torch.manual_seed(0)
     cfg = transformers.OPTConfig(
         vocab_size=8192,
-        hidden_size=768,
-        word_embed_proj_dim=768,
-        ffn_dim=3072,
+        hidden_size=hidden,
+        word_embed_proj_dim=hidden,
+        ffn_dim=4 * hidden,
         num_hidden_layers=4,
-        num_attention_heads=12,
+        num_attention_heads=heads,
         max_position_embeddings=128,
     )
-    base = transformers.OPTForCausalLM(cfg).eval()
+    return transformers.OPTForCausalLM(cfg).eval()
+
+
+# -- accelerate --------------------------------------------------------------------------------------
+def bench_accelerate(daemons: dict[str, DaemonProcess], reps: int) -> dict[str, dict[str, Any]]:
+    import accelerate
+    from pipellm_client.integrations import accelerate as pa
+
+    base = _small_opt(hidden=768, heads=12)
     ids = torch.randint(4, 8192, (1, 32), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad():
@@ -346,22 +352,11 @@ def bench_vllm_v1(daemons: dict[str, DaemonProcess], reps: int) -> dict[str, dic
 # -- PEFT --------------------------------------------------------------------------------------------
 def bench_peft(daemons: dict[str, DaemonProcess], reps: int) -> dict[str, dict[str, Any]]:
     import peft
-    import transformers
     from peft.utils.hotswap import hotswap_adapter_from_state_dict
     from peft.utils.save_and_load import _insert_adapter_name_into_state_dict, load_peft_weights
     from pipellm_client.integrations.peft import LoraAdapters
 
-    torch.manual_seed(0)
-    cfg = transformers.OPTConfig(
-        vocab_size=8192,
-        hidden_size=1024,
-        word_embed_proj_dim=1024,
-        ffn_dim=4096,
-        num_hidden_layers=4,
-        num_attention_heads=16,
-        max_position_embeddings=128,
-    )
-    base = transformers.OPTForCausalLM(cfg).eval()
+    base = _small_opt(hidden=1024, heads=16)
     targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
     names = ["a", "b", "c"]
     root = Path(tempfile.mkdtemp(prefix="pipellm-bench-lora-"))

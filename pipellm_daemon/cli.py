@@ -8,17 +8,18 @@ import sys
 
 import uvloop
 from pipellm_client import keymem
+from pipellm_client.wire import DEFAULT_SOCKET, MODE_NAMES
 
 from . import __version__, logs
-from .config import MODES, ConfigError, load
+from .config import ConfigError, load
 from .server import Daemon
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipellmd", description="PipeLLM encryption sidecar (one per host).")
-    p.add_argument("--socket", help="control socket path (default /run/pipellm/pipellmd.sock, or PIPELLM_SOCKET)")
+    p.add_argument("--socket", help=f"control socket path (default {DEFAULT_SOCKET}, or PIPELLM_SOCKET)")
     p.add_argument("--config", help="TOML config file (settings under [pipellmd])")
-    p.add_argument("--mode", choices=MODES, help="pipellm (default), naive (baseline) or plain (NO ENCRYPTION)")
+    p.add_argument("--mode", choices=MODE_NAMES, help="pipellm (default), naive (baseline) or plain (NO ENCRYPTION)")
     p.add_argument("--workers", type=int, help="crypto worker processes (0 = one per core)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--metrics-address", help="serve Prometheus metrics on HOST:PORT (loopback recommended)")

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from pipellm_client.channel import DEFAULT_IV_ROTATION_REMAINING, DEFAULT_UPPER
+from pipellm_client.wire import DEFAULT_SOCKET, MODE_NAMES, data_socket_path
 
-DEFAULT_SOCKET: Final = "/run/pipellm/pipellmd.sock"
-MODES: Final = ("pipellm", "naive", "plain")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
@@ -94,7 +93,7 @@ class Config:
             if not cond:
                 raise ConfigError(msg)
 
-        need(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        need(self.mode in MODE_NAMES, f"mode must be one of {', '.join(MODE_NAMES)}, got {self.mode!r}")
         need(self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}")
         need(self.workers >= 0, "workers must be >= 0 (0 = one per core)")
         need(4096 <= self.chunk_size <= 64 << 20, "chunk_size must be in [4 KiB, 64 MiB]")
@@ -128,7 +127,7 @@ class Config:
 
     @property
     def data_socket(self) -> str:
-        return self.socket + ".data"
+        return data_socket_path(self.socket)
 
     def effective_workers(self) -> int:
         if self.mode == "naive":

@@ -18,7 +18,6 @@ import errno
 import os
 import secrets
 import socket
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,14 +27,13 @@ import grpc
 from google.protobuf.message import DecodeError
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client.keys import KeyAgreement, Transcript
+from pipellm_client.wire import MAX_FRAME, PROTOCOL_VERSION, ancillary_space, mode_value, received_fds, send_packet
 
 from . import __version__, logs
 from . import refusal as R
 from .auth import Peer, Policy, peer_of
 from .sessions import Session, SessionManager
 
-PROTOCOL_VERSION: Final = 1
-MAX_FRAME: Final = 1 << 16
 MAX_FDS: Final = 4
 MAX_OFFERS: Final = 64
 _TRUNCATED: Final = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
@@ -192,17 +190,7 @@ class Connection:
         while self._outbox:
             data, fds = self._outbox[0]
             try:
-                if fds:
-                    anc = [
-                        (
-                            socket.SOL_SOCKET,
-                            socket.SCM_RIGHTS,
-                            b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds),
-                        )
-                    ]
-                    self.sock.sendmsg([data], anc)
-                else:
-                    self.sock.send(data)
+                send_packet(self.sock, data, fds)
             except BlockingIOError:
                 if not self._writer_armed:
                     self._writer_armed = True
@@ -223,7 +211,7 @@ class Connection:
     def on_readable(self) -> None:
         for _ in range(64):  # bounded, so one busy client cannot starve the loop
             try:
-                data, anc, flags, _addr = self.sock.recvmsg(MAX_FRAME, socket.CMSG_SPACE(MAX_FDS * 4))
+                data, anc, flags, _addr = self.sock.recvmsg(MAX_FRAME, ancillary_space(MAX_FDS))
             except BlockingIOError:
                 return
             except OSError:
@@ -231,11 +219,7 @@ class Connection:
             if not data:
                 self.close("client disconnected")
                 return
-            fds: list[int] = []
-            for level, typ, raw in anc:
-                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                    usable = len(raw) - len(raw) % 4
-                    fds.extend(int.from_bytes(raw[i : i + 4], sys.byteorder) for i in range(0, usable, 4))
+            fds = received_fds(anc)
             try:
                 if flags & _TRUNCATED:
                     raise R.invalid(f"frame larger than {MAX_FRAME} bytes or too many descriptors")
@@ -505,7 +489,7 @@ class DataPlane:
                     ticket=conn.ticket,
                     daemon_public_key=conn.daemon_public,
                     daemon_version=__version__,
-                    mode={"pipellm": pb.MODE_PIPELLM, "naive": pb.MODE_NAIVE, "plain": pb.MODE_PLAIN}[self.cfg.mode],  # type: ignore[arg-type]
+                    mode=mode_value(self.cfg.mode),
                 )
             )
         )

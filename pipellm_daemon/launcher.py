@@ -13,6 +13,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from pipellm_client.wire import MAX_FRAME, data_socket_path
+
 READY_TIMEOUT_S = 30.0
 
 
@@ -47,10 +49,13 @@ class DaemonProcess:
         )
         log.close()
         deadline = time.monotonic() + READY_TIMEOUT_S
+        # Probe the data plane only when the log level hides the "ready" line: a probe is a connection the
+        # daemon counts against this uid's max_connections_per_uid until it notices the close.
+        probe = self.log_level.lower() not in ("debug", "info")
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pipellmd exited with {self.proc.returncode}:\n{self.log()}")
-            if b'"event": "ready"' in self.log_path.read_bytes()[since:] or self._answers():
+            if b'"event": "ready"' in self.log_path.read_bytes()[since:] or (probe and self._answers()):
                 return self
             time.sleep(0.02)
         self.kill()
@@ -58,15 +63,16 @@ class DaemonProcess:
 
     def _answers(self) -> bool:
         """Ready even when the log level hides the "ready" line: the data plane greets a connection."""
-        if not os.path.exists(self.socket + ".data") or not os.path.exists(self.socket):
+        data = data_socket_path(self.socket)
+        if not os.path.exists(data) or not os.path.exists(self.socket):
             return False
         import socket as s
 
         sock = s.socket(s.AF_UNIX, s.SOCK_SEQPACKET)
         sock.settimeout(0.5)
         try:
-            sock.connect(self.socket + ".data")
-            return len(sock.recv(1 << 16)) > 0
+            sock.connect(data)
+            return len(sock.recv(MAX_FRAME)) > 0
         except OSError:
             return False
         finally:

@@ -31,10 +31,11 @@ from typing import Any
 
 from pipellm_client import chunks
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
-from pipellm_client.channel import PredictingReceiver, ReservedIv, Sender
+from pipellm_client.channel import KEY_RING_SIZE, PredictingReceiver, ReservedIv, Sender
 from pipellm_client.endpoint import NOP_MESSAGE_LEN, NOP_PLAINTEXT
 from pipellm_client.errors import ChannelDead, StaleSource, TagMismatch
 from pipellm_client.ring import FLAG_STAGED, KIND_DATA, Record, RingView, source_digest
+from pipellm_client.wire import FLAG_UNPREDICTED, copy_engine
 
 from . import jobwire as w
 from .config import Config
@@ -47,7 +48,6 @@ from .predictors import Combined, Key
 from .regions import Region
 from .workers import WorkerLost, WorkerPool
 
-FLAG_UNPREDICTED = 1
 _log = _get_log("pipellmd.pipeline")
 _BATCH = 64  # deliveries per Completion frame
 # Only what the serving code declared or swapped out is published: publishing makes an IV irrevocable
@@ -128,14 +128,32 @@ class Entry:
         return self.key.length
 
 
-class H2DStream:
+class _KeyedStream:
+    """One copy engine's keys as the crypto workers know them: a worker key id per key version in use."""
+
+    def __init__(self, ce: int, version: int, key: bytes, workers: WorkerPool) -> None:
+        self.ce = ce
+        self.workers = workers
+        self.key_ids: dict[int, int] = {version: workers.add_key(key)}
+
+    def _add_key(self, version: int, key: bytes, *, keep: int) -> None:
+        """Hand the workers key `version`; drop the ids of versions `keep` or more behind it."""
+        self.key_ids[version] = self.workers.add_key(key)
+        for old in [k for k in self.key_ids if k <= version - keep]:
+            self.workers.drop_key(self.key_ids.pop(old))
+
+    def _drop_keys(self) -> None:
+        for kid in self.key_ids.values():
+            self.workers.drop_key(kid)
+        self.key_ids.clear()
+
+
+class H2DStream(_KeyedStream):
     """One copy engine's H2D sender and, for the speculative engine, its queue."""
 
     def __init__(self, ce: int, sender: Sender, workers: WorkerPool) -> None:
-        self.ce = ce
+        super().__init__(ce, sender.epoch.version, sender.epoch.key_bytes(), workers)
         self.sender = sender
-        self.workers = workers
-        self.key_ids: dict[int, int] = {sender.epoch.version: workers.add_key(sender.epoch.key_bytes())}
         self.queue: deque[Entry] = deque()
 
     def key_id(self) -> int:
@@ -148,36 +166,26 @@ class H2DStream:
         return -1
 
     def install_new_key(self) -> None:
-        v = self.sender.epoch.version
-        self.key_ids[v] = self.workers.add_key(self.sender.epoch.key_bytes())
-        for old in [k for k in self.key_ids if k < v - 1]:  # keep one old version for jobs still queued
-            self.workers.drop_key(self.key_ids.pop(old))
+        # keep one old version for jobs still queued
+        self._add_key(self.sender.epoch.version, self.sender.epoch.key_bytes(), keep=2)
 
     def close(self) -> None:
-        for kid in self.key_ids.values():
-            self.workers.drop_key(kid)
-        self.key_ids.clear()
+        self._drop_keys()
         self.sender.close()
 
 
-class D2HStream:
+class D2HStream(_KeyedStream):
     def __init__(self, ce: int, receiver: PredictingReceiver, workers: WorkerPool) -> None:
-        self.ce = ce
+        super().__init__(ce, receiver.epoch.version, receiver.epoch.key_bytes(), workers)
         self.receiver = receiver
-        self.workers = workers
-        self.key_ids: dict[int, int] = {receiver.epoch.version: workers.add_key(receiver.epoch.key_bytes())}
 
     def rotate_key(self) -> int:
         v = self.receiver.rotate_key()
-        self.key_ids[v] = self.workers.add_key(self.receiver.epoch.key_bytes())
-        for old in [k for k in self.key_ids if k <= v - 16]:
-            self.workers.drop_key(self.key_ids.pop(old))
+        self._add_key(v, self.receiver.epoch.key_bytes(), keep=KEY_RING_SIZE)  # the versions it still opens
         return v
 
     def close(self) -> None:
-        for kid in self.key_ids.values():
-            self.workers.drop_key(kid)
-        self.key_ids.clear()
+        self._drop_keys()
         self.receiver.close()
 
 
@@ -301,11 +309,12 @@ class Pipeline:
             r.receiver.kill(reason)
 
     def _route(self, t: pb.Transfer) -> int:
-        if self.mode != "pipellm" or len(self.h2d) < 2:
+        if self.mode != "pipellm":
             return 0
-        if t.flags & FLAG_UNPREDICTED or t.length < self.small_threshold:
-            return 1
-        return 0
+        unpredicted = bool(t.flags & FLAG_UNPREDICTED)
+        return copy_engine(
+            t.length, unpredicted=unpredicted, channels=len(self.h2d), small_threshold=self.small_threshold
+        )
 
     def _speculative_slot_budget(self) -> int:
         return self.arena.h2d.free - self.cfg.demand_slots

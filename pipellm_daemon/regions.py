@@ -12,16 +12,12 @@ current snapshot at commit time was made from exactly the bytes being committed.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import numpy as np
 import xxhash
 from pipellm_client.errors import InvalidArgument
+from pipellm_client.regions import generation_table, generations_snapshot
 from pipellm_client.shm import SharedMemory, is_sealed_readonly
-
-
-def generation_table_bytes(size: int, granule: int) -> int:
-    return -(-size // granule) * 8
 
 
 class Region:
@@ -43,11 +39,7 @@ class Region:
         self.sealed = False
         self.granule = granule
         self.handle = handle
-        self.gens: np.ndarray[Any, np.dtype[np.uint64]] | None = None
-        if not readonly:
-            self.gens = np.frombuffer(
-                shm.buf, dtype=np.uint64, count=generation_table_bytes(size, granule) // 8, offset=size
-            )
+        self.gens = None if readonly else generation_table(shm, size, granule)
         self.pending_writes: list[tuple[int, int, asyncio.Future[None]]] = []
         # granule -> D2H landings writing into it now. Two landings into disjoint bytes of one granule run
         # at once; the granule's generation must stay odd until the last of them ends (one +1 each way).
@@ -70,10 +62,7 @@ class Region:
         and not sealed yet): None means "do not encrypt ahead from these bytes"."""
         if self.gens is None:
             return b"" if self.sealed else None
-        g = self.gens[offset // self.granule : (offset + length - 1) // self.granule + 1]
-        if (g & 1).any():
-            return None
-        return g.tobytes()
+        return generations_snapshot(self.gens, self.granule, offset, length)
 
     def still(self, snapshot: bytes, offset: int, length: int) -> bool:
         return self.readonly or self.snapshot(offset, length) == snapshot

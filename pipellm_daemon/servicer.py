@@ -14,6 +14,7 @@ from typing import TypeVar
 import grpc
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
+from pipellm_client.wire import TICKET_KEY
 
 from . import refusal as R
 from .dataplane import Connection, DataPlane
@@ -21,7 +22,6 @@ from .events import EventBus
 from .sessions import Session, SessionManager
 from .status import StatusBuilder
 
-TICKET_KEY = "pipellm-ticket"
 MAX_INTENTS_PER_CALL = 1 << 16
 
 
@@ -62,11 +62,11 @@ class PipeLLMServicer(pb_grpc.PipeLLMServicer):
         if not tickets:
             raise R.Refusal(
                 grpc.StatusCode.UNAUTHENTICATED,
-                "missing pipellm-ticket metadata: connect to the data-plane socket first and use its Welcome ticket",
+                f"missing {TICKET_KEY} metadata: connect to the data-plane socket first and use its Welcome ticket",
             )
         conn = self.dataplane.connection(str(tickets[0]))
         if conn is None:
-            raise R.Refusal(grpc.StatusCode.PERMISSION_DENIED, "unknown or expired pipellm-ticket")
+            raise R.Refusal(grpc.StatusCode.PERMISSION_DENIED, f"unknown or expired {TICKET_KEY}")
         return conn
 
     def _session(self, context: grpc.aio.ServicerContext, session_id: str) -> Session:

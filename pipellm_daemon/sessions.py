@@ -29,6 +29,7 @@ from pipellm_client.errors import ChannelDead, InvalidArgument
 from pipellm_client.keys import Transcript, channel_label, derive_channel_key, open_masks
 from pipellm_client.ring import RingView, ring_bytes
 from pipellm_client.shm import SharedMemory
+from pipellm_client.wire import TRANSFER_FLAGS, copy_engine, generation_table_bytes, mode_value
 
 from . import refusal as R
 from .auth import Peer
@@ -38,7 +39,7 @@ from .latency import Latency
 from .pipeline import Counters, D2HStream, H2DStream, Pipeline
 from .pool import Arena, BouncePool
 from .predictors import Key
-from .regions import Region, generation_table_bytes
+from .regions import Region
 from .workers import WorkerPool
 
 MAX_NAME = 64
@@ -255,7 +256,7 @@ class Session:
                 r.check_range(t.offset, t.length)
             except InvalidArgument as exc:
                 raise R.invalid(f"transfer {i}: {exc}") from None
-            if t.flags & ~1:
+            if t.flags & ~TRANSFER_FLAGS:
                 raise R.invalid(f"transfer {i}: unknown flags {t.flags:#x}")
             if r.readonly and not r.sealed:
                 raise R.precondition(f"region {r.id} is read-only but not sealed yet; seal it after loading")
@@ -422,7 +423,11 @@ class Session:
                 r.check_range(offset, length)
             except InvalidArgument as exc:
                 raise R.invalid(f"intent {i}: {exc}") from None
-            if not d2h and not (self.channels > 1 and length < self.pipeline.small_threshold):
+            small_threshold = self.pipeline.small_threshold
+            if (
+                not d2h
+                and copy_engine(length, unpredicted=False, channels=self.channels, small_threshold=small_threshold) == 0
+            ):
                 # (small transfers take the second channel and are never speculated: no intent needed)
                 keys.extend(Key(r.id, c.offset, c.length) for c in chunks.split(offset, length, self.cfg.chunk_size))
         total = len(keys) + (0 if replace else pending)
@@ -736,7 +741,7 @@ class SessionManager:
         layout = self.layout
         return pb.OpenSessionResponse(
             session_id=s.id,
-            mode={"pipellm": pb.MODE_PIPELLM, "naive": pb.MODE_NAIVE, "plain": pb.MODE_PLAIN}[self.cfg.mode],  # type: ignore[arg-type]
+            mode=mode_value(self.cfg.mode),
             arena=pb.ArenaGeometry(
                 size=layout.size,
                 chunk_size=layout.chunk_size,

@@ -7,14 +7,13 @@ from collections import deque
 
 from pipellm_client import keymem
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
+from pipellm_client.wire import mode_value
 
 from . import __version__
 from .config import Config
 from .pool import BouncePool
 from .sessions import SessionManager
 from .workers import WorkerPool
-
-_MODES = {"pipellm": pb.MODE_PIPELLM, "naive": pb.MODE_NAIVE, "plain": pb.MODE_PLAIN}
 
 
 class Throughput:
@@ -62,7 +61,7 @@ class StatusBuilder:
         return pb.Status(
             version=__version__,
             uptime_s=time.monotonic() - self.started,
-            mode=_MODES[self.cfg.mode],  # type: ignore[arg-type]
+            mode=mode_value(self.cfg.mode),
             sessions=sessions,
             pool=pb.PoolStatus(
                 arena_bytes=self.pool.layout.size,

@@ -2,8 +2,9 @@
 
 Started by the daemon with one end of a SOCK_SEQPACKET socketpair (control messages) and its ring (a memfd
 and two eventfds, see `jobwire`) as arguments; it runs the ring's records in order. It imports only the
-standard library, `cryptography` and the SDK's `crypto` module (the one door to AES-GCM: its
-`open_into` never decrypts straight from the host-writable arena), refuses to dump core (it holds keys),
+standard library, `cryptography`, the SDK's `crypto` module (the one door to AES-GCM: its
+`open_into` never decrypts straight from the host-writable arena) and its `wire` module (descriptor
+packing; pure, no protobuf until asked for a mode), refuses to dump core (it holds keys),
 dies with its parent, and never logs data or keys.
 """
 
@@ -26,8 +27,9 @@ def _crypto_without_sdk() -> None:
     """Run as a worker, import `pipellm_client.crypto` without the SDK's `__init__`.
 
     That `__init__` pulls in grpc and numpy (about 0.3 s and tens of MB per worker, paid again on every
-    restart); the worker needs only `crypto` and `errors`. The package is registered unexecuted, so only
-    its submodules load. Never done on import (tests, the daemon), where the real package may be needed.
+    restart); the worker needs only `crypto`, `keymem`, `errors` and `wire`. The package is registered
+    unexecuted, so only its submodules load. Never done on import (tests, the daemon), where the real
+    package may be needed.
     """
     if "pipellm_client" in sys.modules:
         return
@@ -41,6 +43,7 @@ if __name__ == "__main__":
 
 from pipellm_client import crypto, keymem  # noqa: E402
 from pipellm_client.errors import TagMismatch  # noqa: E402
+from pipellm_client.wire import ancillary_space, received_fds  # noqa: E402
 
 from pipellm_daemon import jobwire as w  # noqa: E402
 
@@ -131,14 +134,10 @@ class Worker:
 
     def control(self) -> None:
         """The socket message a CONTROL record stands for (already sent: the daemon sends it first)."""
-        fd_size = socket.CMSG_LEN(16 * 4)
-        msg, anc, _flags, _addr = self.sock.recvmsg(1 << 16, fd_size)
+        msg, anc, _flags, _addr = self.sock.recvmsg(1 << 16, ancillary_space(16))
         if not msg:
             raise EOFError
-        fds: list[int] = []
-        for level, typ, data in anc:
-            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                fds.extend(int.from_bytes(data[i : i + 4], sys.byteorder) for i in range(0, len(data), 4))
+        fds = received_fds(anc)
         try:
             self.handle(msg, fds)
         finally:

@@ -39,6 +39,7 @@ from pipellm_client import crypto
 from pipellm_client.errors import PipeLLMError, TagMismatch
 from pipellm_client.keymem import LockedKey
 from pipellm_client.shm import SharedMemory
+from pipellm_client.wire import send_packet
 
 from . import jobwire as w
 from .config import default_worker_count  # noqa: F401 (bench/ imports it from here)
@@ -493,10 +494,7 @@ class WorkerPool:
         while p.outbox:
             msg, fds = p.outbox[0]
             try:
-                if fds:
-                    p.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_bytes(fds))])
-                else:
-                    p.sock.send(msg)
+                send_packet(p.sock, msg, fds)
             except BlockingIOError:
                 if not p.writer_armed and self._loop is not None:
                     p.writer_armed = True
@@ -666,7 +664,3 @@ class WorkerPool:
             "utilisation": [round(p.busy_ns / wall_ns, 4) for p in self._procs],
             "pids": self.pids(),
         }
-
-
-def _fd_bytes(fds: list[int]) -> bytes:
-    return b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)

@@ -18,9 +18,9 @@ from pipellm_client.arena import ArenaLayout
 from pipellm_client.channel import KeyEpoch, PredictingReceiver, RotationPolicy, Sender
 from pipellm_client.endpoint import ChannelSecrets
 from pipellm_client.regions import Region as ClientRegion
-from pipellm_client.regions import generation_table_bytes
 from pipellm_client.ring import RingView
 from pipellm_client.shm import SharedMemory
+from pipellm_client.wire import generation_table_bytes
 
 from pipellm_daemon.config import Config
 from pipellm_daemon.events import EventBus

@@ -8,11 +8,12 @@ import grpc
 import numpy as np
 import pytest
 from pipellm_client import Client, DaemonError
-from pipellm_client._core import TICKET_KEY, from_error_frame
+from pipellm_client._core import from_error_frame
 from pipellm_client._dataplane import FrameSocket
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
 from pipellm_client.shm import SharedMemory
+from pipellm_client.wire import TICKET_KEY
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon_settings(max_intents=64, max_transfers_per_commit=16)]
 

@@ -28,7 +28,6 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 from pipellm_client import Client
-from pipellm_client._core import TICKET_KEY
 from pipellm_client._dataplane import FrameSocket
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
@@ -42,6 +41,7 @@ from pipellm_client.shm import (
     F_SEAL_WRITE,
     SharedMemory,
 )
+from pipellm_client.wire import TICKET_KEY
 
 from pipellm_daemon.launcher import DaemonProcess
 

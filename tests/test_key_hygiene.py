@@ -28,6 +28,7 @@ from pipellm_client._core import Handshake
 from pipellm_client._dataplane import FrameSocket
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client.keys import KeyAgreement, channel_label, hkdf_expand, rotate_key
+from pipellm_client.wire import TICKET_KEY
 
 from pipellm_daemon.launcher import DaemonProcess
 
@@ -203,14 +204,14 @@ def provoke(client: Client, s: Any, socket: str) -> list[str]:
         )
     )
     expect(lambda: client.call(client._stub.OpenSession, pb.OpenSessionRequest(), md))  # one per connection
-    expect(lambda: client.call(client._stub.GetStatus, pb.GetStatusRequest(), [("pipellm-ticket", "0" * 32)]))
+    expect(lambda: client.call(client._stub.GetStatus, pb.GetStatusRequest(), [(TICKET_KEY, "0" * 32)]))
     expect(lambda: s.h2d(w, 0, w.size + 1, np.zeros(w.size + 1, np.uint8)))  # the SDK's own check
     # A key agreement whose mask transport does not authenticate (the daemon holds a master secret here).
     fs = FrameSocket(socket)
     try:
         welcome = fs.recv()[0].welcome
         bogus = pb.OpenSessionRequest(endpoint_public_key=KeyAgreement().public_bytes, sealed_masks=bytes(64))
-        expect(lambda: client.call(client._stub.OpenSession, bogus, [("pipellm-ticket", welcome.ticket)]))
+        expect(lambda: client.call(client._stub.OpenSession, bogus, [(TICKET_KEY, welcome.ticket)]))
     finally:
         fs.close()
     # Data-plane refusals come back as Error frames.

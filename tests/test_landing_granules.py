@@ -15,8 +15,9 @@ import random
 import numpy as np
 import pytest
 from pipellm_client.shm import SharedMemory
+from pipellm_client.wire import generation_table_bytes
 
-from pipellm_daemon.regions import Region, generation_table_bytes
+from pipellm_daemon.regions import Region
 
 GRANULE = 64 << 10
 

@@ -213,8 +213,15 @@ def test_the_sdk_never_imports_the_daemon() -> None:
 
 def test_the_worker_process_imports_only_what_it_needs() -> None:
     """A crypto worker holds keys: the standard library, `cryptography` (through the SDK's crypto module),
-    the SDK's key memory and errors, and the ring format. Nothing that would pull in grpc or numpy."""
-    allowed = {"pipellm_client.crypto", "pipellm_client.keymem", "pipellm_client.errors", "pipellm_daemon.jobwire"}
+    the SDK's key memory and errors, its wire facts (descriptor packing), and the ring format. Nothing that
+    would pull in grpc, numpy or protobuf."""
+    allowed = {
+        "pipellm_client.crypto",
+        "pipellm_client.keymem",
+        "pipellm_client.errors",
+        "pipellm_client.wire",
+        "pipellm_daemon.jobwire",
+    }
     tree = ast.parse((DAEMON / "worker.py").read_text())
     bad = []
     for node in ast.walk(tree):

@@ -28,11 +28,12 @@ import numpy as np
 import psutil
 import pytest
 from pipellm_client import Client, DaemonError
-from pipellm_client._core import TICKET_KEY, Handshake, swap_order_value
+from pipellm_client._core import Handshake, swap_order_value
 from pipellm_client._dataplane import DaemonUnavailable, FrameSocket
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
 from pipellm_client.client import _welcome
+from pipellm_client.wire import TICKET_KEY
 
 from pipellm_daemon.launcher import DaemonProcess
 

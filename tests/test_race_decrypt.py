@@ -17,6 +17,7 @@ Run by hand: `OPENSSL_ia32cap=<mask> python -m tests.test_race_decrypt 300` prin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import mmap
 import os
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,63 +164,56 @@ def test_threads_each_use_their_own_private_buffer() -> None:
     assert not failures
 
 
+@contextlib.contextmanager
+def _worker_with_two_maps(size: int, key_id: int, key: bytes) -> Iterator[tuple[Worker, mmap.mmap, mmap.mmap]]:
+    """A Worker (in this process) with memfds of `size` bytes mapped as handles 1 (read-only to it) and
+    2 (writable), and `key` as `key_id`; yields the worker and this process's mappings of 1 and 2."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds = [os.memfd_create("one"), os.memfd_create("two")]
+    for fd in fds:
+        os.ftruncate(fd, size)
+    worker = Worker(a)
+    worker.handle(w.MAP.pack(w.Op.MAP, 1, size, 0), [os.dup(fds[0])])
+    worker.handle(w.MAP.pack(w.Op.MAP, 2, size, 1), [os.dup(fds[1])])
+    worker.handle(w.KEY.pack(w.Op.KEY, key_id, key), [])
+    one, two = mmap.mmap(fds[0], size), mmap.mmap(fds[1], size)
+    try:
+        yield worker, one, two
+    finally:
+        for h in (1, 2):
+            worker.handle(w.HANDLE.pack(w.Op.UNMAP, h), [])
+        one.close()
+        two.close()
+        for fd in fds:
+            os.close(fd)
+        a.close()
+        b.close()
+
+
 def test_worker_open_job_uses_the_race_proof_path() -> None:
     """Worker.run's OPEN: OK and exact plaintext, TAG with the region wiped, ERROR out of range."""
     key, nonce, pt = os.urandom(32), os.urandom(12), os.urandom(OPEN_PIECE + 33)
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    fds = [os.memfd_create("arena"), os.memfd_create("region")]
-    for fd in fds:
-        os.ftruncate(fd, 1 << 20)
-    worker = Worker(a)
-    worker.handle(w.MAP.pack(w.Op.MAP, 1, 1 << 20, 0), [os.dup(fds[0])])
-    worker.handle(w.MAP.pack(w.Op.MAP, 2, 1 << 20, 1), [os.dup(fds[1])])
-    worker.handle(w.KEY.pack(w.Op.KEY, 7, key), [])
-    arena = mmap.mmap(fds[0], 1 << 20)
-    region = mmap.mmap(fds[1], 1 << 20)
-    arena[64 : 64 + len(pt) + TAG_LEN] = seal(key, nonce, pt)
-    job = w.Job(w.Kind.OPEN, 1, 7, nonce, 1, 64, len(pt), 2, 128)
-    assert worker.run(job) == w.Status.OK
-    assert region[128 : 128 + len(pt)] == pt
-    arena[64 + 5] ^= 1
-    assert worker.run(job) == w.Status.TAG
-    assert region[128 : 128 + len(pt)] == bytes(len(pt))
-    assert worker.run(w.Job(w.Kind.OPEN, 2, 7, nonce, 1, (1 << 20) - 100, len(pt), 2, 0)) == w.Status.ERROR
-    for h in (1, 2):
-        worker.handle(w.HANDLE.pack(w.Op.UNMAP, h), [])
-    arena.close()
-    region.close()
-    for fd in fds:
-        os.close(fd)
-    a.close()
-    b.close()
+    with _worker_with_two_maps(1 << 20, 7, key) as (worker, arena, region):
+        arena[64 : 64 + len(pt) + TAG_LEN] = seal(key, nonce, pt)
+        job = w.Job(w.Kind.OPEN, 1, 7, nonce, 1, 64, len(pt), 2, 128)
+        assert worker.run(job) == w.Status.OK
+        assert region[128 : 128 + len(pt)] == pt
+        arena[64 + 5] ^= 1
+        assert worker.run(job) == w.Status.TAG
+        assert region[128 : 128 + len(pt)] == bytes(len(pt))
+        assert worker.run(w.Job(w.Kind.OPEN, 2, 7, nonce, 1, (1 << 20) - 100, len(pt), 2, 0)) == w.Status.ERROR
 
 
 def test_worker_seal_job_goes_through_the_audited_door(ledger: Any) -> None:
     """Worker.run's SEAL is `crypto.seal_job`: exact ciphertext, and an auditor installed in the worker's
     process (a test's; a real worker process has none) sees it once, under the pool's key tag."""
     key, nonce, pt = os.urandom(32), os.urandom(12), os.urandom(5000)
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    fds = [os.memfd_create("region"), os.memfd_create("arena")]
-    for fd in fds:
-        os.ftruncate(fd, 1 << 16)
-    worker = Worker(a)
-    worker.handle(w.MAP.pack(w.Op.MAP, 1, 1 << 16, 0), [os.dup(fds[0])])
-    worker.handle(w.MAP.pack(w.Op.MAP, 2, 1 << 16, 1), [os.dup(fds[1])])
-    worker.handle(w.KEY.pack(w.Op.KEY, 3, key), [])
-    region, arena = mmap.mmap(fds[0], 1 << 16), mmap.mmap(fds[1], 1 << 16)
-    region[100 : 100 + len(pt)] = pt
-    assert worker.run(w.Job(w.Kind.SEAL, 1, 3, nonce, 1, 100, len(pt), 2, 64)) == w.Status.OK
-    assert arena[64 : 64 + len(pt) + TAG_LEN] == seal(key, nonce, pt)
-    assert ledger.count == 1 and set(ledger.seen) == {(crypto.key_tag(key), nonce)}
-    assert worker.run(w.Job(w.Kind.SEAL, 2, 3, nonce, 1, 100, len(pt), 2, (1 << 16) - 10)) == w.Status.ERROR
-    for h in (1, 2):
-        worker.handle(w.HANDLE.pack(w.Op.UNMAP, h), [])
-    arena.close()
-    region.close()
-    for fd in fds:
-        os.close(fd)
-    a.close()
-    b.close()
+    with _worker_with_two_maps(1 << 16, 3, key) as (worker, region, arena):
+        region[100 : 100 + len(pt)] = pt
+        assert worker.run(w.Job(w.Kind.SEAL, 1, 3, nonce, 1, 100, len(pt), 2, 64)) == w.Status.OK
+        assert arena[64 : 64 + len(pt) + TAG_LEN] == seal(key, nonce, pt)
+        assert ledger.count == 1 and set(ledger.seen) == {(crypto.key_tag(key), nonce)}
+        assert worker.run(w.Job(w.Kind.SEAL, 2, 3, nonce, 1, 100, len(pt), 2, (1 << 16) - 10)) == w.Status.ERROR
 
 
 @pytest.mark.parametrize("inline", [False, True])

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
-import numpy as np
 
 from . import chunks, keys
 from ._gen.pipellm.v1 import pipellm_pb2 as pb
@@ -23,12 +22,11 @@ from .channel import RotationPolicy
 from .crypto import TAG_LEN
 from .endpoint import NOP_MESSAGE_LEN, ChannelSecrets, CpuEndpoint, Endpoint, MsgKind, host_source_view
 from .errors import ChannelDead, InvalidArgument, PipeLLMError, TagMismatch
-from .regions import Region, generation_table_bytes
+from .regions import Region
 from .ring import BELL_EVERY, FLAG_STAGED, KIND_DATA, KIND_ROTATE_IV, KIND_ROTATE_KEY, Record, RingView, source_digest
 from .shm import SharedMemory
+from .wire import FLAG_UNPREDICTED, copy_engine, generation_table_bytes
 
-TICKET_KEY: Final = "pipellm-ticket"
-FLAG_UNPREDICTED: Final = 1
 _KIND = {
     pb.MSG_KIND_DATA: MsgKind.DATA,
     pb.MSG_KIND_NOP: MsgKind.NOP,
@@ -291,7 +289,9 @@ class SessionCore:
 
     # -- H2D ---------------------------------------------------------------------------------------
     def route_ce(self, length: int, unpredicted: bool) -> int:
-        return 1 if self.channels > 1 and (unpredicted or length < self.small_threshold) else 0
+        return copy_engine(
+            length, unpredicted=unpredicted, channels=self.channels, small_threshold=self.small_threshold
+        )
 
     def commit_frame(self, transfers: list[tuple[Region, int, int, Any, bool]]) -> tuple[pb.Frame | None, Pending]:
         """The Commit frame for what the delivery ring cannot serve (None when it served everything)."""
@@ -706,17 +706,6 @@ class SessionCore:
             kind=pb.REGION_KIND_ADAPTER if adapter else pb.REGION_KIND_UNSPECIFIED,
         )
         return shm, pb.Frame(offer=pb.Offer(offer_id=offer)), req
-
-    @staticmethod
-    def fill(region: Region, data: Any) -> None:
-        raw = as_source_view(data)
-        if len(raw) > region.size:
-            raise InvalidArgument(f"data of {len(raw)} bytes does not fit a region of {region.size}")
-        if region.readonly:
-            region.array[: len(raw)] = np.frombuffer(raw, np.uint8)
-            region.seal()
-        else:
-            region.write(0, raw)
 
     def declare_frames(self, intents: Sequence[Intent], *, replace: bool, cyclic: bool) -> list[pb.Frame]:
         """Intents as data-plane Declare frames (fire-and-forget; a refusal is raised at a later call).

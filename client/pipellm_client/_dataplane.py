@@ -7,17 +7,20 @@ import os
 import pwd
 import socket
 import struct
-import sys
-from typing import Final
 
 from google.protobuf.message import DecodeError
 
 from ._gen.pipellm.v1 import pipellm_pb2 as pb
 from .errors import PipeLLMError
-
-PROTOCOL_VERSION: Final = 1
-MAX_FRAME: Final = 1 << 16
-DEFAULT_SOCKET: Final = "/run/pipellm/pipellmd.sock"
+from .wire import (
+    DEFAULT_SOCKET,
+    MAX_FRAME,
+    PROTOCOL_VERSION,
+    ancillary_space,
+    data_socket_path,
+    received_fds,
+    send_packet,
+)
 
 
 class DaemonUnavailable(PipeLLMError):
@@ -50,10 +53,6 @@ def expected_daemon_uids() -> frozenset[int]:
 def peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return int(struct.unpack("3i", creds)[1])
-
-
-def data_socket_path(control_socket: str) -> str:
-    return control_socket + ".data"
 
 
 class FrameSocket:
@@ -97,11 +96,7 @@ class FrameSocket:
         frame.version = PROTOCOL_VERSION
         data = frame.SerializeToString()
         try:
-            if fds:
-                raw = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
-                self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, raw)])
-            else:
-                self.sock.send(data)
+            send_packet(self.sock, data, fds)
         except (BrokenPipeError, ConnectionResetError):
             raise DaemonUnavailable("pipellmd closed the data-plane connection") from None
 
@@ -109,17 +104,14 @@ class FrameSocket:
         """Read one frame; with block=False, BlockingIOError when none is waiting (sends always block)."""
         try:
             flags = 0 if block else socket.MSG_DONTWAIT
-            data, anc, _flags, _ = self.sock.recvmsg(MAX_FRAME, socket.CMSG_SPACE(16), flags)
+            data, anc, _flags, _ = self.sock.recvmsg(MAX_FRAME, ancillary_space(4), flags)
         except ConnectionResetError:
             data, anc = b"", []
         except TimeoutError:
             raise DaemonUnavailable("pipellmd did not answer in time (is it stopped or overloaded?)") from None
         if not data:
             raise DaemonUnavailable("pipellmd closed the data-plane connection")
-        fds: list[int] = []
-        for level, typ, raw in anc:
-            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                fds.extend(int.from_bytes(raw[i : i + 4], sys.byteorder) for i in range(0, len(raw) - len(raw) % 4, 4))
+        fds = received_fds(anc)
         try:
             return pb.Frame.FromString(data), fds
         except DecodeError:

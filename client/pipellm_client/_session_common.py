@@ -21,7 +21,6 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 from ._core import (
-    TICKET_KEY,
     DaemonError,
     Handshake,
     Intent,
@@ -36,6 +35,7 @@ from ._gen.pipellm.v1 import pipellm_pb2 as pb
 from .endpoint import Endpoint
 from .errors import ChannelDead, InvalidArgument, PipeLLMError, TagMismatch
 from .regions import Region
+from .wire import TICKET_KEY
 
 T = TypeVar("T")
 Metadata: TypeAlias = list[tuple[str, str]]

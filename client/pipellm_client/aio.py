@@ -22,7 +22,7 @@ from typing import Any, TypeVar, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ._core import TICKET_KEY, DaemonError, Intent, Landing, SessionCore, from_rpc_error
+from ._core import DaemonError, Intent, Landing, SessionCore, from_rpc_error
 from ._dataplane import DaemonUnavailable, FrameSocket, default_socket
 from ._gen.pipellm.v1 import pipellm_pb2 as pb
 from ._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
@@ -46,6 +46,7 @@ from ._session_common import (
 )
 from .errors import ChannelDead, PipeLLMError
 from .regions import Region
+from .wire import TICKET_KEY
 
 T = TypeVar("T")
 

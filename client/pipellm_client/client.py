@@ -15,7 +15,7 @@ from typing import Any, TypeVar, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ._core import TICKET_KEY, Intent, Landing, from_rpc_error
+from ._core import Intent, Landing, from_rpc_error
 from ._dataplane import DaemonUnavailable, FrameSocket, default_socket
 from ._gen.pipellm.v1 import pipellm_pb2 as pb
 from ._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
@@ -38,6 +38,7 @@ from ._session_common import (
 )
 from ._session_common import welcome as _welcome  # noqa: F401 - tests/test_quotas.py imports it from here
 from .regions import Region
+from .wire import TICKET_KEY
 
 T = TypeVar("T")
 

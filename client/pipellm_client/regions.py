@@ -19,13 +19,26 @@ import numpy as np
 
 from .errors import InvalidArgument
 from .shm import SharedMemory
+from .wire import generation_table_bytes
 
 if TYPE_CHECKING:
     import torch
 
+Generations = np.ndarray[Any, np.dtype[np.uint64]]
 
-def generation_table_bytes(size: int, granule: int) -> int:
-    return -(-size // granule) * 8
+
+def generation_table(shm: SharedMemory, size: int, granule: int) -> Generations:
+    """A mutable region's write generations: the uint64 table after its `size` bytes of data, shared with
+    the daemon (and digested into the delivery ring's records, so both ends must read it the same way)."""
+    return np.frombuffer(shm.buf, dtype=np.uint64, count=generation_table_bytes(size, granule) // 8, offset=size)
+
+
+def generations_snapshot(gens: Generations, granule: int, offset: int, length: int) -> bytes | None:
+    """The generations covering a range, or None while a writer is inside it (one of them odd)."""
+    g = gens[offset // granule : (offset + length - 1) // granule + 1]
+    if (g & 1).any():
+        return None
+    return g.tobytes()
 
 
 class Region:
@@ -51,11 +64,7 @@ class Region:
         self._wait_landed = wait_landed
         self._seal_remote = seal_remote
         self.array: np.ndarray[Any, np.dtype[np.uint8]] = np.frombuffer(shm.buf, dtype=np.uint8, count=size)
-        self._gens: np.ndarray[Any, np.dtype[np.uint64]] | None = None
-        if not readonly:
-            self._gens = np.frombuffer(
-                shm.buf, dtype=np.uint64, count=generation_table_bytes(size, granule) // 8, offset=size
-            )
+        self._gens = None if readonly else generation_table(shm, size, granule)
 
     def __repr__(self) -> str:
         kind = "sealed" if self.sealed else ("read-only" if self.readonly else "mutable")
@@ -99,10 +108,7 @@ class Region:
         region), or None while that range may change (a writer inside it, or a read-only region not sealed)."""
         if self._gens is None:
             return b"" if self.sealed else None
-        g = self._gens[offset // self.granule : (offset + length - 1) // self.granule + 1]
-        if (g & 1).any():
-            return None
-        return g.tobytes()
+        return generations_snapshot(self._gens, self.granule, offset, length)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview | np.ndarray[Any, Any]) -> None:
         raw = (

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 _HERE = Path(__file__).resolve().parent
 _CLIENT = _HERE.parents[1] / "client"
@@ -11,3 +15,20 @@ _CLIENT = _HERE.parents[1] / "client"
 for _path in (str(_HERE), str(_CLIENT)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
+
+
+@pytest.fixture(scope="module")
+def fake_cp() -> Iterator[Any]:
+    """`aesgcm_cuda` on a fake `cupy` whose "device" arrays are host memory and whose kernels are the
+    emulated aesgcm.cu (a test module that needs more, e.g. `cupy` importable by name, defines its own)."""
+    import gpu_fake_cupy
+    from pipellm_client.gpu import aesgcm_cuda
+
+    mod = gpu_fake_cupy.make_module()
+    saved_cupy, saved_modules = aesgcm_cuda._cupy, dict(aesgcm_cuda._modules)
+    aesgcm_cuda._cupy = lambda: mod
+    aesgcm_cuda._modules.clear()
+    yield mod
+    aesgcm_cuda._cupy = saved_cupy
+    aesgcm_cuda._modules.clear()
+    aesgcm_cuda._modules.update(saved_modules)

@@ -70,6 +70,19 @@ def build_emulator(params: GcmParams, out_dir: Path) -> Path:
     return lib
 
 
+def load_emulator(lib_path: Path) -> ctypes.CDLL:
+    """The compiled emulator, its `emu_launch(kernel, grid, params, n_params)` typed."""
+    lib = ctypes.CDLL(str(lib_path))
+    lib.emu_launch.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_uint,
+        ctypes.POINTER(ctypes.c_uint64),
+        ctypes.c_int,
+    ]
+    lib.emu_launch.restype = ctypes.c_int
+    return lib
+
+
 class GuardedBuffer:
     """A 16-byte aligned byte buffer with guard bytes around it."""
 
@@ -106,14 +119,7 @@ class EmulatedAesGcm:
 
     def __init__(self, lib_path: Path, key: bytes, params: GcmParams) -> None:
         self.params = params
-        self._lib = ctypes.CDLL(str(lib_path))
-        self._lib.emu_launch.argtypes = [
-            ctypes.c_char_p,
-            ctypes.c_uint,
-            ctypes.POINTER(ctypes.c_uint64),
-            ctypes.c_int,
-        ]
-        self._lib.emu_launch.restype = ctypes.c_int
+        self._lib = load_emulator(lib_path)
         self.ctx = GuardedBuffer(build_context(key, params).view(np.uint8))
         self.guarded: list[GuardedBuffer] = []  # every message buffer of the running batch
 

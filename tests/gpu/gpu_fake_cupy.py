@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from gpu_cu_signatures import kernel_signatures
-from gpu_emu_runner import EMU_DIR, cxx_compiler
+from gpu_emu_runner import EMU_DIR, cxx_compiler, load_emulator
 
 uint8 = np.uint8
 uint32 = np.uint32
@@ -298,14 +298,7 @@ class RawModule:
              "-x", "c++", str(src), "-x", "none", str(EMU_DIR / "harness.cpp"), "-o", str(lib)],
             check=True, capture_output=True, text=True,
         )  # fmt: skip
-        self._lib = ctypes.CDLL(str(lib))
-        self._lib.emu_launch.argtypes = [
-            ctypes.c_char_p,
-            ctypes.c_uint,
-            ctypes.POINTER(ctypes.c_uint64),
-            ctypes.c_int,
-        ]
-        self._lib.emu_launch.restype = ctypes.c_int
+        self._lib = load_emulator(lib)
         type(self).compiled += 1
 
     def get_function(self, name: str) -> _Kernel | _FastKernel:

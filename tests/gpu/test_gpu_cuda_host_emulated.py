@@ -5,32 +5,17 @@ arrays in host memory and runs the kernels through the emulated aesgcm.cu. What 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from gpu_emu_runner import cxx_compiler
-from pipellm_client.gpu import CudaAesGcm, GcmParams, aesgcm_cuda, cuda_available, decrypt_results_ok
+from pipellm_client.gpu import CudaAesGcm, GcmParams, cuda_available, decrypt_results_ok
 
 pytestmark = pytest.mark.skipif(cxx_compiler() is None, reason="no C++ compiler to build the emulator")
 
 TINY = GcmParams(threads_per_block=32, ctr_blocks_per_thread=3, ghash_run0=2, ghash_run=2, enc_group=1)
-
-
-@pytest.fixture(scope="module")
-def fake_cp() -> Iterator[Any]:
-    import gpu_fake_cupy
-
-    mod = gpu_fake_cupy.make_module()
-    saved_cupy, saved_modules = aesgcm_cuda._cupy, dict(aesgcm_cuda._modules)
-    aesgcm_cuda._cupy = lambda: mod
-    aesgcm_cuda._modules.clear()
-    yield mod
-    aesgcm_cuda._cupy = saved_cupy
-    aesgcm_cuda._modules.clear()
-    aesgcm_cuda._modules.update(saved_modules)
 
 
 def _seal(key: bytes, nonce: bytes, n: int) -> tuple[bytes, bytes]:

@@ -38,20 +38,6 @@ CHUNK = 4096
 LAYOUT = ArenaLayout(CHUNK, h2d_slots=6, d2h_slots=4)
 
 
-@pytest.fixture(scope="module")
-def fake_cp() -> Iterator[Any]:
-    import gpu_fake_cupy
-
-    mod = gpu_fake_cupy.make_module()
-    saved_cupy, saved_modules = aesgcm_cuda._cupy, dict(aesgcm_cuda._modules)
-    aesgcm_cuda._cupy = lambda: mod
-    aesgcm_cuda._modules.clear()
-    yield mod
-    aesgcm_cuda._cupy = saved_cupy
-    aesgcm_cuda._modules.clear()
-    aesgcm_cuda._modules.update(saved_modules)
-
-
 class Host:
     """The daemon's side of two copy engines: senders with the session keys, and a bounce arena."""
 

@@ -32,6 +32,14 @@ def _rand(n: int) -> np.ndarray:
     return np.frombuffer(os.urandom(n), dtype=np.uint8)
 
 
+def _matches_cryptography(key: bytes, nonce: bytes, pt: np.ndarray) -> None:
+    """The reference seals `pt` to OpenSSL's exact bytes and opens them back to `pt`."""
+    expected = AESGCM(key).encrypt(nonce, pt.tobytes(), None)
+    ref = RefAesGcm(key)
+    assert ref.encrypt(nonce, pt).tobytes() == expected
+    assert ref.decrypt(nonce, np.frombuffer(expected, dtype=np.uint8)).tobytes() == pt.tobytes()
+
+
 @pytest.mark.parametrize("params", [DEFAULT_PARAMS, TINY], ids=["default", "tiny"])
 def test_boundary_lengths_both_directions(params: GcmParams) -> None:
     key = os.urandom(32)
@@ -48,22 +56,14 @@ def test_boundary_lengths_both_directions(params: GcmParams) -> None:
 @pytest.mark.parametrize("n", [64 * KIB, MIB - 3, MIB, MIB + 17])
 def test_large_messages(n: int) -> None:
     key, nonce = os.urandom(32), os.urandom(12)
-    pt = _rand(n)
-    expected = AESGCM(key).encrypt(nonce, pt.tobytes(), None)
-    ref = RefAesGcm(key)
-    assert ref.encrypt(nonce, pt).tobytes() == expected
-    assert ref.decrypt(nonce, np.frombuffer(expected, dtype=np.uint8)).tobytes() == pt.tobytes()
+    _matches_cryptography(key, nonce, _rand(n))
 
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(min_value=0, max_value=80_000), seed=st.binary(min_size=44, max_size=44))
 def test_random_lengths_keys_nonces(n: int, seed: bytes) -> None:
     key, nonce = seed[:32], seed[32:]
-    pt = _rand(n)
-    expected = AESGCM(key).encrypt(nonce, pt.tobytes(), None)
-    ref = RefAesGcm(key)
-    assert ref.encrypt(nonce, pt).tobytes() == expected
-    assert ref.decrypt(nonce, np.frombuffer(expected, dtype=np.uint8)).tobytes() == pt.tobytes()
+    _matches_cryptography(key, nonce, _rand(n))
 
 
 @settings(max_examples=40, deadline=None)

@@ -161,33 +161,6 @@ def test_enable_refuses_what_it_cannot_serve(daemon) -> None:
 # -- the CUDA endpoint ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_gpu() -> Any:
-    """The CUDA endpoint without a GPU: tests/gpu's fake CuPy (its device memory is host memory, so the
-    endpoint's torch device is the CPU) with `cryptography` in place of the kernels; the endpoint's own code
-    -- batch tables, flags, the gate, pinned copies, DLPack views -- runs as on a GPU."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
-    import gpu_fake_cupy
-    from pipellm_client.gpu import aesgcm_cuda
-
-    fake = gpu_fake_cupy.make_module(fast=True)
-    saved_cupy, saved_modules, saved_sys = aesgcm_cuda._cupy, dict(aesgcm_cuda._modules), sys.modules.get("cupy")
-    aesgcm_cuda._cupy = lambda: fake
-    aesgcm_cuda._modules.clear()
-    sys.modules["cupy"] = fake
-    yield fake
-    aesgcm_cuda._cupy = saved_cupy
-    aesgcm_cuda._modules.clear()
-    aesgcm_cuda._modules.update(saved_modules)
-    if saved_sys is None:
-        sys.modules.pop("cupy", None)
-    else:
-        sys.modules["cupy"] = saved_sys
-
-
 @pytest.mark.parametrize(("family", "how"), [("opt", "cpu_offload"), ("llama", "dispatch_model")])
 def test_cuda_endpoint_emulated(daemon, fake_gpu, family: str, how: str) -> None:
     """The same model through a session with endpoint="cuda": every fetch decrypted and verified by the

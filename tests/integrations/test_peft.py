@@ -152,32 +152,6 @@ def test_incompatible_adapter_needs_its_own_slot(daemon, adapters) -> None:
 # -- the CUDA endpoint ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_gpu() -> Any:
-    """The CUDA endpoint without a GPU: tests/gpu's fake CuPy (device memory is host memory, so the
-    endpoint's torch device is the CPU), `cryptography` in place of the kernels; the endpoint's own code
-    (batch tables, flags, the gate, DLPack views) runs as on a GPU."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
-    import gpu_fake_cupy
-    from pipellm_client.gpu import aesgcm_cuda
-
-    fake = gpu_fake_cupy.make_module(fast=True)
-    saved_cupy, saved_modules, saved_sys = aesgcm_cuda._cupy, dict(aesgcm_cuda._modules), sys.modules.get("cupy")
-    aesgcm_cuda._cupy = lambda: fake
-    aesgcm_cuda._modules.clear()
-    sys.modules["cupy"] = fake
-    yield fake
-    aesgcm_cuda._cupy = saved_cupy
-    aesgcm_cuda._modules.clear()
-    aesgcm_cuda._modules.update(saved_modules)
-    if saved_sys is None:
-        sys.modules.pop("cupy", None)
-    else:
-        sys.modules["cupy"] = saved_sys
-
-
 def test_cuda_endpoint_emulated(daemon, adapters, fake_gpu) -> None:
     """Hot-swapping through a session with endpoint="cuda": the slot buffer is the endpoint's device memory,
     each load decrypted and verified there; same logits as peft, hinted loads hit."""

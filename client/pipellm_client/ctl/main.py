@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import grpc
 
 from .. import Client, DaemonError, DaemonUnavailable, PipeLLMError, default_socket
+from ..wire import DEFAULT_SOCKET, data_socket_path
 from .base import NoAnswer, Verb
 from .exitcodes import DESCRIPTION, Exit
 from .health import VERB as HEALTH
@@ -39,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--socket",
         default=default_socket(),
-        help="pipellmd control socket (default: $PIPELLM_SOCKET, else /run/pipellm/pipellmd.sock)",
+        help=f"pipellmd control socket (default: $PIPELLM_SOCKET, else {DEFAULT_SOCKET})",
     )
     p.add_argument(
         "--timeout",
@@ -68,7 +69,7 @@ def fail(code: Exit, message: str) -> int:
 
 def _denied_locally(socket_path: str) -> bool:
     """The socket exists but this user may not connect to it (file mode/group), before the daemon sees us."""
-    data = socket_path + ".data"
+    data = data_socket_path(socket_path)
     return os.path.exists(data) and not os.access(data, os.R_OK | os.W_OK)
 
 

@@ -42,11 +42,10 @@ from .params import (
     KERNEL_NAMES,
     KEY_BYTES,
     MAX_BATCH,
-    NONCE_BYTES,
     TAG_BYTES,
     GcmParams,
 )
-from .plan import U32, U64, Buf, Plan, Ptr, decrypt_plan, encrypt_plan
+from .plan import U32, U64, Buf, Plan, Ptr, check_nonce, decrypt_plan, encrypt_plan
 
 _H2D = 1  # cudaMemcpyHostToDevice
 
@@ -113,13 +112,11 @@ def _kernels(params: GcmParams, device_id: int) -> dict[str, Any]:
         return kernels
 
 
-def _check_nonce(nonce: object) -> bytes:
-    if not isinstance(nonce, (bytes, bytearray, memoryview)):
-        raise TypeError(f"nonce must be bytes, got {type(nonce).__name__}")
-    value = bytes(nonce)
-    if len(value) != NONCE_BYTES:
-        raise ValueError(f"nonce must be {NONCE_BYTES} bytes, got {len(value)}")
-    return value
+def _check_batch(items: Sequence[object]) -> None:
+    if not items:
+        raise ValueError("a batch needs at least one message")
+    if len(items) > MAX_BATCH:
+        raise ValueError(f"a batch holds at most {MAX_BATCH} messages, got {len(items)}")
 
 
 def _check_array(arr: Any, what: str, device_id: int) -> None:
@@ -368,13 +365,10 @@ class CudaAesGcm:
         did. Unless all did, no `out` of the batch was written. An `out` may be its own `data`
         (in place); any other overlap with a buffer of the batch is refused.
         """
-        if not items:
-            raise ValueError("a batch needs at least one message")
-        if len(items) > MAX_BATCH:
-            raise ValueError(f"a batch holds at most {MAX_BATCH} messages, got {len(items)}")
+        _check_batch(items)
         nonces, datas, outs, sizes = [], [], [], []
         for nonce, data, out in items:
-            nonces.append(_check_nonce(nonce))
+            nonces.append(check_nonce(nonce))
             _check_array(data, "data", self._device_id)
             if data.size < TAG_BYTES:
                 raise ValueError(f"data must hold at least the {TAG_BYTES}-byte tag, got {data.size} bytes")
@@ -401,13 +395,10 @@ class CudaAesGcm:
         overlap with a buffer of the batch is refused. Nothing waits: order later work on the same
         stream.
         """
-        if not items:
-            raise ValueError("a batch needs at least one message")
-        if len(items) > MAX_BATCH:
-            raise ValueError(f"a batch holds at most {MAX_BATCH} messages, got {len(items)}")
+        _check_batch(items)
         nonces, datas, outs, sizes = [], [], [], []
         for nonce, data, out in items:
-            nonces.append(_check_nonce(nonce))
+            nonces.append(check_nonce(nonce))
             _check_array(data, "data", self._device_id)
             _check_array(out, "out", self._device_id)
             pt_len = int(data.size)

@@ -44,14 +44,13 @@ from .params import (
     MSG_NBYTES,
     MSG_NONCE,
     MSG_SRC,
-    NONCE_BYTES,
     PW_ENTRY_WORDS,
     RK_WORDS,
     SHOUP_WORDS,
     TAG_BYTES,
     GcmParams,
 )
-from .plan import U32, U64, Buf, Plan, Ptr, decrypt_plan, encrypt_plan
+from .plan import U32, U64, Buf, Plan, Ptr, check_nonce, decrypt_plan, encrypt_plan
 
 U32Array = npt.NDArray[np.uint32]
 U8Array = npt.NDArray[np.uint8]
@@ -575,15 +574,6 @@ def _as_u8(data: Any, what: str) -> U8Array:
     return np.ascontiguousarray(data).ravel()
 
 
-def _check_nonce(nonce: bytes) -> bytes:
-    if not isinstance(nonce, (bytes, bytearray, memoryview)):
-        raise TypeError(f"nonce must be bytes, got {type(nonce).__name__}")
-    nonce = bytes(nonce)
-    if len(nonce) != NONCE_BYTES:
-        raise ValueError(f"nonce must be {NONCE_BYTES} bytes, got {len(nonce)}")
-    return nonce
-
-
 def _device_copy(a: U8Array) -> U8Array:
     """A private, 16-byte aligned copy (as device memory would be; the kernels use uint4 access)."""
     raw = np.empty(a.size + 16, dtype=np.uint8)
@@ -623,7 +613,7 @@ class RefAesGcm:
 
     def encrypt_batch(self, items: Sequence[tuple[bytes, Any]]) -> list[U8Array]:
         """Encrypt (nonce, plaintext) pairs in one batch; returns each ciphertext || tag."""
-        nonces = [_check_nonce(nonce) for nonce, _ in items]
+        nonces = [check_nonce(nonce) for nonce, _ in items]
         pts = [_device_copy(_as_u8(pt, "plaintext")) for _, pt in items]
         for pt in pts:
             self._check_sizes(pt.size, "plaintext")
@@ -638,7 +628,7 @@ class RefAesGcm:
         """
         nonces, srcs, outs = [], [], []
         for nonce, data, out in items:
-            nonces.append(_check_nonce(nonce))
+            nonces.append(check_nonce(nonce))
             src = _as_u8(data, "data")
             if src.size < TAG_BYTES:
                 raise ValueError(f"data must hold at least the {TAG_BYTES}-byte tag, got {src.size}")

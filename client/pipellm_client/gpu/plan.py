@@ -249,6 +249,16 @@ def _build_template(
     return table, cursor
 
 
+def check_nonce(nonce: object) -> bytes:
+    """A message's 12-byte nonce as bytes (what both the kernels' host side and the reference accept)."""
+    if not isinstance(nonce, (bytes, bytearray, memoryview)):
+        raise TypeError(f"nonce must be bytes, got {type(nonce).__name__}")
+    value = bytes(nonce)
+    if len(value) != NONCE_BYTES:
+        raise ValueError(f"nonce must be {NONCE_BYTES} bytes, got {len(value)}")
+    return value
+
+
 @lru_cache(maxsize=512)
 def _plan(params: GcmParams, mode: int, sizes: tuple[int, ...], writes: tuple[bool, ...]) -> Plan:
     n = len(sizes)
