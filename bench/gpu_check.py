@@ -44,7 +44,7 @@ MIN_START_S = 15  # a step that would get less than this is skipped
 GROUPS = (
     ("flexgen-opt30b", "accelerate-llama2-7b", "vllm-v0-llama2-7b", "vllm-v1-llama2-7b", "lora-llama2-7b"),
     ("adversarial", "flexgen-opt66b", "flexgen-opt175b", "vllm-v0-opt30b", "vllm-v0-opt66b"),
-    ("lora-mispredicted-llama2-7b", "vllm-v0-blocks-llama2-7b", "flexgen-kv-opt30b"),
+    ("flexgen-kv-opt30b", "vllm-v0-blocks-llama2-7b", "lora-mispredicted-llama2-7b"),
 )
 GPU_TESTS = ("tests/gpu/test_gpu_cuda.py", "tests/gpu/test_gpu_endpoint.py")
 FAKE_RUN = "tests/gpu/fake_cupy_run.py"

@@ -219,7 +219,7 @@ def test_watch_prints_session_events(daemon):
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            rc = proc.wait(timeout=10)
+            rc = proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
@@ -248,7 +248,7 @@ def test_watch_human_lines(daemon):
         assert "client=human" in found
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=10)
+        proc.wait(timeout=30)
 
 
 def test_watch_ends_with_exit_3_when_the_daemon_stops(daemon):
