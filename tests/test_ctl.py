@@ -251,6 +251,25 @@ def test_watch_human_lines(daemon):
         proc.wait(timeout=30)
 
 
+def test_ctrl_c_ends_watch_even_when_started_with_sigint_ignored(daemon):
+    """A shell's background job (or a parent that ignores SIGINT) passes SIG_IGN on; Ctrl-C must still work."""
+    proc = subprocess.Popen(
+        [*CTL, "--socket", daemon.socket, "watch"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509 (only sets a signal)
+    )
+    try:
+        assert proc.stderr is not None
+        assert "Ctrl-C to stop" in proc.stderr.readline()  # streaming now
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == Exit.OK
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_watch_ends_with_exit_3_when_the_daemon_stops(daemon):
     proc = subprocess.Popen(
         [*CTL, "--socket", daemon.socket, "watch"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

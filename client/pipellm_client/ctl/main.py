@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -97,6 +98,9 @@ def classify(exc: BaseException, socket_path: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Ctrl-C ends `watch` even when started with SIGINT ignored (a shell's background job, a parent that
+    # ignores it): Python leaves an inherited SIG_IGN in place, and then nothing would stop the stream.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     p = parser()
     args = p.parse_args(argv)  # exits 2 on bad usage
     if args.verb is None:
