@@ -9,6 +9,7 @@ construction.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import os
@@ -232,7 +233,7 @@ def load_bytes(region: Region, data: Any) -> None:
 
 
 # -- the session -------------------------------------------------------------------------------------------
-class SessionBase:
+class SessionBase(abc.ABC):
     """A session's state and operations; subclasses only say how a `Step` is waited for."""
 
     client: ClientAddress
@@ -284,13 +285,13 @@ class SessionBase:
         }
 
     # -- hooks for the clients -------------------------------------------------------------------------
+    @abc.abstractmethod
     def _region_waits(self, region: Region, offset: int, length: int) -> None:
         """What `Region.read`/`write` call before touching a range that D2H data may still be landing in."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _region_seals(self, region: Region) -> None:
         """What `Region.seal` calls to tell the daemon."""
-        raise NotImplementedError
 
     def _swap(self, fs: FrameSocket, metadata: Metadata, core: SessionCore) -> None:
         """Replace the connection and channels after a re-key (the old ones are dead or superseded)."""

@@ -33,6 +33,7 @@ This module imports without vLLM or torch; the two spec classes are built from v
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import logging
@@ -236,7 +237,7 @@ def worker_stats() -> list[dict[str, Any]]:
     return [w.stats() for w in list(_LIVE)]
 
 
-class KVOffloadWorker:
+class KVOffloadWorker(abc.ABC):
     """vLLM's `OffloadingWorker` contract over plain tensors and block ids, without vLLM.
 
     `tensors`: the device KV caches, each an int8 `(num_blocks, page_bytes)` view (rows may be strided);
@@ -411,25 +412,29 @@ class KVOffloadWorker:
         }
 
     # -- for subclasses ----------------------------------------------------------------------------------
+    @abc.abstractmethod
     def _start_store(self, job: _Job) -> None:
-        raise NotImplementedError
+        """Begin moving a store job's pages out (device -> host)."""
 
+    @abc.abstractmethod
     def _start_load(self, job: _Job) -> None:
-        raise NotImplementedError
+        """Begin a load job (declare what it will read)."""
 
+    @abc.abstractmethod
     def _run_load(self, job: _Job) -> None:
-        raise NotImplementedError
+        """Move a load job's pages in (host -> device)."""
 
-    def _progress(self) -> None:
+    def _progress(self) -> None:  # noqa: B027 (an optional hook: workers that finish synchronously need none)
         """Take in completions without blocking."""
 
     def _landed(self, job: _Job) -> bool:
         return False
 
+    @abc.abstractmethod
     def _wait_store(self, job: _Job) -> None:
-        raise NotImplementedError
+        """Block until a store job's bytes are safe in host memory."""
 
-    def _close(self) -> None:
+    def _close(self) -> None:  # noqa: B027 (an optional hook)
         pass
 
     # -- shared ------------------------------------------------------------------------------------------
