@@ -66,6 +66,12 @@ class AsyncClient:
         self._ticket = ""
         self._greeting = asyncio.Lock()  # concurrent first calls greet the daemon once
         self.sessions: list[AsyncSession] = []
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` has run: a stream that ends then was ended by us, not by the daemon."""
+        return self._closed
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -176,6 +182,7 @@ class AsyncClient:
         return s
 
     async def close(self) -> None:
+        self._closed = True
         for s in list(self.sessions):
             await s.close()
         self._drop_ctl()

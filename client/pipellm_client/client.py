@@ -56,7 +56,13 @@ class Client:
         self._stub = pb_grpc.PipeLLMStub(self._channel)
         self._ctl: FrameSocket | None = None
         self._ticket = ""
+        self._closed = False
         self.sessions: list[Session] = []
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` has run: a stream that ends then was ended by us, not by the daemon."""
+        return self._closed
 
     def __enter__(self) -> Client:
         return self
@@ -156,6 +162,7 @@ class Client:
         return s
 
     def close(self) -> None:
+        self._closed = True
         for s in list(self.sessions):
             s.close()
         if self._ctl is not None:

@@ -10,7 +10,8 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -97,6 +98,32 @@ def classify(exc: BaseException, socket_path: str) -> int:
     raise exc
 
 
+def off_main_thread(run: Callable[[], int]) -> int:
+    """Run a verb on a worker thread and wait for it here.
+
+    Python raises Ctrl-C's KeyboardInterrupt on the main thread, wherever it happens to be. Inside grpc's
+    own Python code (setting up or reading a call) it leaves the channel's bookkeeping half done, and
+    closing that channel then waits forever. Waiting here, the interrupt lands in `join`; closing the
+    channel afterwards cancels the worker's call cleanly.
+    """
+    outcome: list[int] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            outcome.append(run())
+        except BaseException as exc:  # handed to the main thread, which classifies it
+            failure.append(exc)
+
+    worker = threading.Thread(target=target, name="pipellmctl-verb", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Ctrl-C ends `watch` even when started with SIGINT ignored (a shell's background job, a parent that
     # ignores it): Python leaves an inherited SIG_IGN in place, and then nothing would stop the stream.
@@ -111,9 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     verb = next(v for v in VERBS if v.name == args.verb)
     client = Client(args.socket, timeout=args.timeout)
     try:
-        return verb.run(client, args)
+        return off_main_thread(lambda: verb.run(client, args))
     except KeyboardInterrupt:
-        return int(Exit.OK)  # Ctrl-C is how `watch` is meant to end
+        return int(Exit.OK)  # Ctrl-C is how `watch` is meant to end; finally closes (cancels) the stream
     except BrokenPipeError:
         # `pipellmctl watch | head`: the reader left; that is not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

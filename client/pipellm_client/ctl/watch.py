@@ -38,6 +38,8 @@ def run(client: Client, args: argparse.Namespace) -> int:
             render.print_json(render.to_dict(ev), pretty=False)
         else:
             print(line(ev), flush=True)
+    if client.closed:
+        return int(Exit.OK)  # Ctrl-C: main closed the client, which cancelled the stream
     print("pipellmctl: pipellmd ended the event stream (it is stopping)", file=sys.stderr)
     return int(Exit.UNREACHABLE)
 
