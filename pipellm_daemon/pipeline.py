@@ -216,7 +216,11 @@ class Outbox:
                     batch = []
                 await asyncio.wait([fut])  # never raises: a failed job is judged just below
             if fut is not None and (fut.cancelled() or fut.exception() is not None):
-                # A worker died under this job: the commit is ABORTED (the SDK retries from plaintext).
+                # A worker died under this job: the commit is ABORTED (the SDK retries from plaintext). What
+                # precedes it is sent first: a delivery taken off the outbox is either sent or left there for
+                # `Pipeline._abort`, never dropped (its slot, IV and ring record would be lost to both ends).
+                if batch:
+                    self._send(pb.Completion(seq=self.seq, deliveries=batch, final=False))
                 why = "cancelled" if fut.cancelled() else type(fut.exception()).__name__
                 raise CommitAborted(f"encryption of a delivery failed ({why}); IVs abandoned, retry the commit")
             self._items.popleft()
