@@ -40,7 +40,7 @@ TOTAL_S = 285  # the whole check, hard budget
 LIMITS_S = {"tests": 100, "kernels": 45, "e2e": 200, "demo": 40}
 RESERVE_S = {"e2e": 25}  # left for the steps after it (the demo)
 MIN_START_S = 15  # a step that would get less than this is skipped
-# The quick suite (bench/workloads.py), one harness run per group, most informative first.
+# The quick suite (bench/workloads/), one harness run per group, most informative first.
 GROUPS = (
     ("flexgen-opt30b", "accelerate-llama2-7b", "vllm-v0-llama2-7b", "vllm-v1-llama2-7b", "lora-llama2-7b"),
     ("adversarial", "flexgen-opt66b", "flexgen-opt175b", "vllm-v0-opt30b", "vllm-v0-opt66b"),

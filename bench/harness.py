@@ -2,7 +2,7 @@
 
 One invocation starts three real daemons (plain: no encryption; naive: encrypt each transfer on demand in
 the critical path with one worker, as the CUDA driver does; pipellm), measures the workers' encryption
-capacity, and replays every workload of bench/workloads.py through the real SDK in each mode, interleaved
+capacity, and replays every workload of bench/workloads/ through the real SDK in each mode, interleaved
 (plain, naive, pipellm, plain, naive, pipellm, ...) so that drift on a shared machine hits all modes alike.
 The device (GPU compute and PCIe link) is bench/devicemodel.py: waits in model time; everything on the
 host, encryption included, is real.

@@ -15,6 +15,7 @@ import pytest
 from bench import devicemodel as D
 from bench import workloads as W
 from bench.devicemodel import GB, TESTBED, DeviceModel, TimeScale, VirtualClock
+from bench.workloads import vllm_v0_swap
 
 MiB = 1 << 20
 
@@ -337,7 +338,7 @@ def test_v0_blocks_split_a_swap_in_only_at_the_daemons_commit_limit(monkeypatch:
     assert Config().max_transfers_per_commit == W.MAX_COMMIT_RANGES
     kw = {"requests": 400, "gpu_blocks": 256, "cpu_blocks": 1024, "token_scale": 0.5, "steps": 60, "skip": 200}
     whole = W.vllm_v0("llama-2-7b", unpacked=True, **kw)
-    monkeypatch.setattr(W, "MAX_COMMIT_RANGES", 100)
+    monkeypatch.setattr(vllm_v0_swap, "MAX_COMMIT_RANGES", 100)
     split = W.vllm_v0("llama-2-7b", unpacked=True, **kw)
     for a, b in zip(whole.steps, split.steps, strict=True):
         a_in = [r for op in a.ops if isinstance(op, W.H2D) for r in op.ranges]
