@@ -13,234 +13,51 @@ the chunk a predictor expects next; its ciphertext is made ahead by the workers.
 Burning never encrypts twice under one IV: an entry whose IV is still fresh is burned with a NOP; an entry
 whose ciphertext exists is burned by delivering that same ciphertext as DISCARD (the endpoint verifies and
 drops it); an entry whose worker died mid-job can only be abandoned by an IV rotation.
+
+This module is the policy; the mechanisms are `streams` (queues, senders, receivers), `outbox` (a commit's
+ordered deliveries), `relinquish` (what burning or rotating costs), `published` (the delivery ring's
+records) and `landing` (D2H decryption).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
 import itertools
-import math
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 from typing import Any
 
 from pipellm_client import chunks
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
-from pipellm_client.channel import KEY_RING_SIZE, PredictingReceiver, ReservedIv, Sender
+from pipellm_client.channel import ReservedIv
 from pipellm_client.endpoint import NOP_MESSAGE_LEN, NOP_PLAINTEXT
-from pipellm_client.errors import ChannelDead, StaleSource, TagMismatch
+from pipellm_client.errors import ChannelDead, StaleSource
 from pipellm_client.ring import FLAG_STAGED, KIND_DATA, Record, RingView, source_digest
 from pipellm_client.wire import FLAG_UNPREDICTED, copy_engine
 
 from . import jobwire as w
 from .config import Config
+from .counters import Counters
 from .errors import CommitAborted, ProtocolViolation
 from .events import EventBus
+from .landing import D2HLanding
 from .latency import Latency
 from .logs import get as _get_log
+from .outbox import Outbox
 from .pool import Arena
 from .predictors import Combined, Key
+from .published import Published, PublishedRecords
 from .regions import Region
+from .relinquish import CostModel
+from .streams import D2HStream, Entry, H2DStream, State
 from .workers import WorkerLost, WorkerPool
 
 _log = _get_log("pipellmd.pipeline")
-_BATCH = 64  # deliveries per Completion frame
 # Only what the serving code declared or swapped out is published: publishing makes an IV irrevocable
 # (consumed or burned by DISCARD), and learned guesses are often replaced by a hint before they are used.
 _PUBLISHED_SOURCES = frozenset({"intents", "swap"})
-
-
-@dataclass
-class Counters:
-    commits: int = 0
-    chunks: int = 0
-    hits: int = 0
-    skips: int = 0
-    misses: int = 0
-    nops: int = 0
-    discards: int = 0
-    iv_rotations: int = 0
-    key_rotations: int = 0
-    relinquishes: int = 0
-    stale: int = 0
-    bytes_h2d: int = 0
-    bytes_d2h: int = 0
-    bytes_ahead: int = 0
-    bytes_wasted: int = 0
-    bytes_on_demand: int = 0
-    channel_deaths: int = 0
-    small_transfers: int = 0
-    d2h_messages: int = 0
-    late: int = 0
-    detours: int = 0
-    staged: int = 0
-    waited: int = 0
-    ring_hits: int = 0
-    ring_discards: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        judged = self.hits + self.skips + self.misses + self.late
-        return self.hits / judged if judged else 0.0
-
-    def add(self, other: Counters) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-    def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["hit_rate"] = round(self.hit_rate, 6)
-        return d
-
-    def to_proto(self) -> pb.Counters:
-        return pb.Counters(**self.as_dict())
-
-
-class State(enum.IntEnum):
-    RESERVED = 0  # IV fresh, nothing encrypted yet
-    ENCRYPTING = 1
-    READY = 2
-    FAILED = 3  # the worker died mid-job: partial ciphertext under this IV; only a rotation can retire it
-    PUBLISHED = 4  # READY and in the delivery ring: its IV is submitted, only consuming or DISCARD retires it
-
-
-class Entry:
-    __slots__ = ("fingerprint", "fut", "iv", "key", "region", "slot", "snapshot", "source", "state")
-
-    def __init__(self, key: Key, region: Region, iv: ReservedIv, source: str = "") -> None:
-        self.key = key
-        self.source = source
-        self.region = region
-        self.iv = iv
-        self.state = State.RESERVED
-        self.slot = -1
-        self.fut: asyncio.Future[None] | None = None
-        self.snapshot: bytes | None = None
-        self.fingerprint: int | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return self.key.length
-
-
-class _KeyedStream:
-    """One copy engine's keys as the crypto workers know them: a worker key id per key version in use."""
-
-    def __init__(self, ce: int, version: int, key: bytes, workers: WorkerPool) -> None:
-        self.ce = ce
-        self.workers = workers
-        self.key_ids: dict[int, int] = {version: workers.add_key(key)}
-
-    def _add_key(self, version: int, key: bytes, *, keep: int) -> None:
-        """Hand the workers key `version`; drop the ids of versions `keep` or more behind it."""
-        self.key_ids[version] = self.workers.add_key(key)
-        for old in [k for k in self.key_ids if k <= version - keep]:
-            self.workers.drop_key(self.key_ids.pop(old))
-
-    def _drop_keys(self) -> None:
-        for kid in self.key_ids.values():
-            self.workers.drop_key(kid)
-        self.key_ids.clear()
-
-
-class H2DStream(_KeyedStream):
-    """One copy engine's H2D sender and, for the speculative engine, its queue."""
-
-    def __init__(self, ce: int, sender: Sender, workers: WorkerPool) -> None:
-        super().__init__(ce, sender.epoch.version, sender.epoch.key_bytes(), workers)
-        self.sender = sender
-        self.queue: deque[Entry] = deque()
-
-    def key_id(self) -> int:
-        return self.key_ids[self.sender.epoch.version]
-
-    def find(self, key: Key) -> int:
-        for i, e in enumerate(self.queue):
-            if e.key == key:
-                return i
-        return -1
-
-    def install_new_key(self) -> None:
-        # keep one old version for jobs still queued
-        self._add_key(self.sender.epoch.version, self.sender.epoch.key_bytes(), keep=2)
-
-    def close(self) -> None:
-        self._drop_keys()
-        self.sender.close()
-
-
-class D2HStream(_KeyedStream):
-    def __init__(self, ce: int, receiver: PredictingReceiver, workers: WorkerPool) -> None:
-        super().__init__(ce, receiver.epoch.version, receiver.epoch.key_bytes(), workers)
-        self.receiver = receiver
-
-    def rotate_key(self) -> int:
-        v = self.receiver.rotate_key()
-        self._add_key(v, self.receiver.epoch.key_bytes(), keep=KEY_RING_SIZE)  # the versions it still opens
-        return v
-
-    def close(self) -> None:
-        self._drop_keys()
-        self.receiver.close()
-
-
-class Outbox:
-    """The ordered deliveries of one commit, sent in batches as their ciphertext becomes ready."""
-
-    def __init__(self, seq: int, send: Callable[[pb.Completion], None]) -> None:
-        self.seq = seq
-        self._send = send
-        self._items: deque[tuple[pb.Delivery, asyncio.Future[None] | None]] = deque()
-
-    def add(self, d: pb.Delivery, fut: asyncio.Future[None] | None = None) -> None:
-        self._items.append((d, fut))
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    async def flush(self, *, wait: bool, final: bool = False) -> None:
-        """Send every delivery that is ready, in order; with `wait`, wait for all of them."""
-        batch: list[pb.Delivery] = []
-        while self._items:
-            d, fut = self._items[0]
-            if fut is not None and not fut.done():
-                if not wait:
-                    break
-                if batch:
-                    self._send(pb.Completion(seq=self.seq, deliveries=batch, final=False))
-                    batch = []
-                await asyncio.wait([fut])  # never raises: a failed job is judged just below
-            if fut is not None and (fut.cancelled() or fut.exception() is not None):
-                # A worker died under this job: the commit is ABORTED (the SDK retries from plaintext). What
-                # precedes it is sent first: a delivery taken off the outbox is either sent or left there for
-                # `Pipeline._abort`, never dropped (its slot, IV and ring record would be lost to both ends).
-                if batch:
-                    self._send(pb.Completion(seq=self.seq, deliveries=batch, final=False))
-                why = "cancelled" if fut.cancelled() else type(fut.exception()).__name__
-                raise CommitAborted(f"encryption of a delivery failed ({why}); IVs abandoned, retry the commit")
-            self._items.popleft()
-            batch.append(d)
-            if len(batch) >= _BATCH:
-                self._send(pb.Completion(seq=self.seq, deliveries=batch, final=False))
-                batch = []
-        if batch or final:
-            self._send(pb.Completion(seq=self.seq, deliveries=batch, final=final and not self._items))
-
-    def pending_futures(self) -> list[asyncio.Future[None]]:
-        return [f for _d, f in self._items if f is not None]
-
-    def drop_unsent(self) -> list[pb.Delivery]:
-        dropped = [d for d, _f in self._items]
-        self._items.clear()
-        return dropped
-
-    def send_now(self, deliveries: list[pb.Delivery]) -> None:
-        self._send(pb.Completion(seq=self.seq, deliveries=deliveries, final=False))
 
 
 class Pipeline:
@@ -278,20 +95,23 @@ class Pipeline:
         self.depth = 2
         self.delivered_slots: set[int] = set()
         self.delivered_nops: set[int] = set()
-        self.d2h_slots_busy: set[int] = set()
         self.dead: str | None = None
         self._directives: list[pb.Delivery] = []  # in-band rotations decided between commits
         self.staging: Any = None  # cuda_staging.DeviceStaging for CUDA sessions that attached one
         self._committing = False
         self._ahead = 0  # bytes of queued entries whose encryption has started (the ahead_bytes budget)
-        # The delivery ring (None: every hit is a commit round trip). `published` mirrors its records from
-        # `_ring_base` on, as the daemon wrote them (this copy, not the shared memory, is what we trust);
-        # the first `_ring_assigned` of them were handed out by slow-path deliveries, awaiting consumption.
-        self.ring = ring
-        self.published: deque[tuple[Entry | None, Record]] = deque()
-        self.ring_slots: set[int] = set()
-        self._ring_base = 0
-        self._ring_assigned = 0
+        # The delivery ring's records (None without a ring: every hit is a commit round trip).
+        self.published = PublishedRecords(ring) if ring is not None else None
+        self.costs = CostModel(cfg, endpoint_bytes_per_us, workers.count)
+        self.landing = D2HLanding(
+            session_id=session_id,
+            streams=d2h,
+            workers=workers,
+            arena=arena,
+            counters=self.counters,
+            events=events,
+            kill=self.kill,
+        )
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -403,7 +223,8 @@ class Pipeline:
         rotations = pb.Completion(seq=out.seq)
         for d in out.drop_unsent():
             if d.ring:
-                self._ring_assigned -= 1  # never sent: the record is still the SDK's to take, first in line
+                assert self.published is not None
+                self.published.unassign()  # never sent: the record is still the SDK's to take, first in line
             elif d.kind in (pb.MSG_KIND_DATA, pb.MSG_KIND_DISCARD) and d.slot in self.delivered_slots:
                 self.delivered_slots.discard(d.slot)
                 self.arena.h2d.release(d.slot)
@@ -456,7 +277,7 @@ class Pipeline:
             if pos > 0:
                 _log.debug("skip", session=self.session_id, key=tuple(key), pos=pos)
                 before, kept = list(s.queue)[:pos], list(s.queue)[pos:]
-                if self._burn_cost(before) > self._rotate_cost(kept):
+                if self.costs.burn_us(before) > self.costs.rotate_us(kept):
                     self._relinquish_by_rotation(s, out)
                     self.counters.skips += 1
                     await self._on_demand(out, s, region, key, ti, dst_off)
@@ -533,25 +354,10 @@ class Pipeline:
         )
 
     # -- relinquishing ---------------------------------------------------------------------------
-    def _burn_cost(self, entries: list[Entry]) -> float:
-        cost = 0.0
-        for e in entries:
-            if e.state == State.FAILED:
-                return math.inf
-            if e.state == State.RESERVED:
-                cost += self.cfg.cost_nop_us
-            else:
-                cost += self.cfg.cost_discard_fixed_us + e.nbytes / self.endpoint_bytes_per_us
-        return cost
-
-    def _rotate_cost(self, kept: list[Entry]) -> float:
-        redo = sum(e.nbytes for e in kept if e.state != State.RESERVED)
-        return self.cfg.cost_rotate_us + redo / (self.cfg.worker_bytes_per_us * max(1, self.workers.count))
-
     async def _relinquish(self, out: Outbox, s: H2DStream) -> None:
         entries = list(s.queue)
         self.counters.relinquishes += 1
-        if self._burn_cost(entries) <= self.cfg.cost_rotate_us:
+        if self.costs.burn_us(entries) <= self.cfg.cost_rotate_us:
             while s.queue:
                 await self._burn(out, s, self._pop(s))
         else:
@@ -658,7 +464,7 @@ class Pipeline:
             return
         # Published records the SDK has not taken yet are predicted chunks the predictors have not seen
         # committed: they stand first in the prediction, and are already on their way.
-        published = [e.key for e, _r in itertools.islice(self.published, self._ring_assigned, None) if e is not None]
+        published = [e.key for e, _r in self.published.unassigned() if e is not None] if self.published else []
         want = self.predictors.upcoming(self.cfg.max_depth + len(published))
         source = self.predictors.last_source
         n = 0
@@ -784,23 +590,17 @@ class Pipeline:
         abandoned by a rotation, so no more is published than the learned depth, and only entries the serving
         code declared (intents) or swapped out: learned guesses stay in the revocable queue.
         """
-        ring = self.ring
-        if ring is None or self.mode != "pipellm" or self.dead is not None or self._committing:
+        pub = self.published
+        if pub is None or self.mode != "pipellm" or self.dead is not None or self._committing:
             return
         s = self.spec
-        produced = self._ring_base + len(self.published)
-        room = ring.capacity - len(self.published)
         if self._directives:  # in-band rotations decided between commits: next in the stream
-            if len(self._directives) > room:
+            if len(self._directives) > pub.room:
                 return
             for d in self._directives:
-                rec = Record(d.kind, d.ce, 0, 0, 0, 0, 0, 0, d.value)
-                ring.write(produced, rec)
-                self.published.append((None, rec))
-                produced += 1
-                room -= 1
+                pub.write(None, Record(d.kind, d.ce, 0, 0, 0, 0, 0, 0, d.value))
             self._directives = []
-        depth = min(room, max(2, self.depth) - len(self.published))
+        depth = min(pub.room, max(2, self.depth) - len(pub))
         while s.queue and depth > 0 and not s.sender.key_rotation_pending:
             e = s.queue[0]
             if e.state != State.READY or e.fingerprint is not None or not self._valid(e):
@@ -810,53 +610,45 @@ class Pipeline:
             self._pop(s)
             s.sender.submit(e.iv)
             e.state = State.PUBLISHED
-            self.ring_slots.add(e.slot)
             staged = self.staging is not None and self.staging.ready(e.slot)
             k = e.key
             digest = source_digest(e.snapshot or b"")
-            rec = Record(KIND_DATA, 0, e.slot, FLAG_STAGED if staged else 0, k.region, k.offset, k.length, digest, 0)
-            ring.write(produced, rec)
-            self.published.append((e, rec))
-            produced += 1
+            pub.write(
+                e, Record(KIND_DATA, 0, e.slot, FLAG_STAGED if staged else 0, k.region, k.offset, k.length, digest, 0)
+            )
             depth -= 1
-        ring.produced = produced
         # Ask for a doorbell when we wait on the SDK: records it has not taken block publishing or slots.
-        ring.bell_wanted = depth <= 0 or self._speculative_slot_budget() <= 0
+        pub.announce(bell_wanted=depth <= 0 or self._speculative_slot_budget() <= 0)
 
     def _ring_sync(self) -> None:
         """Learn from the consumer index which records the SDK took; their slots are free again."""
-        if self.ring is None:
+        if self.published is None:
             return
-        consumed = self.ring.consumed
-        top = self._ring_base + len(self.published)
-        if not self._ring_base <= consumed <= top:
-            why = f"delivery ring consumer index {consumed} outside [{self._ring_base}, {top}]"
-            self.kill(why)
-            raise ProtocolViolation(f"{why}: the session's channels are dead")
-        while self._ring_base < consumed:
-            e, _rec = self.published.popleft()
-            self._ring_base += 1
-            if self._ring_assigned:
-                self._ring_assigned -= 1  # a slow-path delivery, counted when it was handed out
-            elif e is not None:
+        try:
+            taken = self.published.take_consumed()
+        except ValueError as exc:
+            self.kill(str(exc))
+            raise ProtocolViolation(f"{exc}: the session's channels are dead") from None
+        for e, handed_out in taken:
+            if e is None:
+                continue
+            if not handed_out:
                 self.counters.hits += 1  # the SDK's fast path: a hit the daemon hears of only now
                 self.counters.ring_hits += 1
                 self.counters.chunks += 1
                 self.counters.bytes_h2d += e.nbytes
                 self.depth = min(self.cfg.max_depth, self.depth + 1)
                 self.predictors.observe(e.key, e.region.readonly)
-            if e is not None:
-                self.ring_slots.discard(e.slot)
-                self.arena.h2d.release(e.slot)
+            self.arena.h2d.release(e.slot)
 
     def sync_ring(self) -> None:
         """Count the hits the SDK took since the last doorbell (for status: it rings only now and then)."""
-        if self.ring is not None and self.dead is None and not self._committing:
+        if self.published is not None and self.dead is None and not self._committing:
             self._ring_sync()
 
     def doorbell(self) -> None:
         """The SDK took ring records: free their slots, speculate and publish further."""
-        if self.ring is None or self.dead is not None or self._committing:
+        if self.published is None or self.dead is not None or self._committing:
             return  # a running commit syncs the ring itself, and publishes when it ends
         self._ring_sync()
         self.refill()
@@ -865,7 +657,8 @@ class Pipeline:
     def _from_published(self, out: Outbox, region: Region, key: Key, ti: int, dst_off: int) -> str:
         """A slow-path chunk while records are published (they come first in the stream): "hit" when one of
         them carries it, "detour" for an extra transfer the second channel takes, "" after burning them all."""
-        avail = list(itertools.islice(self.published, self._ring_assigned, None))
+        assert self.published is not None
+        avail = self.published.unassigned()
         pos = next((i for i, (e, _r) in enumerate(avail) if e is not None and e.key == key), -1)
         if pos < 0:
             queued = [e.key for e, _r in avail if e is not None] + [e.key for e in self.spec.queue]
@@ -895,14 +688,14 @@ class Pipeline:
     def _flush_published(self, out: Outbox) -> None:
         """Burn every published record not yet handed out: DISCARD (the same ciphertext, never a second
         message under its IV), rotations applied; the stream then continues after them."""
-        for item in list(itertools.islice(self.published, self._ring_assigned, None)):
-            self._ring_out(out, item, discard=True)
+        if self.published is not None:
+            for item in self.published.unassigned():
+                self._ring_out(out, item, discard=True)
 
-    def _ring_out(
-        self, out: Outbox, item: tuple[Entry | None, Record], *, discard: bool, ti: int = 0, dst_off: int = 0
-    ) -> None:
+    def _ring_out(self, out: Outbox, item: Published, *, discard: bool, ti: int = 0, dst_off: int = 0) -> None:
+        assert self.published is not None
         e, rec = item
-        self._ring_assigned += 1
+        self.published.assign()
         if e is None:
             out.add(pb.Delivery(ce=rec.ce, kind=rec.kind, value=rec.value, ring=True))  # type: ignore[arg-type]
         elif discard:
@@ -933,9 +726,6 @@ class Pipeline:
     async def landed(self, msg: pb.Landed, region: Region) -> list[pb.Delivery]:
         """Decrypt (in the workers) what the endpoint encrypted into D2H slots; fatal on a tag failure."""
         self._check_alive()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        region.pending_writes.append((msg.offset, msg.length, fut))
-        region.begin_write(msg.offset, msg.length)
         if msg.swap_out and self.mode == "pipellm" and (msg.continues or msg.length >= self.small_threshold):
             # Record the swap-out in arrival order, not in decryption-completion order; speculation skips the
             # range until its decryption lands. (Small ones come back on the second channel, unspeculated.)
@@ -943,53 +733,7 @@ class Pipeline:
                 Key(region.id, c.offset, c.length) for c in chunks.split(msg.offset, msg.length, self.cfg.chunk_size)
             ]
             self.predictors.swap.swapped_out(keys, msg.group, continues=msg.continues)
-        try:
-            pending = list(enumerate(msg.messages))
-            offsets = list(itertools.accumulate((m.length for m in msg.messages), initial=msg.offset))
-            preds = [self.d2h[m.ce].receiver.predict(m.key_version, m.chan_ctr) for m in msg.messages]
-            for _attempt in range(3):
-                jobs = [
-                    self.workers.submit(
-                        w.Kind.OPEN,
-                        self.d2h[m.ce].key_ids[preds[i].version],
-                        preds[i].nonce,
-                        (self.arena.handle, self.arena.layout.d2h_slot(m.slot)),
-                        m.length,
-                        (region.handle, offsets[i]),
-                    )
-                    for i, m in pending
-                ]
-                results = await asyncio.gather(*jobs, return_exceptions=True)
-                lost = []
-                for (i, m), res in zip(pending, results, strict=True):
-                    if isinstance(res, TagMismatch):
-                        self.kill(f"D2H tag mismatch in ce{m.ce} (tampered or misordered device data)")
-                        raise TagMismatch(f"D2H data for region {region.id} failed authentication; session is dead")
-                    if isinstance(res, WorkerLost):
-                        lost.append((i, m))  # the ciphertext is still in its slot: decrypting again is safe
-                    elif isinstance(res, BaseException):
-                        raise res
-                    else:
-                        self.d2h[m.ce].receiver.account(m.length)
-                pending = lost
-                if not pending:
-                    break
-            if pending:
-                region.view(msg.offset, msg.length)[:] = bytes(msg.length)  # nothing unverified stays behind
-                raise CommitAborted("crypto workers kept dying while decrypting D2H data; swap out again")
-        finally:
-            region.end_write(msg.offset, msg.length)
-            region.pending_writes = [p for p in region.pending_writes if p[2] is not fut]
-            fut.set_result(None)
-        self.counters.bytes_d2h += msg.length
-        self.counters.d2h_messages += len(msg.messages)
-        directives: list[pb.Delivery] = []
-        for stream in self.d2h:
-            if stream.receiver.key_rotation_pending:
-                v = stream.rotate_key()
-                directives.append(pb.Delivery(ce=stream.ce, kind=pb.MSG_KIND_ROTATE_D2H_KEY, value=v))
-                self.counters.key_rotations += 1
-                self.events.emit("key_rotation", self.session_id, f"ce{stream.ce} d2h key v{v}", ce=stream.ce)
+        directives = await self.landing.land(msg, region)
         if msg.swap_out and self.mode == "pipellm":
             self.refill()  # the swapped-out range can be encrypted ahead now
         return directives
@@ -999,8 +743,9 @@ class Pipeline:
         self.predictors.forget_region(region_id)
 
     def close(self) -> None:
-        self.ring = None  # the session unmaps it: a commit still unwinding must not publish any more
-        self.published.clear()
+        if self.published is not None:
+            self.published.clear()
+            self.published = None  # the session unmaps the ring: a commit still unwinding must not publish any more
         if self.staging is not None:
             self.staging.close()
             self.staging = None
@@ -1037,4 +782,4 @@ class Pipeline:
 
     def ahead(self) -> int:
         """Entries queued or published ahead of the commits right now (the status `depth`)."""
-        return len(self.spec.queue) + len(self.published)
+        return len(self.spec.queue) + (len(self.published) if self.published is not None else 0)

@@ -34,12 +34,14 @@ from pipellm_client.wire import TRANSFER_FLAGS, copy_engine, generation_table_by
 from . import refusal as R
 from .auth import Peer
 from .config import Config
+from .counters import Counters
 from .events import EventBus
 from .latency import Latency
-from .pipeline import Counters, D2HStream, H2DStream, Pipeline
+from .pipeline import Pipeline
 from .pool import Arena, BouncePool
 from .predictors import Key
 from .regions import Region
+from .streams import D2HStream, H2DStream
 from .workers import WorkerPool
 
 MAX_NAME = 64

@@ -24,11 +24,12 @@ from pipellm_client.wire import generation_table_bytes
 
 from pipellm_daemon.config import Config
 from pipellm_daemon.events import EventBus
-from pipellm_daemon.pipeline import D2HStream, H2DStream, Pipeline
+from pipellm_daemon.pipeline import Pipeline
 from pipellm_daemon.pool import Arena
 from pipellm_daemon.predictors import Key
 from pipellm_daemon.regions import Region as DaemonRegion
 from pipellm_daemon.sessions import DeliveryRing
+from pipellm_daemon.streams import D2HStream, H2DStream
 from pipellm_daemon.workers import WorkerPool
 
 

@@ -21,12 +21,16 @@ SDK = ROOT / "client" / "pipellm_client"
 # Bottom first. Names are relative to `pipellm_daemon`; "" is the package itself (`__init__.py`).
 LAYERS: list[set[str]] = [
     # Foundations: no daemon imports at all. `errors` holds the typed errors the layers above raise.
-    {"", "errors", "config", "logs", "latency", "auth", "systemd", "jobwire", "predictors.base"},
+    {"", "errors", "config", "logs", "latency", "auth", "systemd", "jobwire", "predictors.base", "counters"},
     # Refusals (status codes for those errors), the event bus, the individual predictors.
     {"refusal", "events", "predictors.cycle", "predictors.intents", "predictors.lora", "predictors.swap"},
     # What a pipeline drives: crypto workers (and the worker process), bounce arenas, regions, predictors,
     # CUDA staging.
     {"predictors", "workers", "worker", "pool", "regions", "cuda_staging"},
+    # A copy engine's keys, sender or receiver and queue; a commit's outbox.
+    {"streams", "outbox"},
+    # The pipeline's mechanisms: the ring's published records, the relinquish cost model, D2H landing.
+    {"published", "relinquish", "landing"},
     {"pipeline"},
     {"sessions"},
     # The data plane (connections: each is a `sessions.Link`) and the status it does not need.

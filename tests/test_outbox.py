@@ -12,7 +12,8 @@ import asyncio
 import pytest
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 
-from pipellm_daemon.pipeline import CommitAborted, Outbox
+from pipellm_daemon.errors import CommitAborted
+from pipellm_daemon.outbox import Outbox
 from pipellm_daemon.workers import WorkerLost
 
 

@@ -12,7 +12,7 @@ import pytest
 from pipellm_client.channel import RotationPolicy
 
 from pipellm_daemon.config import Config
-from pipellm_daemon.pipeline import State
+from pipellm_daemon.streams import State
 
 from .pipeline_harness import PipelinePair, settle
 

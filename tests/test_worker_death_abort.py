@@ -21,8 +21,9 @@ from pipellm_client import Client
 from pipellm_client._core import DaemonError
 
 from pipellm_daemon.config import Config
+from pipellm_daemon.errors import CommitAborted
 from pipellm_daemon.launcher import DaemonProcess
-from pipellm_daemon.pipeline import CommitAborted, State
+from pipellm_daemon.streams import State
 from pipellm_daemon.workers import WorkerLost, WorkerPool
 
 from .pipeline_harness import PipelinePair, settle
