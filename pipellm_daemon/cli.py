@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import sys
 
 import uvloop
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(cfg.log_level)
     _no_core_dumps()
+    if cfg.sched_batch:
+        _batch_scheduling()
     if not keymem.lock_all_memory():
         logs.get("pipellmd").warning(
             "memory_not_locked",
@@ -50,6 +54,25 @@ def main(argv: list[str] | None = None) -> int:
         )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(Daemon(cfg, args.config, {k: v for k, v in flags.items() if v is not None}).run())
+
+
+def _batch_scheduling() -> None:
+    """SCHED_BATCH for every thread of the daemon (grpc starts some at import); the threads and crypto
+    workers they start later inherit it. A batch task never preempts a running one when it wakes (a doorbell
+    or declare from the serving process): its turn comes on an idle core or at the next tick. Needs no
+    privilege; a sandbox may refuse it."""
+    try:
+        for _pass in range(5):  # again until none is left over: a thread may start one while we go
+            left = 0
+            for tid in map(int, os.listdir("/proc/self/task")):
+                with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                    if os.sched_getscheduler(tid) != os.SCHED_BATCH:
+                        os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+                        left += 1
+            if not left:
+                return
+    except (OSError, AttributeError) as exc:
+        logs.get("pipellmd").warning("sched_batch_refused", msg=f"running as SCHED_OTHER: {exc}")
 
 
 def _no_core_dumps() -> None:

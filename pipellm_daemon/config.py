@@ -57,6 +57,7 @@ class Config:
     ahead_bytes: int = 64 << 20  # byte budget for encrypted-ahead ciphertext per session
     fingerprint: bool = False  # xxhash mutable chunks at encryption and at commit
     delivery_ring: bool = True  # publish ready ciphertext in a ring the SDK takes hits from (no round trip)
+    sched_batch: bool = True  # SCHED_BATCH (at start): waking the daemon never preempts the serving process
     generation_granule: int = 64 << 10
     key_usage_upper: int = DEFAULT_UPPER
     key_usage_lower: int = 0  # 0 = upper - 1e9 (or upper/2 when upper is small)
