@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 
 import grpc
 import numpy as np
@@ -107,6 +108,43 @@ def test_d2h_returns_before_slots_free_and_everything_lands(daemon: DaemonProces
         assert not s.core.d2h_backlog and s.core.d2h_backlog_bytes == 0
         assert all(x.done and x.error is None for x in landings)
         assert s.status().counters.bytes_d2h == n
+
+
+@pytest.mark.daemon_settings(d2h_slots=4, chunk_size=MiB)
+def test_a_sync_loop_that_only_swaps_out_drains_its_queue_at_the_next_d2h(daemon: DaemonProcess) -> None:
+    """A serving loop that issues nothing but D2H never waits on the data plane; the LandedDone frames that
+    free slots must still be read (at its next d2h), or every later chunk queues in private memory."""
+    blocks = 40
+    src = np.random.default_rng(5).integers(0, 256, blocks * MiB, dtype=np.uint8)
+    with Client(daemon.socket) as c, c.open_session("d2h-drain") as s:
+        kv = s.alloc_region(blocks * MiB)
+        s.d2h(src[: 12 * MiB], kv, 0, swap_out=True)  # 12 messages, 4 slots: 8 wait in the queue
+        assert len(s.core.d2h_backlog) == 8
+        sent = 12
+        while s.core.d2h_backlog and sent < blocks:
+            time.sleep(0.05)  # the daemon lands what has slots and frees them
+            s.d2h(src[sent * MiB : (sent + 1) * MiB], kv, sent * MiB, swap_out=True)
+            sent += 1
+        assert not s.core.d2h_backlog, f"the queue never drained in {sent - 12} d2h calls"
+        s.wait_all()
+        assert (kv.read()[: sent * MiB] == src[: sent * MiB]).all()
+
+
+def test_backlog_buffers_are_reused_up_to_their_limit() -> None:
+    """A fresh chunk-sized bytearray costs page faults and zeroing; drained backlog buffers come back."""
+    from pipellm_client._core import _SpareBuffers
+
+    spare = _SpareBuffers(limit=3 * MiB)
+    a, b = spare.take(MiB + 16), spare.take(MiB + 16)
+    assert a is not b and len(a) == len(b) == MiB + 16
+    spare.give(a)
+    spare.give(b)
+    assert {id(spare.take(MiB + 16)), id(spare.take(MiB + 16))} == {id(a), id(b)}
+    assert len(spare.take(4096)) == 4096  # another size: a new buffer
+    for buf in [bytearray(MiB) for _ in range(4)]:
+        spare.give(buf)  # only three fit under the limit
+    kept = [spare.take(MiB) for _ in range(4)]
+    assert len({id(x) for x in kept}) == 4 and sum(x is y for x in kept[:3] for y in kept[3:]) == 0
 
 
 @pytest.mark.daemon_settings(d2h_slots=4, chunk_size=MiB)

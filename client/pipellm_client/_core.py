@@ -171,6 +171,34 @@ class _Backlogged:
 
 
 D2H_BACKLOG_MAX: Final = 1 << 30  # past this much queued ciphertext, `d2h` waits for slots after all
+SPARE_BYTES_MAX: Final = 64 << 20  # backlog buffers kept for reuse once their ciphertext is in a slot
+
+
+class _SpareBuffers:
+    """Backlog buffers kept for reuse, by size (nearly all are one chunk plus its tag).
+
+    A fresh bytearray of a chunk's size costs more than encrypting into it: the allocator maps new pages and
+    zeroes them (a page fault each), and unmaps them again when the buffer is dropped. They only ever hold
+    ciphertext, so reuse exposes nothing.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._bytes = 0
+        self._limit = SPARE_BYTES_MAX if limit is None else limit
+
+    def take(self, n: int) -> bytearray:
+        free = self._free.get(n)
+        if free:
+            self._bytes -= n
+            return free.pop()
+        return bytearray(n)
+
+    def give(self, buf: bytearray) -> None:
+        n = len(buf)
+        if self._bytes + n <= self._limit:
+            self._free.setdefault(n, []).append(buf)
+            self._bytes += n
 
 
 @dataclass
@@ -257,6 +285,7 @@ class SessionCore:
         # device memory) and moves into slots, in encryption order, as the daemon frees them.
         self.d2h_backlog: deque[_Backlogged] = deque()
         self.d2h_backlog_bytes = 0
+        self._spare = _SpareBuffers()
         # The delivery ring (ring.py), when the daemon offers one: hits without a round trip.
         self.ring: RingView | None = None
         self.ring_shm: SharedMemory | None = None
@@ -600,7 +629,7 @@ class SessionCore:
         self, ce: int, src: Any, region: Region, offset: int, swap_out: bool, group: int, *, continues: bool
     ) -> Landing:
         n = len(src)
-        buf = bytearray(n + TAG_LEN)
+        buf = self._spare.take(n + TAG_LEN)
         version, chan = self.endpoint.send(ce, src, memoryview(buf))
         seq = next(self.seq)
         landing = Landing(seq, region, offset, n, [])
@@ -628,6 +657,7 @@ class SessionCore:
                 continue
             slot = self.d2h_free.popleft()
             self._arena_view(self.layout.d2h_slot(slot), len(b.ciphertext))[:] = b.ciphertext
+            self._spare.give(b.ciphertext)
             b.landing.slots = [slot]
             b.message.slot = slot
             x = b.landing

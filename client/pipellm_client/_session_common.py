@@ -54,6 +54,11 @@ class Wait:
 
 
 @dataclass(frozen=True, slots=True)
+class Poll:
+    """Act on the frames the daemon has sent so far, without waiting (LandedDone frames free D2H slots)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Call:
     """A control-plane RPC: the stub method's name, its request, the session's ticket; sends back the reply."""
 
@@ -78,7 +83,7 @@ class Rekey:
     dead: SessionCore
 
 
-Step: TypeAlias = Wait | Call | Blocking | Rekey
+Step: TypeAlias = Wait | Poll | Call | Blocking | Rekey
 Steps: TypeAlias = Generator[Step, Any, T]
 
 
@@ -460,6 +465,10 @@ class SessionBase(abc.ABC):
             region.write(offset, core.endpoint.to_host(data))  # plain mode (NO ENCRYPTION): a direct copy
             return []
         landings: list[Landing] = []
+        if core.d2h_backlog or not core.d2h_free:
+            # Slots the daemon freed since (LandedDone frames nobody has read yet): without this a serving loop
+            # that only issues D2H would never see one, and every later chunk would queue in private memory.
+            yield Poll()
         gen = core.landed_frames(data, region, offset, swap_out=swap_out, group=group)
         while True:
             # Never waits on a CPU endpoint: without a free slot the ciphertext queues (core.drain_d2h). The

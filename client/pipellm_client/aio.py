@@ -30,6 +30,7 @@ from ._session_common import (
     Blocking,
     Call,
     Metadata,
+    Poll,
     SessionBase,
     SessionOptions,
     Step,
@@ -212,6 +213,8 @@ async def _take(step: Step, client: AsyncClient, session: AsyncSession | None) -
     assert session is not None, step
     if isinstance(step, Wait):
         await session._until(step.until)
+    elif isinstance(step, Poll):
+        session._read_arrived()  # as the loop's reader callback would, a little sooner
     else:
         async with session._rekeying:  # the calls that saw this death wait for one re-key
             if session.core is step.dead:
@@ -243,6 +246,10 @@ class AsyncSession(SessionBase):
         await self.close()
 
     # -- frames --------------------------------------------------------------------------------------
+    def _read_arrived(self) -> None:
+        if self._broken is None:
+            self._on_readable()
+
     def _on_readable(self) -> None:
         for _ in range(64):
             try:
@@ -338,8 +345,7 @@ class AsyncSession(SessionBase):
     async def poll(self) -> None:
         """Act on whatever the daemon has sent so far without waiting (the event loop also does this by
         itself), and raise an error the session saw that no call has raised yet."""
-        if self._broken is None:
-            self._on_readable()
+        self._read_arrived()
         await self._until(lambda: True)
 
     # -- regions -------------------------------------------------------------------------------------

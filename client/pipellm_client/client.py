@@ -22,6 +22,7 @@ from ._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
 from ._session_common import (
     Blocking,
     Call,
+    Poll,
     SessionBase,
     SessionOptions,
     Step,
@@ -194,6 +195,8 @@ def _take(step: Step, client: Client, session: Session | None) -> Any:
     assert session is not None, step
     if isinstance(step, Wait):
         session._pump(step.until)
+    elif isinstance(step, Poll):
+        session.poll()
     elif session.core is step.dead:
         session.rekey()
     return None
