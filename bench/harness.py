@@ -332,7 +332,7 @@ class Replayer:
                 r.seal()
             else:
                 r = self.s.alloc_region(spec.nbytes, name=spec.name)
-                r.shm.prefault()  # first-touch page faults would otherwise land in whichever rep comes first
+                r.prefault()  # first-touch page faults would otherwise land in whichever rep comes first
             self.regions[spec.name] = r
         # "Device memory": one buffer the size of the largest range; every transfer of a commit lands in it
         # (what arrives is not used, and only sampled messages are decrypted into it anyway).

@@ -165,3 +165,17 @@ def test_async_d2h_queue_drains_on_its_own(daemon: DaemonProcess) -> None:
             assert (kv.read() == src).all()
 
     asyncio.run(main())
+
+
+def test_prefault_makes_a_mutable_region_resident_and_refuses_a_read_only_one(daemon: DaemonProcess) -> None:
+    import psutil
+    from pipellm_client import InvalidArgument
+
+    with Client(daemon.socket) as c, c.open_session("prefault") as s:
+        kv = s.alloc_region(64 * MiB)
+        before = psutil.Process().memory_info().rss
+        kv.prefault()
+        assert psutil.Process().memory_info().rss - before >= 60 * MiB, "the pages were not made resident"
+        ro = s.alloc_region(MiB, readonly=True, data=bytes(MiB))
+        with pytest.raises(InvalidArgument, match="read-only"):
+            ro.prefault()

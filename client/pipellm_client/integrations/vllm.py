@@ -652,6 +652,7 @@ class PipeLLMKVWorker(KVOffloadWorker):
         self.ordered = ordered
         self._owns = owns
         self.region: Region = session.alloc_region(self.layout.size, name="vllm-kv-offload")
+        self.region.prefault()  # as vLLM's pinned CPU cache is: resident before the first store
         self.staging = torch.empty((batch, self.layout.chunk_bytes), dtype=torch.int8, device=self.device)
         self._declared = 0
         self._lock = threading.Lock()  # a session is not thread-safe; vLLM calls from one thread, but be sure

@@ -98,6 +98,7 @@ class CpuKVCache:
         granule = session.generation_granule
         self.stride = -(-self.block_bytes // granule) * granule if pad_to_granule else self.block_bytes
         self.region = session.alloc_region(num_layers * 2 * num_blocks * self.stride, name=name)
+        self.region.prefault()  # vLLM pins its CPU swap space at start-up: resident before the first swap-out
 
     def offset(self, layer: int, kv: int, block: int) -> int:
         if not (0 <= layer < self.num_layers and kv in (0, 1) and 0 <= block < self.num_blocks):
