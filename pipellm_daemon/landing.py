@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client.errors import TagMismatch
@@ -28,25 +29,15 @@ from .workers import WorkerLost, WorkerPool
 _ATTEMPTS = 3  # decryptions of one message after its worker died: the ciphertext is still in its slot
 
 
+@dataclass(eq=False, kw_only=True)
 class D2HLanding:
-    def __init__(
-        self,
-        *,
-        session_id: str,
-        streams: list[D2HStream],
-        workers: WorkerPool,
-        arena: Arena,
-        counters: Counters,
-        events: EventBus,
-        kill: Callable[[str], None],
-    ) -> None:
-        self.session_id = session_id
-        self.streams = streams
-        self.workers = workers
-        self.arena = arena
-        self.counters = counters
-        self.events = events
-        self._kill = kill
+    session_id: str
+    streams: list[D2HStream]
+    workers: WorkerPool
+    arena: Arena
+    counters: Counters
+    events: EventBus
+    kill: Callable[[str], None]  # the session's channels, H2D too: a forged D2H message ends them all
 
     async def land(self, msg: pb.Landed, region: Region) -> list[pb.Delivery]:
         """Decrypt one Landed batch into `region`; returns the D2H key rotations now due."""
@@ -83,7 +74,7 @@ class D2HLanding:
             lost = []
             for (i, m), res in zip(pending, results, strict=True):
                 if isinstance(res, TagMismatch):
-                    self._kill(f"D2H tag mismatch in ce{m.ce} (tampered or misordered device data)")
+                    self.kill(f"D2H tag mismatch in ce{m.ce} (tampered or misordered device data)")
                     raise TagMismatch(f"D2H data for region {region.id} failed authentication; session is dead")
                 if isinstance(res, WorkerLost):
                     lost.append((i, m))  # the ciphertext is still in its slot: decrypting again is safe

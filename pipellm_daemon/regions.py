@@ -16,11 +16,11 @@ import asyncio
 import numpy as np
 import xxhash
 from pipellm_client.errors import InvalidArgument
-from pipellm_client.regions import generation_table, generations_snapshot
+from pipellm_client.regions import RegionBase, generation_table, generations_snapshot
 from pipellm_client.shm import SharedMemory, is_sealed_readonly
 
 
-class Region:
+class Region(RegionBase):
     def __init__(
         self,
         region_id: int,
@@ -31,27 +31,13 @@ class Region:
         granule: int,
         handle: int,
     ) -> None:
-        self.id = region_id
-        self.name = name
-        self.shm = shm
-        self.size = size
-        self.readonly = readonly
-        self.sealed = False
-        self.granule = granule
+        super().__init__(region_id, name, shm, size, readonly, granule)
         self.handle = handle
         self.gens = None if readonly else generation_table(shm, size, granule)
         self.pending_writes: list[tuple[int, int, asyncio.Future[None]]] = []
         # granule -> D2H landings writing into it now. Two landings into disjoint bytes of one granule run
         # at once; the granule's generation must stay odd until the last of them ends (one +1 each way).
         self._writers: dict[int, int] = {}
-
-    def check_range(self, offset: int, length: int) -> None:
-        if length <= 0:
-            raise InvalidArgument(f"length must be > 0, got {length}")
-        if offset < 0 or offset > self.size or length > self.size - offset:
-            raise InvalidArgument(
-                f"range [{offset}, {offset + length}) is outside region {self.id} of {self.size} bytes"
-            )
 
     def view(self, offset: int, length: int) -> memoryview:
         return self.shm.view[offset : offset + length]

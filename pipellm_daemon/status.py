@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
 from pipellm_client import keymem
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
@@ -11,6 +12,7 @@ from pipellm_client.wire import mode_value
 
 from . import __version__
 from .config import Config
+from .latency import Latency
 from .pool import BouncePool
 from .sessions import SessionManager
 from .workers import WorkerPool
@@ -32,17 +34,20 @@ class Throughput:
         return (total_bytes - b0) / (now - t0) if now > t0 else 0.0
 
 
+@dataclass(eq=False)
 class StatusBuilder:
-    def __init__(
-        self, cfg: Config, manager: SessionManager, workers: WorkerPool, pool: BouncePool, started: float
-    ) -> None:
-        self.cfg = cfg
-        self.manager = manager
-        self.workers = workers
-        self.pool = pool
-        self.started = started
-        self.throughput = Throughput()
-        self.latency = manager.latency
+    """The daemon's status, health and metrics snapshot, from the parts that hold them."""
+
+    cfg: Config
+    manager: SessionManager
+    workers: WorkerPool
+    pool: BouncePool
+    started: float
+    throughput: Throughput = field(default_factory=Throughput)
+
+    @property
+    def latency(self) -> Latency:
+        return self.manager.latency
 
     def healthy(self) -> tuple[bool, str]:
         if self.manager.draining:

@@ -41,7 +41,29 @@ def generations_snapshot(gens: Generations, granule: int, offset: int, length: i
     return g.tobytes()
 
 
-class Region:
+class RegionBase:
+    """What both ends know of a region (the SDK's `Region` and the daemon's): its id, name and memory, its
+    size and kind, the granule of its write generations, and which ranges are inside it."""
+
+    def __init__(self, region_id: int, name: str, shm: SharedMemory, size: int, readonly: bool, granule: int) -> None:
+        self.id = region_id
+        self.name = name
+        self.shm = shm
+        self.size = size
+        self.readonly = readonly
+        self.sealed = False
+        self.granule = granule
+
+    def check_range(self, offset: int, length: int) -> None:
+        if length <= 0:
+            raise InvalidArgument(f"length must be > 0, got {length}")
+        if offset < 0 or offset > self.size or length > self.size - offset:
+            raise InvalidArgument(
+                f"range [{offset}, {offset + length}) is outside region {self.id} of {self.size} bytes"
+            )
+
+
+class Region(RegionBase):
     def __init__(
         self,
         region_id: int,
@@ -53,14 +75,8 @@ class Region:
         wait_landed: Callable[[Region, int, int], None],
         seal_remote: Callable[[Region], None],
     ) -> None:
-        self.id = region_id
-        self.name = name
-        self.shm = shm
-        self.size = size
-        self.readonly = readonly
-        self.sealed = False
+        super().__init__(region_id, name, shm, size, readonly, granule)
         self.adapter = False  # a LoRA adapter: the daemon's LoRA predictor ranks whole-region loads
-        self.granule = granule
         self._wait_landed = wait_landed
         self._seal_remote = seal_remote
         self.array: np.ndarray[Any, np.dtype[np.uint8]] = np.frombuffer(shm.buf, dtype=np.uint8, count=size)
@@ -69,12 +85,6 @@ class Region:
     def __repr__(self) -> str:
         kind = "sealed" if self.sealed else ("read-only" if self.readonly else "mutable")
         return f"<Region {self.id} {self.name!r} {self.size} bytes {kind}>"
-
-    def check_range(self, offset: int, length: int) -> None:
-        if length <= 0 or offset < 0 or offset + length > self.size:
-            raise InvalidArgument(
-                f"range [{offset}, {offset + length}) is outside region {self.id} of {self.size} bytes"
-            )
 
     def tensor(self) -> torch.Tensor:
         """A torch uint8 view of the region (no copy)."""
