@@ -99,6 +99,7 @@ class Pipeline:
         self._directives: list[pb.Delivery] = []  # in-band rotations decided between commits
         self.staging: Any = None  # cuda_staging.DeviceStaging for CUDA sessions that attached one
         self._committing = False
+        self._closed = False
         self._ahead = 0  # bytes of queued entries whose encryption has started (the ahead_bytes budget)
         # The delivery ring's records (None without a ring: every hit is a commit round trip).
         self.published = PublishedRecords(ring) if ring is not None else None
@@ -220,6 +221,9 @@ class Pipeline:
         pending = [f for f in out.pending_futures() if not f.done()]
         if pending:
             await asyncio.wait(pending)  # no worker may still be writing into a slot we hand back
+        if self._closed:
+            out.drop_unsent()
+            return  # the session is gone: its streams, keys and ring with it; nobody is left to tell
         rotations = pb.Completion(seq=out.seq)
         for d in out.drop_unsent():
             if d.ring:
@@ -367,6 +371,9 @@ class Pipeline:
         """Retire one reserved IV at its place in the stream without ever encrypting twice under it."""
         if e.state == State.RESERVED:
             cell = await self.arena.nops.acquire()
+            if self.dead is not None:
+                self.arena.nops.release(cell)
+                self._check_alive()
             s.sender.seal_into(e.iv, NOP_PLAINTEXT, self.arena.nop_view(cell, NOP_MESSAGE_LEN))
             s.sender.submit(e.iv)
             self.delivered_nops.add(cell)
@@ -430,6 +437,9 @@ class Pipeline:
         if slot is None:
             await out.flush(wait=True)  # the endpoint releases slots only after it has what we sent
             slot = await self.arena.h2d.acquire()
+        if self.dead is not None:  # closed or killed while we waited for the slot
+            self.arena.h2d.release(slot)
+            self._check_alive()
         if region.snapshot(key.offset, key.length) is None:
             self.arena.h2d.release(slot)
             raise StaleSource(f"region {region.id} [{key.offset}, {key.offset + key.length}) is being written")
@@ -743,6 +753,11 @@ class Pipeline:
         self.predictors.forget_region(region_id)
 
     def close(self) -> None:
+        # A commit still unwinding (woken by the cancelled waiters below, or handed a slot just before) finds
+        # the pipeline dead: it neither encrypts, speculates nor publishes with the keys dropped here.
+        self._closed = True
+        if self.dead is None:
+            self.dead = "session closed"
         if self.published is not None:
             self.published.clear()
             self.published = None  # the session unmaps the ring: a commit still unwinding must not publish any more

@@ -3,6 +3,7 @@ swap-in, key rotation, and a worker that dies mid-job."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import signal
@@ -10,6 +11,7 @@ import signal
 import numpy as np
 import pytest
 from pipellm_client.channel import RotationPolicy
+from pipellm_client.errors import ChannelDead
 
 from pipellm_daemon.config import Config
 from pipellm_daemon.streams import State
@@ -161,3 +163,36 @@ def test_a_killed_worker_never_gets_its_iv_reused(loop_and_pool) -> None:
     assert pool.restarts == 1
     if failed:  # entries whose worker died can only be retired by an IV rotation
         assert pair.pipeline.counters.iv_rotations >= 1
+
+
+@pytest.mark.parametrize("slots_back_first", [True, False])
+def test_a_session_closed_under_a_running_commit_ends_it_without_touching_its_dropped_keys(
+    loop_and_pool, slots_back_first: bool
+) -> None:
+    """The client goes away while a commit waits for a bounce slot: closing the session drops its keys and
+    wakes the waiting commit with ChannelDead. The commit's cleanup (abandon, refill) must not speculate on
+    the closed pipeline: that looked up a dropped worker key (KeyError, an internal error in the fuzz run)."""
+    loop, pair, ro, _data = setup(loop_and_pool)
+    p = pair.pipeline
+    p.predictors.intents.declare(pair.keys_of(ro, 0, 8 * CHUNK), replace=True, cyclic=True)
+    held = []
+    while (slot := p.arena.h2d.try_acquire()) is not None:
+        held.append(slot)  # every slot taken: the commit's on-demand encryption must wait for one
+    dst = np.zeros(CHUNK, np.uint8)
+    frame, _pending = pair.core.commit_frame([(ro, 12 * CHUNK, CHUNK, dst, True)])
+    assert frame is not None
+    daemon_side = [(pair.regions[t.region_id], t) for t in frame.commit.transfers]
+
+    async def run() -> None:
+        task = asyncio.ensure_future(p.commit(frame.commit.seq, daemon_side, lambda _c: None))
+        await asyncio.sleep(0.01)
+        assert not task.done(), "the commit should be waiting for a slot"
+        if slots_back_first:
+            for slot in held:
+                p.arena.h2d.release(slot)  # the waiting commit is handed one, then the keys go
+        p.close()  # (else the waiter is woken by the close itself)
+        with pytest.raises(ChannelDead):
+            await task
+
+    loop.run_until_complete(run())
+    pair.core.close()
