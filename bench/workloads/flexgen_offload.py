@@ -54,6 +54,16 @@ def flexgen(
     compute_s = testbed.compute_s(flops, hbm) * byte_scale
     region = RegionSpec("weights", layers * layer_bytes)
 
+    shape = {  # what both traces record first about the model and its offloaded weights
+        "model": model,
+        "hidden": h,
+        "layers": layers,
+        "layer_bytes_full": full_layer,
+        "layer_bytes_offloaded": layer_bytes,
+        "gpu_fraction": gpu_fraction,
+        "batch_tokens": batch,
+    }
+
     def load(j: int) -> H2D:
         return H2D((Range("weights", j * layer_bytes, layer_bytes),), label=f"w{j}")
 
@@ -73,13 +83,7 @@ def flexgen(
             warmup=warmup,
             scale={"byte_scale": byte_scale},
             params={
-                "model": model,
-                "hidden": h,
-                "layers": layers,
-                "layer_bytes_full": full_layer,
-                "layer_bytes_offloaded": layer_bytes,
-                "gpu_fraction": gpu_fraction,
-                "batch_tokens": batch,
+                **shape,
                 "compute_per_layer_testbed_s": compute_s,
                 "link_per_layer_testbed_s": testbed.link_s(layer_bytes),
                 "seed": seed,
@@ -141,13 +145,7 @@ def flexgen(
         warmup=warmup,
         scale={"byte_scale": byte_scale},
         params={
-            "model": model,
-            "hidden": h,
-            "layers": layers,
-            "layer_bytes_full": full_layer,
-            "layer_bytes_offloaded": layer_bytes,
-            "gpu_fraction": gpu_fraction,
-            "batch_tokens": batch,
+            **shape,
             "gpu_batch": gpu_batch,
             "num_gpu_batches": gpu_batches,
             "kv_offload": True,
