@@ -116,7 +116,8 @@ class Pipeline:
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
-    def spec(self) -> H2DStream:
+    def speculative(self) -> H2DStream:
+        """Copy engine 0: the stream whose queue is encrypted ahead (copy engine 1 takes what is not)."""
         return self.h2d[0]
 
     def _check_alive(self) -> None:
@@ -197,7 +198,7 @@ class Pipeline:
                     else:
                         await self._on_demand(out, self.h2d[ce], region, key, ti, c.dst_offset)
                     more = ci + 1 < len(parts) or ti + 1 < len(transfers)
-                    if more and ce == 0 and self.mode == "pipellm" and len(self.spec.queue) <= self.depth // 2:
+                    if more and ce == 0 and self.mode == "pipellm" and len(self.speculative.queue) <= self.depth // 2:
                         self.refill()  # a long commit drains the queue: keep it ahead of this commit's later chunks
                     if len(out) >= 8:
                         await out.flush(wait=False)
@@ -252,7 +253,7 @@ class Pipeline:
 
     async def _maybe_rotate(self, out: Outbox) -> None:
         for s in self.h2d:
-            if s is self.spec and (s.sender.key_rotation_pending or s.sender.iv_rotation_due):
+            if s is self.speculative and (s.sender.key_rotation_pending or s.sender.iv_rotation_due):
                 self._flush_published(out)  # what is published was encrypted before the rotation
             if s.sender.key_rotation_pending:
                 self._abandon(s)
@@ -266,7 +267,7 @@ class Pipeline:
                 self.events.emit("iv_rotation", self.session_id, f"ce{s.ce} few IVs left", ce=s.ce)
 
     async def _commit_speculative(self, out: Outbox, region: Region, key: Key, ti: int, dst_off: int) -> None:
-        s = self.spec
+        s = self.speculative
         pos = found = s.find(key)
         if pos >= 0:
             e = s.queue[pos]
@@ -324,8 +325,8 @@ class Pipeline:
         await self._on_demand(out, s, region, key, ti, dst_off)
 
     def _queue_still_expected(self) -> bool:
-        want = self.predictors.upcoming(min(len(self.spec.queue), 4))
-        return bool(want) and [e.key for e in list(self.spec.queue)[: len(want)]] == want
+        want = self.predictors.upcoming(min(len(self.speculative.queue), 4))
+        return bool(want) and [e.key for e in list(self.speculative.queue)[: len(want)]] == want
 
     def _valid(self, e: Entry) -> bool:
         if e.state not in (State.READY, State.PUBLISHED) or e.snapshot is None:
@@ -333,12 +334,12 @@ class Pipeline:
         r = e.region
         if r.shm.closed:
             return False
-        if not r.still(e.snapshot, e.key.offset, e.key.length):
+        if not r.unchanged_since(e.snapshot, e.key.offset, e.key.length):
             return False
         return e.fingerprint is None or r.fingerprint(e.key.offset, e.key.length) == e.fingerprint
 
     def _deliver_entry(self, out: Outbox, e: Entry, ti: int, dst_off: int) -> None:
-        self.spec.sender.submit(e.iv)
+        self.speculative.sender.submit(e.iv)
         self.delivered_slots.add(e.slot)
         out.add(self._data_delivery(e, ti, dst_off, ring=False), e.fut)
 
@@ -469,7 +470,7 @@ class Pipeline:
             self.sync_ring()  # what the SDK took from the ring is no longer a prediction: the predictors see it first
         if self.dead is not None:
             return
-        s = self.spec
+        s = self.speculative
         if s.sender.key_rotation_pending or s.sender.dead is not None:
             return
         # Published records the SDK has not taken yet are predicted chunks the predictors have not seen
@@ -546,7 +547,7 @@ class Pipeline:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        s = self.spec
+        s = self.speculative
         q = s.queue
         for e in q:
             if e.state != State.RESERVED:
@@ -589,7 +590,7 @@ class Pipeline:
         e.state = State.FAILED if fut.cancelled() or fut.exception() is not None else State.READY
         if e.state == State.READY and self.staging is not None:
             self.staging.prefetch(e.slot, self.arena.layout.h2d_slot(e.slot), e.nbytes + 16)
-        if e.state == State.READY and self.spec.queue and self.spec.queue[0] is e:
+        if e.state == State.READY and self.speculative.queue and self.speculative.queue[0] is e:
             self._publish()
 
     # -- the delivery ring ----------------------------------------------------------------------------
@@ -603,7 +604,7 @@ class Pipeline:
         pub = self.published
         if pub is None or self.mode != "pipellm" or self.dead is not None or self._committing:
             return
-        s = self.spec
+        s = self.speculative
         if self._directives:  # in-band rotations decided between commits: next in the stream
             if len(self._directives) > pub.room:
                 return
@@ -671,7 +672,7 @@ class Pipeline:
         avail = self.published.unassigned()
         pos = next((i for i, (e, _r) in enumerate(avail) if e is not None and e.key == key), -1)
         if pos < 0:
-            queued = [e.key for e, _r in avail if e is not None] + [e.key for e in self.spec.queue]
+            queued = [e.key for e, _r in avail if e is not None] + [e.key for e in self.speculative.queue]
             want = self.predictors.upcoming(min(len(queued), 4))
             if len(self.h2d) > 1 and want and queued[: len(want)] == want and key not in queued:
                 self.counters.misses += 1
@@ -797,4 +798,4 @@ class Pipeline:
 
     def ahead(self) -> int:
         """Entries queued or published ahead of the commits right now (the status `depth`)."""
-        return len(self.spec.queue) + (len(self.published) if self.published is not None else 0)
+        return len(self.speculative.queue) + (len(self.published) if self.published is not None else 0)

@@ -50,7 +50,7 @@ class Region(RegionBase):
             return b"" if self.sealed else None
         return generations_snapshot(self.gens, self.granule, offset, length)
 
-    def still(self, snapshot: bytes, offset: int, length: int) -> bool:
+    def unchanged_since(self, snapshot: bytes, offset: int, length: int) -> bool:
         return self.readonly or self.snapshot(offset, length) == snapshot
 
     def fingerprint(self, offset: int, length: int) -> int:

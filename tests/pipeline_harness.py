@@ -170,6 +170,6 @@ async def settle(rounds: int = 3, pipelines: list[Any] | None = None, timeout: f
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while pipelines and loop.time() < deadline:
-        if not any(e.state == 1 for p in pipelines for e in p.spec.queue):  # State.ENCRYPTING
+        if not any(e.state == 1 for p in pipelines for e in p.speculative.queue):  # State.ENCRYPTING
             return
         await asyncio.sleep(0.002)

@@ -61,7 +61,7 @@ def test_skip_burns_with_discard_and_nop_when_rotation_costs_more(loop_and_pool)
     cfg = dataclasses.replace(BASE, ahead_bytes=CHUNK, cost_rotate_us=1e9)
     loop, pair, ro, data = setup(loop_and_pool, cfg)
     declare(loop, pair, ro, [1, 2, 3, 4])
-    q = pair.pipeline.spec.queue
+    q = pair.pipeline.speculative.queue
     assert [e.state for e in q] == [State.READY, State.RESERVED, State.RESERVED, State.RESERVED]
     assert (fetch(loop, pair, ro, 3) == data[3 * CHUNK : 4 * CHUNK]).all()  # skip over 1 (DISCARD) and 2 (NOP)
     c = pair.pipeline.counters
@@ -137,7 +137,7 @@ def test_key_rotations_in_band_both_directions(loop_and_pool) -> None:
         loop.run_until_complete(pair.d2h(src, kv, 0, swap_out=False))
         assert (kv.array[:CHUNK] == step).all()
     c = pair.pipeline.counters
-    h2d_v = pair.pipeline.spec.sender.epoch.version
+    h2d_v = pair.pipeline.speculative.sender.epoch.version
     assert h2d_v >= 2 and pair.core.endpoint.h2d[0].epoch.version == h2d_v
     assert pair.core.endpoint.d2h[0].epoch.version == pair.pipeline.d2h[0].receiver.epoch.version >= 1
     assert c.key_rotations >= 3 and pair.pipeline.dead is None
@@ -155,7 +155,7 @@ def test_a_killed_worker_never_gets_its_iv_reused(loop_and_pool) -> None:
     pair.pipeline.refill()
     os.kill(pool.pids()[0], signal.SIGKILL)  # while it encrypts ahead
     loop.run_until_complete(settle(2, [pair.pipeline]))
-    failed = sum(e.state == State.FAILED for e in pair.pipeline.spec.queue)
+    failed = sum(e.state == State.FAILED for e in pair.pipeline.speculative.queue)
     for j in range(16):
         dst = np.zeros(1 << 20, np.uint8)
         loop.run_until_complete(pair.commit([(ro, j << 20, 1 << 20, dst, False)]))

@@ -211,7 +211,7 @@ class PipelineMachine(RuleBasedStateMachine):
             assert c.bytes_wasted <= c.bytes_ahead
             assert c.detours <= c.misses and c.stale <= c.misses + c.skips
             assert s.pipeline.dead is None and s.core.dead is None
-            queued = s.pipeline.spec.queue
+            queued = s.pipeline.speculative.queue
             assert s.pipeline._ahead == sum(e.nbytes for e in queued if e.state != 0), "ahead-bytes bookkeeping"
             ep = s.core.endpoint
             assert ep.dead is None

@@ -132,11 +132,11 @@ def test_worker_death_under_a_burned_speculative_entry_is_aborted_then_retried(l
     assert gate.held, "speculation started jobs"
 
     async def others_ready() -> None:
-        while any(e.state != State.READY for e in list(pair.pipeline.spec.queue)[1:]):
+        while any(e.state != State.READY for e in list(pair.pipeline.speculative.queue)[1:]):
             await asyncio.sleep(0.002)
 
     loop.run_until_complete(asyncio.wait_for(others_ready(), 10))
-    assert pair.pipeline.spec.queue[0].state == State.ENCRYPTING
+    assert pair.pipeline.speculative.queue[0].state == State.ENCRYPTING
     gate.limit = 1 << 30  # the commit's own jobs are held too
     # A skip: chunk 2 is ready, chunk 1 is burned (DISCARD) and its job dies while the burn waits for it.
     commit_with_death(loop, pair, gate, ro, 2, match="being relinquished")
@@ -145,10 +145,8 @@ def test_worker_death_under_a_burned_speculative_entry_is_aborted_then_retried(l
     for j in (2, 3, 1):
         retry(loop, pair, ro, j, data)
     assert pair.pipeline.dead is None and pair.core.endpoint.dead is None
-    assert (
-        pair.arena.h2d.free + len(pair.pipeline.delivered_slots) + sum(e.slot >= 0 for e in pair.pipeline.spec.queue)
-        == cfg.h2d_slots
-    ), "no bounce slot leaked"
+    queued = sum(e.slot >= 0 for e in pair.pipeline.speculative.queue)
+    assert pair.arena.h2d.free + len(pair.pipeline.delivered_slots) + queued == cfg.h2d_slots, "no bounce slot leaked"
     pair.close()
 
 
