@@ -32,6 +32,7 @@ from typing import Any
 from pipellm_client import chunks
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client.channel import ReservedIv
+from pipellm_client.crypto import TAG_LEN
 from pipellm_client.endpoint import NOP_MESSAGE_LEN, NOP_PLAINTEXT
 from pipellm_client.errors import ChannelDead, StaleSource
 from pipellm_client.ring import FLAG_STAGED, KIND_DATA, Record, RingView, source_digest
@@ -58,6 +59,11 @@ _log = _get_log("pipellmd.pipeline")
 # Only what the serving code declared or swapped out is published: publishing makes an IV irrevocable
 # (consumed or burned by DISCARD), and learned guesses are often replaced by a hint before they are used.
 _PUBLISHED_SOURCES = frozenset({"intents", "swap"})
+# A long commit sends what is ready every this many deliveries, so the endpoint starts on them meanwhile.
+_FLUSH_EVERY = 8
+# Reserved-but-unsent IVs at most, in units of max_depth: a queue reordered over and over would otherwise
+# reserve IVs without bound (each abandoned one is skipped by a rotation, never reused).
+_OUTSTANDING_DEPTHS = 4
 
 
 class Pipeline:
@@ -200,7 +206,7 @@ class Pipeline:
                     more = ci + 1 < len(parts) or ti + 1 < len(transfers)
                     if more and ce == 0 and self.mode == "pipellm" and len(self.speculative.queue) <= self.depth // 2:
                         self.refill()  # a long commit drains the queue: keep it ahead of this commit's later chunks
-                    if len(out) >= 8:
+                    if len(out) >= _FLUSH_EVERY:
                         await out.flush(wait=False)
             await out.flush(wait=True, final=True)
         except WorkerLost as exc:
@@ -499,7 +505,7 @@ class Pipeline:
             # The steady state: the queue is the prediction's prefix. Only its tail needs extending.
             for key in want[n:]:
                 region = self.regions.get(key.region)
-                if region is None or s.sender.outstanding >= 4 * self.cfg.max_depth:
+                if region is None or s.sender.outstanding >= _OUTSTANDING_DEPTHS * self.cfg.max_depth:
                     break
                 q.append(Entry(key, region, s.sender.reserve(), source))
             self._dispatch()
@@ -540,7 +546,7 @@ class Pipeline:
                 i = later + 1
                 continue
             region = self.regions.get(key.region)
-            if region is None or s.sender.outstanding >= 4 * self.cfg.max_depth:
+            if region is None or s.sender.outstanding >= _OUTSTANDING_DEPTHS * self.cfg.max_depth:
                 break
             s.queue.append(Entry(key, region, s.sender.reserve(), source))
             i += 1
@@ -589,7 +595,7 @@ class Pipeline:
             return
         e.state = State.FAILED if fut.cancelled() or fut.exception() is not None else State.READY
         if e.state == State.READY and self.staging is not None:
-            self.staging.prefetch(e.slot, self.arena.layout.h2d_slot(e.slot), e.nbytes + 16)
+            self.staging.prefetch(e.slot, self.arena.layout.h2d_slot(e.slot), e.nbytes + TAG_LEN)
         if e.state == State.READY and self.speculative.queue and self.speculative.queue[0] is e:
             self._publish()
 

@@ -48,6 +48,9 @@ MAX_NAME = 64
 _INTENT_RECORD = struct.Struct("<QQQQ")  # a data-plane intent: region_id, offset, length, flags
 _INTENT_D2H = 1
 OFFER_WAIT_S = 2.0
+# The relinquish cost model's endpoint decryption rate for a CUDA endpoint (bytes per us): a GPU copy engine
+# decrypts far faster than the CPU endpoint's `endpoint_bytes_per_us`, so burning (DISCARD) is cheap there.
+CUDA_ENDPOINT_BYTES_PER_US = 50_000.0
 
 
 class Link(Protocol):
@@ -664,7 +667,8 @@ class SessionManager:
         del master
         sid = secrets.token_hex(8)
         regions: dict[int, Region] = {}
-        ep_rate = self.cfg.endpoint_bytes_per_us if req.endpoint != pb.ENDPOINT_KIND_CUDA else 50_000.0
+        cuda = req.endpoint == pb.ENDPOINT_KIND_CUDA
+        ep_rate = CUDA_ENDPOINT_BYTES_PER_US if cuda else self.cfg.endpoint_bytes_per_us
         pipeline = Pipeline(
             session_id=sid,
             cfg=self.cfg,
