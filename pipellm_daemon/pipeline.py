@@ -48,7 +48,7 @@ from .latency import Latency
 from .logs import get as _get_log
 from .outbox import Outbox
 from .pool import Arena
-from .predictors import Combined, Key
+from .predictors import Key, PredictorsByPriority
 from .published import Published, PublishedRecords
 from .regions import Region
 from .relinquish import CostModel
@@ -95,7 +95,7 @@ class Pipeline:
         self.events = events
         self.endpoint_bytes_per_us = endpoint_bytes_per_us
         self.small_threshold = cfg.small_transfer_threshold if small_threshold is None else small_threshold
-        self.predictors = Combined(swap_order)
+        self.predictors = PredictorsByPriority(swap_order)
         self.latency = latency or Latency()
         self.counters = Counters()
         self.depth = 2

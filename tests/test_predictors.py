@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import random
 
-from pipellm_daemon.predictors import Combined, CyclePredictor, IntentPredictor, Key, LoraPredictor, SwapPredictor
+from pipellm_daemon.predictors import (
+    CyclePredictor,
+    IntentPredictor,
+    Key,
+    LoraPredictor,
+    PredictorsByPriority,
+    SwapPredictor,
+)
 
 MiB = 1 << 20
 
@@ -177,7 +184,7 @@ def test_lora_next_adapter_from_popularity_and_hints() -> None:
 
 
 def test_combined_priority() -> None:
-    cb = Combined("fifo")
+    cb = PredictorsByPriority("fifo")
     cyc = [Key(1, i * MiB, MiB) for i in range(4)]
     for _ in range(4):
         for k in cyc:

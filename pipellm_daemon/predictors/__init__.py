@@ -9,7 +9,9 @@ from .lora import LoraPredictor
 from .swap import SwapPredictor
 
 
-class Combined:
+class PredictorsByPriority:
+    """Every predictor of a session; `upcoming` takes the first that has an answer (`last_source` says which)."""
+
     def __init__(self, swap_order: str = "fifo") -> None:
         self.intents = IntentPredictor()
         self.swap = SwapPredictor(swap_order)
@@ -45,11 +47,11 @@ class Combined:
 
 
 __all__ = [
-    "Combined",
     "CyclePredictor",
     "IntentPredictor",
     "Key",
     "LoraPredictor",
     "Predictor",
+    "PredictorsByPriority",
     "SwapPredictor",
 ]
