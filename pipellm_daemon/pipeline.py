@@ -48,7 +48,7 @@ from .latency import Latency
 from .logs import get as _get_log
 from .outbox import Outbox
 from .pool import Arena
-from .predictors import Key, PredictorsByPriority
+from .predictors import ChunkId, PredictorsByPriority
 from .published import Published, PublishedRecords
 from .regions import Region
 from .relinquish import CostModel
@@ -189,7 +189,7 @@ class Pipeline:
                 parts = list(chunks.split(t.offset, t.length, self.cfg.chunk_size))
                 for ci, c in enumerate(parts):
                     self.counters.chunks += 1
-                    key = Key(region.id, c.offset, c.length)
+                    key = ChunkId(region.id, c.offset, c.length)
                     if ce == 0 and self.mode == "pipellm" and self.published:
                         taken = self._from_published(out, region, key, ti, c.dst_offset)
                         if taken == "hit":
@@ -272,7 +272,7 @@ class Pipeline:
                 self._relinquish_by_rotation(s, out)
                 self.events.emit("iv_rotation", self.session_id, f"ce{s.ce} few IVs left", ce=s.ce)
 
-    async def _commit_speculative(self, out: Outbox, region: Region, key: Key, ti: int, dst_off: int) -> None:
+    async def _commit_speculative(self, out: Outbox, region: Region, key: ChunkId, ti: int, dst_off: int) -> None:
         s = self.speculative
         pos = found = s.find(key)
         if pos >= 0:
@@ -435,7 +435,14 @@ class Pipeline:
 
     # -- on-demand encryption ----------------------------------------------------------------------
     async def _on_demand(
-        self, out: Outbox, s: H2DStream, region: Region, key: Key, ti: int, dst_off: int, iv: ReservedIv | None = None
+        self,
+        out: Outbox,
+        s: H2DStream,
+        region: Region,
+        key: ChunkId,
+        ti: int,
+        dst_off: int,
+        iv: ReservedIv | None = None,
     ) -> None:
         if iv is None:
             # Reserve before any await: speculation may append to the queue meanwhile, after this IV.
@@ -671,7 +678,7 @@ class Pipeline:
         self.refill()
         self._publish()
 
-    def _from_published(self, out: Outbox, region: Region, key: Key, ti: int, dst_off: int) -> str:
+    def _from_published(self, out: Outbox, region: Region, key: ChunkId, ti: int, dst_off: int) -> str:
         """A slow-path chunk while records are published (they come first in the stream): "hit" when one of
         them carries it, "detour" for an extra transfer the second channel takes, "" after burning them all."""
         assert self.published is not None
@@ -747,7 +754,8 @@ class Pipeline:
             # Record the swap-out in arrival order, not in decryption-completion order; speculation skips the
             # range until its decryption lands. (Small ones come back on the second channel, unspeculated.)
             keys = [
-                Key(region.id, c.offset, c.length) for c in chunks.split(msg.offset, msg.length, self.cfg.chunk_size)
+                ChunkId(region.id, c.offset, c.length)
+                for c in chunks.split(msg.offset, msg.length, self.cfg.chunk_size)
             ]
             self.predictors.swap.swapped_out(keys, msg.group, continues=msg.continues)
         directives = await self.landing.land(msg, region)
@@ -784,7 +792,7 @@ class Pipeline:
         """Declared intent chunks not consumed yet."""
         return self.predictors.intents.pending
 
-    def declare_intents(self, keys: list[Key], *, replace: bool, cyclic: bool) -> None:
+    def declare_intents(self, keys: list[ChunkId], *, replace: bool, cyclic: bool) -> None:
         """Hand checked intent chunks to the intent predictor, then encrypt ahead what they allow."""
         self.predictors.intents.declare(keys, replace=replace, cyclic=cyclic)
         self.refill()
@@ -793,7 +801,7 @@ class Pipeline:
         """Forget every pending intent; returns how many chunks that was."""
         return self.predictors.intents.cancel()
 
-    def add_adapter(self, region_id: int, keys: list[Key]) -> None:
+    def add_adapter(self, region_id: int, keys: list[ChunkId]) -> None:
         """A LoRA adapter region: its chunks, for the adapter predictor."""
         self.predictors.lora.add_adapter(region_id, keys)
 

@@ -39,7 +39,7 @@ from .events import EventBus
 from .latency import Latency
 from .pipeline import Pipeline
 from .pool import Arena, BouncePool
-from .predictors import Key
+from .predictors import ChunkId
 from .regions import Region
 from .streams import D2HStream, H2DStream
 from .workers import WorkerPool
@@ -334,7 +334,7 @@ class Session:
         self.regions[region.id] = region
         self.region_bytes += size
         if kind == pb.REGION_KIND_ADAPTER:
-            keys = [Key(region.id, c.offset, c.length) for c in chunks.split(0, size, self.cfg.chunk_size)]
+            keys = [ChunkId(region.id, c.offset, c.length) for c in chunks.split(0, size, self.cfg.chunk_size)]
             self.pipeline.add_adapter(region.id, keys)
         return region
 
@@ -421,7 +421,7 @@ class Session:
     def _declare(self, intents: list[tuple[int, int, int, bool]], *, replace: bool, cyclic: bool) -> None:
         """Check every intent first (all or nothing), then hand their chunks to the intent predictor."""
         pending = self.pipeline.intents_pending()
-        keys: list[Key] = []
+        keys: list[ChunkId] = []
         for i, (region_id, offset, length, d2h) in enumerate(intents):
             r = self.region(region_id)
             try:
@@ -434,7 +434,9 @@ class Session:
                 and copy_engine(length, unpredicted=False, channels=self.channels, small_threshold=small_threshold) == 0
             ):
                 # (small transfers take the second channel and are never speculated: no intent needed)
-                keys.extend(Key(r.id, c.offset, c.length) for c in chunks.split(offset, length, self.cfg.chunk_size))
+                keys.extend(
+                    ChunkId(r.id, c.offset, c.length) for c in chunks.split(offset, length, self.cfg.chunk_size)
+                )
         total = len(keys) + (0 if replace else pending)
         if total > self.cfg.max_intents:
             raise R.exhausted(f"{total} pending intent chunks would exceed max_intents={self.cfg.max_intents}")

@@ -9,7 +9,7 @@ from collections import deque
 
 from pipellm_client.channel import KEY_RING_SIZE, PredictingReceiver, ReservedIv, Sender
 
-from .predictors import Key
+from .predictors import ChunkId
 from .regions import Region
 from .workers import WorkerPool
 
@@ -25,7 +25,7 @@ class State(enum.IntEnum):
 class Entry:
     __slots__ = ("fingerprint", "fut", "iv", "key", "region", "slot", "snapshot", "source", "state")
 
-    def __init__(self, key: Key, region: Region, iv: ReservedIv, source: str = "") -> None:
+    def __init__(self, key: ChunkId, region: Region, iv: ReservedIv, source: str = "") -> None:
         self.key = key
         self.source = source
         self.region = region
@@ -72,7 +72,7 @@ class H2DStream(_KeyedStream):
     def key_id(self) -> int:
         return self.key_ids[self.sender.epoch.version]
 
-    def find(self, key: Key) -> int:
+    def find(self, key: ChunkId) -> int:
         for i, e in enumerate(self.queue):
             if e.key == key:
                 return i

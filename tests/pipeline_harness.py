@@ -26,7 +26,7 @@ from pipellm_daemon.config import Config
 from pipellm_daemon.events import EventBus
 from pipellm_daemon.pipeline import Pipeline
 from pipellm_daemon.pool import Arena
-from pipellm_daemon.predictors import Key
+from pipellm_daemon.predictors import ChunkId
 from pipellm_daemon.regions import Region as DaemonRegion
 from pipellm_daemon.sessions import DeliveryRing
 from pipellm_daemon.streams import D2HStream, H2DStream
@@ -147,11 +147,11 @@ class PipelinePair:
             directives = await self.pipeline.landed(frame.landed, self.regions[region.id])
             self.core.landed_done(pb.LandedDone(seq=frame.landed.seq, directives=directives))
 
-    def keys_of(self, region: ClientRegion, offset: int, length: int) -> list[Key]:
+    def keys_of(self, region: ClientRegion, offset: int, length: int) -> list[ChunkId]:
         out, done = [], 0
         while done < length:
             n = min(self.cfg.chunk_size, length - done)
-            out.append(Key(region.id, offset + done, n))
+            out.append(ChunkId(region.id, offset + done, n))
             done += n
         return out
 

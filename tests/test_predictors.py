@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 
 from pipellm_daemon.predictors import (
+    ChunkId,
     CyclePredictor,
     IntentPredictor,
-    Key,
     LoraPredictor,
     PredictorsByPriority,
     SwapPredictor,
@@ -16,11 +16,11 @@ from pipellm_daemon.predictors import (
 MiB = 1 << 20
 
 
-def chunks_of(region: int, offset: int, length: int, chunk: int = MiB) -> list[Key]:
-    return [Key(region, o, min(chunk, offset + length - o)) for o in range(offset, offset + length, chunk)]
+def chunks_of(region: int, offset: int, length: int, chunk: int = MiB) -> list[ChunkId]:
+    return [ChunkId(region, o, min(chunk, offset + length - o)) for o in range(offset, offset + length, chunk)]
 
 
-def score(pred, trace: list[Key], warmup: int) -> float:
+def score(pred, trace: list[ChunkId], warmup: int) -> float:
     """Fraction of commits after `warmup` whose chunk was the predictor's first guess."""
     good = total = 0
     for i, key in enumerate(trace):
@@ -32,7 +32,7 @@ def score(pred, trace: list[Key], warmup: int) -> float:
     return good / total
 
 
-def flexgen_trace(layers: int, per_layer: int, tokens: int) -> list[Key]:
+def flexgen_trace(layers: int, per_layer: int, tokens: int) -> list[ChunkId]:
     """Each token loads every layer's weights in order (attention then MLP), one region per layer."""
     trace = []
     for _ in range(tokens):
@@ -60,13 +60,13 @@ def test_accelerate_forward_order_with_occasional_extra_transfers() -> None:
         for i, k in enumerate(base):
             trace.append(k)
             if step in (3, 5) and i == rng.randrange(len(base)):
-                trace.append(Key(99, step, 4096))  # an unpredictable one-off
+                trace.append(ChunkId(99, step, 4096))  # an unpredictable one-off
     c = CyclePredictor()
     assert score(c, trace, warmup=2 * len(base)) >= 0.97
 
 
 def test_random_order_turns_speculation_off() -> None:
-    keys = [Key(1, i * MiB, MiB) for i in range(64)]
+    keys = [ChunkId(1, i * MiB, MiB) for i in range(64)]
     rng = random.Random(0)
     c = CyclePredictor()
     trace = [rng.choice(keys) for _ in range(2000)]
@@ -84,16 +84,16 @@ def test_vllm_v0_swap_in_is_fcfs_over_requests() -> None:
     the swap-in is round after round of one unit per request. The set is learned from the first round."""
     sp = SwapPredictor("lifo")
     unit = 128 * 1024
-    per_req: dict[int, list[Key]] = {}
+    per_req: dict[int, list[ChunkId]] = {}
     for group, req in enumerate((3, 2, 1), start=1):  # newest (3) preempted first
         per_req[req] = []
         for layer in range(4):
             for kv in (0, 1):
-                k = Key(50, (req * 100 + layer * 2 + kv) * unit, unit)
+                k = ChunkId(50, (req * 100 + layer * 2 + kv) * unit, unit)
                 per_req[req].append(k)
                 sp.swapped_out([k], group=group)
 
-    def swap_in(reqs: list[int]) -> list[Key]:
+    def swap_in(reqs: list[int]) -> list[ChunkId]:
         return [per_req[r][i] for i in range(8) for r in reqs]  # layer-major, K then V, requests FCFS
 
     first = swap_in([1, 2])  # requests 1 and 2 come back (oldest first); 3 stays out
@@ -113,11 +113,11 @@ def test_a_d2h_call_that_arrives_in_pieces_is_still_one_swap_unit() -> None:
     `continues` the call). Each call is one unit of the CacheEngine's rounds: were each piece a unit of its
     own, the rounds would interleave requests mid-range and every swap-in chunk would miss."""
     sp = SwapPredictor("lifo")
-    ranges: dict[int, list[list[Key]]] = {}
+    ranges: dict[int, list[list[ChunkId]]] = {}
     for group, req in enumerate((2, 1), start=1):
         ranges[req] = []
         for layer in range(3):
-            keys = [Key(51, (req * 100 + layer * 4 + c) * MiB, MiB) for c in range(4)]
+            keys = [ChunkId(51, (req * 100 + layer * 4 + c) * MiB, MiB) for c in range(4)]
             ranges[req].append(keys)
             sp.swapped_out(keys[:1], group=group)  # one free slot ...
             for k in keys[1:]:
@@ -129,14 +129,14 @@ def test_a_d2h_call_that_arrives_in_pieces_is_still_one_swap_unit() -> None:
         sp.observe(k)
     assert hits >= len(swap_in) - 4, "only the first range's guess of the set may be wrong"
     # An ungrouped call continued stays one group of its own, not one per piece.
-    sp.swapped_out([Key(52, 0, MiB)], group=0)
-    sp.swapped_out([Key(52, MiB, MiB)], group=0, continues=True)
-    assert sp.upcoming(4) == [Key(52, 0, MiB), Key(52, MiB, MiB)]
+    sp.swapped_out([ChunkId(52, 0, MiB)], group=0)
+    sp.swapped_out([ChunkId(52, MiB, MiB)], group=0, continues=True)
+    assert sp.upcoming(4) == [ChunkId(52, 0, MiB), ChunkId(52, MiB, MiB)]
 
 
 def test_vllm_v1_offloading_is_fifo() -> None:
     sp = SwapPredictor("fifo")
-    stores = [Key(60, i * 2 * MiB, 2 * MiB) for i in range(10)]
+    stores = [ChunkId(60, i * 2 * MiB, 2 * MiB) for i in range(10)]
     for k in stores:
         sp.swapped_out([k], group=0)
     assert sp.upcoming(10) == stores
@@ -149,12 +149,12 @@ def test_vllm_v1_offloading_is_fifo() -> None:
 
 def test_intents_are_authoritative_and_consumed() -> None:
     ip = IntentPredictor()
-    ks = [Key(1, i * MiB, MiB) for i in range(6)]
+    ks = [ChunkId(1, i * MiB, MiB) for i in range(6)]
     ip.declare(ks, replace=False, cyclic=False)
     assert ip.upcoming(3) == ks[:3]
     ip.observe(ks[2])  # skipped over 0 and 1: they are dropped
     assert ip.upcoming(10) == ks[3:]
-    ip.observe(Key(9, 0, 1))  # something undeclared changes nothing
+    ip.observe(ChunkId(9, 0, 1))  # something undeclared changes nothing
     assert ip.pending == 3
     ip.declare(ks[:2], replace=False, cyclic=True)
     assert ip.upcoming(10)[:5] == [*ks[3:], *ks[:2]]
@@ -185,21 +185,21 @@ def test_lora_next_adapter_from_popularity_and_hints() -> None:
 
 def test_combined_priority() -> None:
     cb = PredictorsByPriority("fifo")
-    cyc = [Key(1, i * MiB, MiB) for i in range(4)]
+    cyc = [ChunkId(1, i * MiB, MiB) for i in range(4)]
     for _ in range(4):
         for k in cyc:
             cb.observe(k)
     assert cb.upcoming(2) == cyc[:2] and cb.last_source == "cycle"
-    swapped = [Key(2, 0, MiB)]
+    swapped = [ChunkId(2, 0, MiB)]
     cb.swap.swapped_out(swapped, group=0)
     assert cb.upcoming(2) == swapped and cb.last_source == "swap"
-    cb.intents.declare([Key(3, 0, MiB)], replace=False, cyclic=False)
-    assert cb.upcoming(2) == [Key(3, 0, MiB)] and cb.last_source == "intents"
+    cb.intents.declare([ChunkId(3, 0, MiB)], replace=False, cyclic=False)
+    assert cb.upcoming(2) == [ChunkId(3, 0, MiB)] and cb.last_source == "intents"
     assert cb.outranks("intents", "cycle") and not cb.outranks("cycle", "swap")
 
 
 def test_history_compaction_keeps_the_cycle() -> None:
     c = CyclePredictor(max_history=64)
-    cyc = [Key(1, i * MiB, MiB) for i in range(10)]
+    cyc = [ChunkId(1, i * MiB, MiB) for i in range(10)]
     trace = cyc * 30
     assert score(c, trace, warmup=40) == 1.0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Key, Predictor
+from .base import ChunkId, Predictor
 from .cycle import CyclePredictor
 from .intents import IntentPredictor
 from .lora import LoraPredictor
@@ -20,14 +20,14 @@ class PredictorsByPriority:
         self.all: list[Predictor] = [self.intents, self.swap, self.cycle, self.lora]
         self.last_source = ""
 
-    def observe(self, key: Key, readonly: bool = True) -> None:
+    def observe(self, key: ChunkId, readonly: bool = True) -> None:
         """Learned cycles and adapter popularity are about read-only data (weights, adapters): a mutable
         region's bytes change between passes, so guessing its chunks again mostly encrypts stale data."""
         for p in self.all:
             if readonly or p.name in ("intents", "swap"):
                 p.observe(key)
 
-    def upcoming(self, limit: int) -> list[Key]:
+    def upcoming(self, limit: int) -> list[ChunkId]:
         for p in self.all:
             keys = p.upcoming(limit)
             if keys:
@@ -47,9 +47,9 @@ class PredictorsByPriority:
 
 
 __all__ = [
+    "ChunkId",
     "CyclePredictor",
     "IntentPredictor",
-    "Key",
     "LoraPredictor",
     "Predictor",
     "PredictorsByPriority",

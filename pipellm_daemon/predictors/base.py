@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol
 
 
-class Key(NamedTuple):
-    """One encryption unit: a chunk of a region, as a commit would name it."""
+class ChunkId(NamedTuple):
+    """Which chunk: one encryption unit of a region (region id, offset, length), as a commit names it."""
 
     region: int
     offset: int
@@ -16,10 +16,10 @@ class Key(NamedTuple):
 class Predictor(Protocol):
     name: str
 
-    def observe(self, key: Key) -> None:
+    def observe(self, key: ChunkId) -> None:
         """A chunk was committed on the speculative stream (in commit order)."""
 
-    def upcoming(self, limit: int) -> list[Key]:
+    def upcoming(self, limit: int) -> list[ChunkId]:
         """Up to `limit` chunks expected next, nearest first; [] when this predictor has no opinion."""
 
     def forget_region(self, region: int) -> None:

@@ -8,7 +8,7 @@ the last predictions gates speculation, so a random order stops costing anything
 
 from __future__ import annotations
 
-from .base import Key
+from .base import ChunkId
 
 MAX_HISTORY = 1 << 18
 
@@ -18,14 +18,14 @@ class CyclePredictor:
 
     def __init__(self, max_history: int = MAX_HISTORY) -> None:
         self.max_history = max_history
-        self._history: list[Key] = []
-        self._last: dict[Key, int] = {}  # key -> position of its latest occurrence
-        self._count: dict[Key, int] = {}
+        self._history: list[ChunkId] = []
+        self._last: dict[ChunkId, int] = {}  # key -> position of its latest occurrence
+        self._count: dict[ChunkId, int] = {}
         self._anchor = -1  # position of the previous occurrence of the newest anchorable chunk
-        self._expected: Key | None = None
+        self._expected: ChunkId | None = None
         self.score = 0.0  # EWMA of "the first predicted chunk was the next one committed"
 
-    def observe(self, key: Key) -> None:
+    def observe(self, key: ChunkId) -> None:
         expected = self._expected
         # A chunk rarer than the one the cycle expected is an extra transfer: it neither moves the anchor
         # nor counts against the cycle, so the cycle survives it.
@@ -47,10 +47,10 @@ class CyclePredictor:
         nxt = self._continuation(1)
         self._expected = nxt[0] if nxt else None
 
-    def _continuation(self, limit: int) -> list[Key]:
+    def _continuation(self, limit: int) -> list[ChunkId]:
         if self._anchor < 0:
             return []
-        out: list[Key] = []
+        out: list[ChunkId] = []
         start, end = self._anchor + 1, len(self._history)
         if start >= end:
             return out
@@ -67,7 +67,7 @@ class CyclePredictor:
             i = i + 1 if i + 1 < end else start
         return out
 
-    def upcoming(self, limit: int) -> list[Key]:
+    def upcoming(self, limit: int) -> list[ChunkId]:
         if self.score < 0.5:
             return []
         # Confidence scales the depth: a shaky cycle speculates one or two chunks, a solid one the full depth.

@@ -5,23 +5,23 @@ from __future__ import annotations
 import itertools
 from collections import deque
 
-from .base import Key
+from .base import ChunkId
 
 
 class IntentPredictor:
     name = "intents"
 
     def __init__(self) -> None:
-        self._pending: deque[Key] = deque()
-        self._counts: dict[Key, int] = {}
-        self._cycle: list[Key] = []  # a cyclic declaration repeats until cancelled
+        self._pending: deque[ChunkId] = deque()
+        self._counts: dict[ChunkId, int] = {}
+        self._cycle: list[ChunkId] = []  # a cyclic declaration repeats until cancelled
 
-    def _push(self, keys: list[Key]) -> None:
+    def _push(self, keys: list[ChunkId]) -> None:
         self._pending.extend(keys)
         for k in keys:
             self._counts[k] = self._counts.get(k, 0) + 1
 
-    def _pop(self) -> Key:
+    def _pop(self) -> ChunkId:
         k = self._pending.popleft()
         n = self._counts[k] - 1
         if n:
@@ -30,7 +30,7 @@ class IntentPredictor:
             del self._counts[k]
         return k
 
-    def declare(self, keys: list[Key], *, replace: bool, cyclic: bool) -> None:
+    def declare(self, keys: list[ChunkId], *, replace: bool, cyclic: bool) -> None:
         if replace:
             self.cancel()
         if cyclic:
@@ -52,7 +52,7 @@ class IntentPredictor:
         while self._cycle and len(self._pending) < limit:
             self._push(self._cycle)
 
-    def observe(self, key: Key) -> None:
+    def observe(self, key: ChunkId) -> None:
         self._top_up(64)
         # Consume up to and including the committed chunk; intents skipped over are dropped.
         if key in self._counts:
@@ -60,7 +60,7 @@ class IntentPredictor:
                 if self._pop() == key:
                     break
 
-    def upcoming(self, limit: int) -> list[Key]:
+    def upcoming(self, limit: int) -> list[ChunkId]:
         self._top_up(limit)
         return list(itertools.islice(self._pending, limit))
 

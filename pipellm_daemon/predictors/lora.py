@@ -7,7 +7,7 @@ among the rest, one adapter deep. Serving engines that know the next batch shoul
 
 from __future__ import annotations
 
-from .base import Key
+from .base import ChunkId
 
 
 class LoraPredictor:
@@ -15,15 +15,15 @@ class LoraPredictor:
 
     def __init__(self, resident: int = 1) -> None:
         self.resident = resident
-        self._adapters: dict[int, list[Key]] = {}  # region -> chunks of one full load
+        self._adapters: dict[int, list[ChunkId]] = {}  # region -> chunks of one full load
         self._score: dict[int, float] = {}
         self._recent: list[int] = []
-        self._loading: list[Key] = []
+        self._loading: list[ChunkId] = []
 
-    def add_adapter(self, region: int, chunks: list[Key]) -> None:
+    def add_adapter(self, region: int, chunks: list[ChunkId]) -> None:
         self._adapters[region] = chunks
 
-    def observe(self, key: Key) -> None:
+    def observe(self, key: ChunkId) -> None:
         chunks = self._adapters.get(key.region)
         if chunks is None:
             return
@@ -38,7 +38,7 @@ class LoraPredictor:
         elif self._loading and key == self._loading[0]:
             self._loading.pop(0)
 
-    def upcoming(self, limit: int) -> list[Key]:
+    def upcoming(self, limit: int) -> list[ChunkId]:
         if self._loading:
             return self._loading[:limit]
         resident = set(self._recent[-self.resident :])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from .base import Key
+from .base import ChunkId
 
 
 class SwapPredictor:
@@ -24,8 +24,8 @@ class SwapPredictor:
         if order not in ("fifo", "lifo"):
             raise ValueError("swap order must be fifo or lifo")
         self.order = order
-        self._groups: OrderedDict[int, deque[list[Key]]] = OrderedDict()  # group -> units, swap-out order
-        self._where: dict[Key, int] = {}
+        self._groups: OrderedDict[int, deque[list[ChunkId]]] = OrderedDict()  # group -> units, swap-out order
+        self._where: dict[ChunkId, int] = {}
         self._anon = 0
         # vLLM V0 swap-in state
         self._round: list[int] = []  # groups whose unit this round has started, in order
@@ -35,7 +35,7 @@ class SwapPredictor:
         self._swapins = 0  # swap-ins started so far
         self._group_epoch: dict[int, int] = {}  # group -> swap-ins that had started when it was swapped out
 
-    def swapped_out(self, keys: list[Key], group: int, *, continues: bool = False) -> None:
+    def swapped_out(self, keys: list[ChunkId], group: int, *, continues: bool = False) -> None:
         """`keys` were swapped out as one unit of `group`; `continues`: more of the previous call's unit
         (a d2h call larger than the free bounce slots reaches the daemon in several pieces)."""
         if not keys:
@@ -70,7 +70,7 @@ class SwapPredictor:
         self._group_epoch[group] = self._swapins
         self._groups.setdefault(group, deque()).append(list(keys))
 
-    def _drop(self, key: Key, group: int) -> bool:
+    def _drop(self, key: ChunkId, group: int) -> bool:
         """Remove a key; returns whether its unit still has keys."""
         units = self._groups[group]
         rest = False
@@ -85,7 +85,7 @@ class SwapPredictor:
             del self._groups[group]
         return rest
 
-    def observe(self, key: Key) -> None:
+    def observe(self, key: ChunkId) -> None:
         group = self._where.pop(key, None)
         if group is None:
             return
@@ -107,7 +107,7 @@ class SwapPredictor:
         else:
             self._round.append(group)
 
-    def _rounds(self, limit: int) -> list[Key]:
+    def _rounds(self, limit: int) -> list[ChunkId]:
         if not self._groups:
             self._active, self._round, self._current = None, [], None
             return []
@@ -120,7 +120,7 @@ class SwapPredictor:
             seen = [g for g in self._round if g in self._groups]
             want = max(self._last_k or len(newest_first), len(seen))
             order = seen + [g for g in newest_first if g not in seen][: want - len(seen)]
-        out: list[Key] = []
+        out: list[ChunkId] = []
         cursor = dict.fromkeys(order, 0)
         if self._current is not None and self._current in self._groups:
             out.extend(self._groups[self._current][0])  # the rest of the unit in flight
@@ -142,10 +142,10 @@ class SwapPredictor:
                 break
         return out[:limit]
 
-    def upcoming(self, limit: int) -> list[Key]:
+    def upcoming(self, limit: int) -> list[ChunkId]:
         if self.order == "lifo":
             return self._rounds(limit)
-        out: list[Key] = []
+        out: list[ChunkId] = []
         for units in self._groups.values():
             for unit in units:
                 out.extend(unit)
