@@ -93,7 +93,6 @@ class Pipeline:
         self.h2d = h2d
         self.d2h = d2h
         self.events = events
-        self.endpoint_bytes_per_us = endpoint_bytes_per_us
         self.small_threshold = cfg.small_transfer_threshold if small_threshold is None else small_threshold
         self.predictors = PredictorsByPriority(swap_order)
         self.latency = latency or Latency()
@@ -368,7 +367,7 @@ class Pipeline:
     async def _relinquish(self, out: Outbox, s: H2DStream) -> None:
         entries = list(s.queue)
         self.counters.relinquishes += 1
-        if self.costs.burn_us(entries) <= self.cfg.cost_rotate_us:
+        if self.costs.burn_us(entries) <= self.costs.rotate_us([]):  # nothing is kept
             while s.queue:
                 await self._burn(out, s, self._pop(s))
         else:

@@ -8,9 +8,10 @@ import time
 
 import grpc
 import numpy as np
+import psutil
 import pytest
-from pipellm_client import Client, DaemonError, Intent
-from pipellm_client._core import DECLARE_RECORDS_PER_FRAME
+from pipellm_client import Client, DaemonError, Intent, InvalidArgument
+from pipellm_client._core import DECLARE_RECORDS_PER_FRAME, _SpareBuffers
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client.aio import AsyncClient
 
@@ -132,8 +133,6 @@ def test_a_sync_loop_that_only_swaps_out_drains_its_queue_at_the_next_d2h(daemon
 
 def test_backlog_buffers_are_reused_up_to_their_limit() -> None:
     """A fresh chunk-sized bytearray costs page faults and zeroing; drained backlog buffers come back."""
-    from pipellm_client._core import _SpareBuffers
-
     spare = _SpareBuffers(limit=3 * MiB)
     a, b = spare.take(MiB + 16), spare.take(MiB + 16)
     assert a is not b and len(a) == len(b) == MiB + 16
@@ -168,9 +167,6 @@ def test_async_d2h_queue_drains_on_its_own(daemon: DaemonProcess) -> None:
 
 
 def test_prefault_makes_a_mutable_region_resident_and_refuses_a_read_only_one(daemon: DaemonProcess) -> None:
-    import psutil
-    from pipellm_client import InvalidArgument
-
     with Client(daemon.socket) as c, c.open_session("prefault") as s:
         kv = s.alloc_region(64 * MiB)
         before = psutil.Process().memory_info().rss

@@ -182,10 +182,10 @@ class _SpareBuffers:
     ciphertext, so reuse exposes nothing.
     """
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int = SPARE_BYTES_MAX) -> None:
         self._free: dict[int, list[bytearray]] = {}
         self._bytes = 0
-        self._limit = SPARE_BYTES_MAX if limit is None else limit
+        self._limit = limit
 
     def take(self, n: int) -> bytearray:
         free = self._free.get(n)
