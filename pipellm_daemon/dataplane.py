@@ -107,9 +107,9 @@ class Connection:
         self.session: Session | None = None
         self.offers: dict[int, int] = {}
         self._offer_waiters: dict[int, asyncio.Future[int]] = {}
-        self._outbox: deque[tuple[bytes, list[int]]] = deque()
-        self._outbox_bytes = 0
-        self._outbox_limit = manager.cfg.max_outbox_bytes
+        self._unsent: deque[tuple[bytes, list[int]]] = deque()
+        self._unsent_bytes = 0
+        self._unsent_limit = manager.cfg.max_outbox_bytes
         self._overflowed = False
         self._writer_armed = False
         self.closed = False
@@ -156,11 +156,11 @@ class Connection:
             return
         frame.version = PROTOCOL_VERSION
         data = frame.SerializeToString()
-        self._outbox.append((data, list(fds or [])))
-        self._outbox_bytes += len(data) + _ENTRY_OVERHEAD
-        if len(self._outbox) == 1:
+        self._unsent.append((data, list(fds or [])))
+        self._unsent_bytes += len(data) + _ENTRY_OVERHEAD
+        if len(self._unsent) == 1:
             self._drain()
-        if self._outbox_bytes > self._outbox_limit and not self.closed:
+        if self._unsent_bytes > self._unsent_limit and not self.closed:
             self._overflow()
 
     def _overflow(self) -> None:
@@ -171,12 +171,12 @@ class Connection:
             uid=self.peer.uid,
             pid=self.peer.pid,
             session=self.session.id if self.session is not None else None,
-            frames=len(self._outbox),
-            bytes=self._outbox_bytes,
-            limit=self._outbox_limit,
+            frames=len(self._unsent),
+            bytes=self._unsent_bytes,
+            limit=self._unsent_limit,
         )
-        self._outbox.clear()
-        self._outbox_bytes = 0
+        self._unsent.clear()
+        self._unsent_bytes = 0
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.sock.fileno())
         # Not from here: send() runs inside commit callbacks, which must not see their session vanish.
@@ -187,8 +187,8 @@ class Connection:
         self.send(pb.Frame(error=pb.Error(code=ref.number, message=ref.message, seq=seq)))
 
     def _drain(self) -> None:
-        while self._outbox:
-            data, fds = self._outbox[0]
+        while self._unsent:
+            data, fds = self._unsent[0]
             try:
                 send_packet(self.sock, data, fds)
             except BlockingIOError:
@@ -199,8 +199,8 @@ class Connection:
             except OSError:
                 self.close("send failed: peer gone")
                 return
-            self._outbox.popleft()
-            self._outbox_bytes -= len(data) + _ENTRY_OVERHEAD
+            self._unsent.popleft()
+            self._unsent_bytes -= len(data) + _ENTRY_OVERHEAD
 
     def _on_writable(self) -> None:
         self._writer_armed = False

@@ -14,7 +14,7 @@ Burning never encrypts twice under one IV: an entry whose IV is still fresh is b
 whose ciphertext exists is burned by delivering that same ciphertext as DISCARD (the endpoint verifies and
 drops it); an entry whose worker died mid-job can only be abandoned by an IV rotation.
 
-This module is the policy; the mechanisms are `streams` (queues, senders, receivers), `outbox` (a commit's
+This module is the policy; the mechanisms are `streams` (queues, senders, receivers), `commit_reply` (a commit's
 ordered deliveries), `relinquish` (what burning or rotating costs), `published` (the delivery ring's
 records) and `landing` (D2H decryption).
 """
@@ -39,6 +39,7 @@ from pipellm_client.ring import FLAG_STAGED, KIND_DATA, Record, RingView, source
 from pipellm_client.wire import FLAG_UNPREDICTED, copy_engine
 
 from . import jobwire as w
+from .commit_reply import CommitReply
 from .config import Config
 from .counters import Counters
 from .errors import CommitAborted, ProtocolViolation
@@ -46,7 +47,6 @@ from .events import EventBus
 from .landing import D2HLanding
 from .latency import Latency
 from .logs import get as _get_log
-from .outbox import Outbox
 from .pool import Arena
 from .predictors import ChunkId, PredictorsByPriority
 from .published import Published, PublishedRecords
@@ -156,7 +156,7 @@ class Pipeline:
     ) -> None:
         self._check_alive()
         start = time.monotonic()
-        out = Outbox(seq, send)
+        out = CommitReply(seq, send)
         self.counters.commits += 1
         self._ring_sync()
         if self._directives:
@@ -222,7 +222,7 @@ class Pipeline:
             self.refill()
             self._publish()
 
-    async def _abort(self, out: Outbox) -> None:
+    async def _abort(self, out: CommitReply) -> None:
         """Drop what was not sent and abandon every IV it used, in band, so the endpoint stays in step."""
         pending = [f for f in out.pending_futures() if not f.done()]
         if pending:
@@ -243,7 +243,7 @@ class Pipeline:
                 self.arena.nops.release(d.slot)
             elif d.kind in (pb.MSG_KIND_ROTATE_IV, pb.MSG_KIND_ROTATE_KEY):
                 rotations.deliveries.append(d)  # already applied at the sender: the endpoint must follow
-        flushed = Outbox(out.seq, lambda _c: None)
+        flushed = CommitReply(out.seq, lambda _c: None)
         self._flush_published(flushed)  # published records precede the abandoning rotation in the stream
         rotations.deliveries.extend(flushed.drop_unsent())
         for s in self.h2d:
@@ -256,7 +256,7 @@ class Pipeline:
         if rotations.deliveries:
             out.send_now(list(rotations.deliveries))
 
-    async def _maybe_rotate(self, out: Outbox) -> None:
+    async def _maybe_rotate(self, out: CommitReply) -> None:
         for s in self.h2d:
             if s is self.speculative and (s.sender.key_rotation_pending or s.sender.iv_rotation_due):
                 self._flush_published(out)  # what is published was encrypted before the rotation
@@ -271,7 +271,7 @@ class Pipeline:
                 self._relinquish_by_rotation(s, out)
                 self.events.emit("iv_rotation", self.session_id, f"ce{s.ce} few IVs left", ce=s.ce)
 
-    async def _commit_speculative(self, out: Outbox, region: Region, key: ChunkId, ti: int, dst_off: int) -> None:
+    async def _commit_speculative(self, out: CommitReply, region: Region, key: ChunkId, ti: int, dst_off: int) -> None:
         s = self.speculative
         pos = found = s.find(key)
         if pos >= 0:
@@ -343,7 +343,7 @@ class Pipeline:
             return False
         return e.fingerprint is None or r.fingerprint(e.key.offset, e.key.length) == e.fingerprint
 
-    def _deliver_entry(self, out: Outbox, e: Entry, ti: int, dst_off: int) -> None:
+    def _deliver_entry(self, out: CommitReply, e: Entry, ti: int, dst_off: int) -> None:
         self.speculative.sender.submit(e.iv)
         self.delivered_slots.add(e.slot)
         out.add(self._data_delivery(e, ti, dst_off, ring=False), e.fut)
@@ -364,7 +364,7 @@ class Pipeline:
         )
 
     # -- relinquishing ---------------------------------------------------------------------------
-    async def _relinquish(self, out: Outbox, s: H2DStream) -> None:
+    async def _relinquish(self, out: CommitReply, s: H2DStream) -> None:
         entries = list(s.queue)
         self.counters.relinquishes += 1
         if self.costs.burn_us(entries) <= self.costs.rotate_us([]):  # nothing is kept
@@ -373,7 +373,7 @@ class Pipeline:
         else:
             self._relinquish_by_rotation(s, out)
 
-    async def _burn(self, out: Outbox, s: H2DStream, e: Entry) -> None:
+    async def _burn(self, out: CommitReply, s: H2DStream, e: Entry) -> None:
         """Retire one reserved IV at its place in the stream without ever encrypting twice under it."""
         if e.state == State.RESERVED:
             cell = await self.arena.nops.acquire()
@@ -426,7 +426,7 @@ class Pipeline:
 
         return release
 
-    def _relinquish_by_rotation(self, s: H2DStream, out: Outbox) -> None:
+    def _relinquish_by_rotation(self, s: H2DStream, out: CommitReply) -> None:
         self._abandon(s)
         chan = s.sender.rotate_iv()
         out.add(pb.Delivery(ce=s.ce, kind=pb.MSG_KIND_ROTATE_IV, value=chan))
@@ -435,7 +435,7 @@ class Pipeline:
     # -- on-demand encryption ----------------------------------------------------------------------
     async def _on_demand(
         self,
-        out: Outbox,
+        out: CommitReply,
         s: H2DStream,
         region: Region,
         key: ChunkId,
@@ -677,7 +677,7 @@ class Pipeline:
         self.refill()
         self._publish()
 
-    def _from_published(self, out: Outbox, region: Region, key: ChunkId, ti: int, dst_off: int) -> str:
+    def _from_published(self, out: CommitReply, region: Region, key: ChunkId, ti: int, dst_off: int) -> str:
         """A slow-path chunk while records are published (they come first in the stream): "hit" when one of
         them carries it, "detour" for an extra transfer the second channel takes, "" after burning them all."""
         assert self.published is not None
@@ -708,14 +708,14 @@ class Pipeline:
         self.predictors.observe(key, region.readonly)
         return "hit"
 
-    def _flush_published(self, out: Outbox) -> None:
+    def _flush_published(self, out: CommitReply) -> None:
         """Burn every published record not yet handed out: DISCARD (the same ciphertext, never a second
         message under its IV), rotations applied; the stream then continues after them."""
         if self.published is not None:
             for item in self.published.unassigned():
                 self._ring_out(out, item, discard=True)
 
-    def _ring_out(self, out: Outbox, item: Published, *, discard: bool, ti: int = 0, dst_off: int = 0) -> None:
+    def _ring_out(self, out: CommitReply, item: Published, *, discard: bool, ti: int = 0, dst_off: int = 0) -> None:
         assert self.published is not None
         e, rec = item
         self.published.assign()

@@ -76,7 +76,7 @@ class _Proc:
     head: int = 0  # records written into the ring
     signalled: int = 0  # records announced on its job eventfd
     done: int = 0  # completions read
-    outbox: deque[tuple[bytes, list[int]]] = field(default_factory=deque)  # control messages not yet sent
+    unsent: deque[tuple[bytes, list[int]]] = field(default_factory=deque)  # control messages not yet sent
     writer_armed: bool = False
     busy_ns: int = 0
     jobs: int = 0
@@ -485,14 +485,14 @@ class WorkerPool:
         """Send a control message and mark its place among the jobs with a CONTROL record."""
         if not p.up:
             return  # a dead worker: its replacement gets every map and key from `_spawn`
-        p.outbox.append((msg, fds))
+        p.unsent.append((msg, fds))
         self._drain(p)
         self._put(p, None, None)
         self._doorbell(p)
 
     def _drain(self, p: _Proc) -> None:
-        while p.outbox:
-            msg, fds = p.outbox[0]
+        while p.unsent:
+            msg, fds = p.unsent[0]
             try:
                 send_packet(p.sock, msg, fds)
             except BlockingIOError:
@@ -502,7 +502,7 @@ class WorkerPool:
                 return
             except OSError:
                 return  # the reader sees the death and restarts the worker
-            p.outbox.popleft()
+            p.unsent.popleft()
 
     def _on_writable(self, p: _Proc) -> None:
         p.writer_armed = False
@@ -596,7 +596,7 @@ class WorkerPool:
         lost = sum(e is not None for e in p.inflight) + sum(e is not None for _f, e in p.backlog)
         self._fail_outstanding(p, f"crypto worker {p.index} (pid {p.proc.pid}) died with {code}")
         p.ring.close()
-        p.outbox.clear()
+        p.unsent.clear()
         p.quick_deaths = p.quick_deaths + 1 if time.monotonic() - p.spawned_at < self.stable_after_s else 0
         delay = self._restart_delay(p.quick_deaths)
         self.restarts += 1

@@ -27,8 +27,8 @@ LAYERS: list[set[str]] = [
     # What a pipeline drives: crypto workers (and the worker process), bounce arenas, regions, predictors,
     # CUDA staging.
     {"predictors", "workers", "worker", "pool", "regions", "cuda_staging"},
-    # A copy engine's keys, sender or receiver and queue; a commit's outbox.
-    {"streams", "outbox"},
+    # A copy engine's keys, sender or receiver and queue; a commit's reply.
+    {"streams", "commit_reply"},
     # The pipeline's mechanisms: the ring's published records, the relinquish cost model, D2H landing.
     {"published", "relinquish", "landing"},
     {"pipeline"},

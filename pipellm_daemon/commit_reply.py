@@ -14,7 +14,7 @@ from .errors import CommitAborted
 _BATCH: Final = 64  # deliveries per Completion frame
 
 
-class Outbox:
+class CommitReply:
     """The ordered deliveries of one commit, sent in batches as their ciphertext becomes ready."""
 
     def __init__(self, seq: int, send: Callable[[pb.Completion], None]) -> None:
@@ -42,7 +42,7 @@ class Outbox:
                 await asyncio.wait([fut])  # never raises: a failed job is judged just below
             if fut is not None and (fut.cancelled() or fut.exception() is not None):
                 # A worker died under this job: the commit is ABORTED (the SDK retries from plaintext). What
-                # precedes it is sent first: a delivery taken off the outbox is either sent or left there for
+                # precedes it is sent first: a delivery taken off the reply is either sent or left there for
                 # `Pipeline._abort`, never dropped (its slot, IV and ring record would be lost to both ends).
                 if batch:
                     self._send(pb.Completion(seq=self.seq, deliveries=batch, final=False))

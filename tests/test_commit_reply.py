@@ -1,6 +1,6 @@
-"""The commit outbox: every delivery taken off it is sent, in order, even when a later one's job failed.
+"""A commit's reply: every delivery taken off it is sent, in order, even when a later one's job failed.
 
-`Pipeline._abort` can only abandon what is still in the outbox; a ready delivery popped for a batch and then
+`Pipeline._abort` can only abandon what is still in the reply; a ready delivery popped for a batch and then
 dropped when the next job turned out dead would leak its slot, its IV and (for a ring record) the count of
 records handed out, and the SDK would then see the ring out of step.
 """
@@ -12,8 +12,8 @@ import asyncio
 import pytest
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 
+from pipellm_daemon.commit_reply import CommitReply
 from pipellm_daemon.errors import CommitAborted
-from pipellm_daemon.outbox import Outbox
 from pipellm_daemon.workers import WorkerLost
 
 
@@ -22,11 +22,11 @@ def _delivery(slot: int) -> pb.Delivery:
 
 
 @pytest.mark.parametrize("wait", [False, True])
-def test_a_failed_job_leaves_it_and_what_follows_in_the_outbox_and_sends_what_precedes(wait: bool) -> None:
+def test_a_failed_job_leaves_it_and_what_follows_in_the_reply_and_sends_what_precedes(wait: bool) -> None:
     async def run() -> tuple[list[pb.Completion], list[pb.Delivery]]:
         loop = asyncio.get_running_loop()
         sent: list[pb.Completion] = []
-        out = Outbox(7, sent.append)
+        out = CommitReply(7, sent.append)
         futs = [loop.create_future() for _ in range(4)]
         for f in futs[:2]:
             f.set_result(None)
@@ -48,7 +48,7 @@ def test_flush_without_wait_stops_at_the_first_unfinished_job() -> None:
     async def run() -> tuple[list[pb.Completion], int]:
         loop = asyncio.get_running_loop()
         sent: list[pb.Completion] = []
-        out = Outbox(3, sent.append)
+        out = CommitReply(3, sent.append)
         done, busy = loop.create_future(), loop.create_future()
         done.set_result(None)
         out.add(_delivery(0), done)
