@@ -227,6 +227,12 @@ def _torch_swap(src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[int, int
             dst[kv, d].copy_(src[kv, s])
 
 
+def _check_caches(got: list[torch.Tensor], want: list[torch.Tensor], failure: str) -> None:
+    """Bit-exact comparison of KV caches (as int16: NaN payloads compare too); SystemExit(failure) if not."""
+    if not all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(got, want, strict=True)):
+        raise SystemExit(failure)
+
+
 def bench_vllm_v0(daemons: dict[str, DaemonProcess], reps: int) -> dict[str, dict[str, Any]]:
     from pipellm_client.integrations.vllm_swap import CacheEngine
 
@@ -243,10 +249,7 @@ def bench_vllm_v0(daemons: dict[str, DaemonProcess], reps: int) -> dict[str, dic
         engines["pipellm-unordered"] = CacheEngine(unordered, dev["pipellm-unordered"], GPU_BLOCKS, ordered=False)
 
         def check(name: str) -> None:
-            if not all(
-                torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(dev[name], want, strict=True)
-            ):
-                raise SystemExit(f"vllm-v0/{name}: caches differ after resume")
+            _check_caches(dev[name], want, f"vllm-v0/{name}: caches differ after resume")
 
         def direct(t: Timer) -> None:
             with t.phase("swap-out"):
@@ -303,10 +306,7 @@ def bench_vllm_v1(daemons: dict[str, DaemonProcess], reps: int) -> dict[str, dic
         jobs = iter(range(1 << 30))
 
         def check(name: str) -> None:
-            if not all(
-                torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(dev[name], want, strict=True)
-            ):
-                raise SystemExit(f"vllm-v1/{name}: caches differ after load")
+            _check_caches(dev[name], want, f"vllm-v1/{name}: caches differ after load")
 
         def direct(t: Timer) -> None:
             with t.phase("store"):

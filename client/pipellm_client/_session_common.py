@@ -338,14 +338,9 @@ class SessionBase(abc.ABC):
 
     def _seal_steps(self, region: Region) -> Steps[None]:
         """`Region.seal` as steps: freeze the bytes here (every later write faults), then tell the daemon."""
-        if not region.readonly:
-            raise InvalidArgument(f"region {region.id} is mutable; only read-only regions are sealed")
-        if region.sealed:
-            return
-        region.shm.seal_readonly()
-        region.array.flags.writeable = False
-        yield from self._seal_remote_steps(region)
-        region.sealed = True
+        if region.freeze():
+            yield from self._seal_remote_steps(region)
+            region.sealed = True
 
     def _seal_remote_steps(self, region: Region) -> Steps[None]:
         yield Call("SealRegion", pb.SealRegionRequest(session_id=self.id, region_id=region.id), self.metadata)

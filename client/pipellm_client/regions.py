@@ -150,14 +150,20 @@ class Region(RegionBase):
         Fails (InvalidArgument, region still writable) while something else holds a writable mapping or a
         pinned page of the region (cudaHostRegister, O_DIRECT, io_uring buffers): the kernel refuses the seal.
         """
+        if self.freeze():
+            self._seal_remote(self)
+            self.sealed = True
+
+    def freeze(self) -> bool:
+        """The local half of `seal`: make the bytes read-only here (every later write faults). False when the
+        region is sealed already; the caller then tells the daemon and marks the region `sealed`."""
         if not self.readonly:
             raise InvalidArgument(f"region {self.id} is mutable; only read-only regions are sealed")
         if self.sealed:
-            return
+            return False
         self.shm.seal_readonly()
         self.array.flags.writeable = False
-        self._seal_remote(self)
-        self.sealed = True
+        return True
 
     def close(self) -> None:
         self._gens = None

@@ -60,6 +60,19 @@ def source_digest(generations: bytes) -> int:
     return xxhash.xxh3_64_intdigest(generations)
 
 
+class _HeaderWord:
+    """One u64 of a ring's header, read and written in place in the shared memory."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def __get__(self, ring: RingView, owner: type | None = None) -> int:
+        return int(_INDEX.unpack_from(ring.view, self.offset)[0])
+
+    def __set__(self, ring: RingView, value: int) -> None:
+        _INDEX.pack_into(ring.view, self.offset, int(value))
+
+
 class RingView:
     """Both ends' view of one ring in shared memory (the daemon produces, the SDK consumes)."""
 
@@ -69,29 +82,9 @@ class RingView:
         self.view = view
         self.capacity = capacity
 
-    @property
-    def produced(self) -> int:
-        return int(_INDEX.unpack_from(self.view, 0)[0])
-
-    @produced.setter
-    def produced(self, n: int) -> None:
-        _INDEX.pack_into(self.view, 0, n)
-
-    @property
-    def consumed(self) -> int:
-        return int(_INDEX.unpack_from(self.view, 8)[0])
-
-    @consumed.setter
-    def consumed(self, n: int) -> None:
-        _INDEX.pack_into(self.view, 8, n)
-
-    @property
-    def bell_wanted(self) -> bool:
-        return bool(_INDEX.unpack_from(self.view, 16)[0])
-
-    @bell_wanted.setter
-    def bell_wanted(self, wanted: bool) -> None:
-        _INDEX.pack_into(self.view, 16, int(wanted))
+    produced = _HeaderWord(0)  # written by the daemon
+    consumed = _HeaderWord(8)  # written by the SDK
+    bell_wanted = _HeaderWord(16)  # nonzero: the daemon waits for records to be taken
 
     def record(self, index: int) -> Record:
         return Record(*RECORD.unpack_from(self.view, HEADER + (index % self.capacity) * RECORD.size))

@@ -71,6 +71,41 @@ __device__ __forceinline__ u32 plm_bswap(u32 x) { return __byte_perm(x, 0u, 0x01
 __device__ __forceinline__ u32 plm_rotr(u32 x, u32 n) { return __funnelshift_r(x, x, n); }
 
 // Bytes [4 * w, 4 * w + 4) of a little-endian word that lie below `tail` (0..15).
+// Four-word (one AES block) helpers; inlined, so the arrays stay in registers.
+__device__ __forceinline__ void plm_zero4(u32 w[4])
+{
+    w[0] = 0u;
+    w[1] = 0u;
+    w[2] = 0u;
+    w[3] = 0u;
+}
+
+__device__ __forceinline__ void plm_set4(u32 w[4], uint4 q)
+{
+    w[0] = q.x;
+    w[1] = q.y;
+    w[2] = q.z;
+    w[3] = q.w;
+}
+
+// GHASH absorbs a block: y ^= the block read big-endian.
+__device__ __forceinline__ void plm_xor_bswap4(u32 y[4], const u32 c[4])
+{
+    y[0] ^= plm_bswap(c[0]);
+    y[1] ^= plm_bswap(c[1]);
+    y[2] ^= plm_bswap(c[2]);
+    y[3] ^= plm_bswap(c[3]);
+}
+
+// The counter block of data block k: nonce || inc32 counter (J0 is counter 1, data starts at 2; wraps mod 2^32).
+__device__ __forceinline__ void plm_ctr_block(u32 s[4], u32 nw0, u32 nw1, u32 nw2, u64 k)
+{
+    s[0] = nw0;
+    s[1] = nw1;
+    s[2] = nw2;
+    s[3] = (u32)(k + 2ull);
+}
+
 __device__ __forceinline__ u32 plm_tail_mask(u32 tail, u32 w)
 {
     const u32 lo = 4u * w;
@@ -86,15 +121,9 @@ __device__ __forceinline__ void plm_load_block(const unsigned char* p, u64 k, u6
 {
     if (k < nfull) {
         const uint4 q = reinterpret_cast<const uint4*>(p)[k];
-        w[0] = q.x;
-        w[1] = q.y;
-        w[2] = q.z;
-        w[3] = q.w;
+        plm_set4(w, q);
     } else {
-        w[0] = 0u;
-        w[1] = 0u;
-        w[2] = 0u;
-        w[3] = 0u;
+        plm_zero4(w);
         const unsigned char* b = p + 16ull * k;
 #pragma unroll
         for (u32 i = 0; i < 16u; ++i) {
@@ -233,6 +262,18 @@ __device__ __noinline__ uint4 plm_aes_j0(const u32* __restrict__ ctx, u32 nw0, u
     return ek;
 }
 
+// E_K(J0) for the thread that finishes the tag (it XORs this into GHASH), zero for every other thread.
+__device__ __forceinline__ uint4 plm_tag_mask(const u32* __restrict__ ctx, bool finisher, u32 nw0, u32 nw1, u32 nw2)
+{
+    uint4 ek;
+    ek.x = 0u;
+    ek.y = 0u;
+    ek.z = 0u;
+    ek.w = 0u;
+    if (finisher) ek = plm_aes_j0(ctx, nw0, nw1, nw2);
+    return ek;
+}
+
 // ------------------------------------------------------------------------------------------------
 // GF(2^128)
 
@@ -278,14 +319,8 @@ __device__ __noinline__ uint4 plm_gf_mul_pw(uint4 zin, const uint4* e)
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
         const uint4 q = e[c];
-        v[c][0] = q.x;
-        v[c][1] = q.y;
-        v[c][2] = q.z;
-        v[c][3] = q.w;
-        acc[c][0] = 0u;
-        acc[c][1] = 0u;
-        acc[c][2] = 0u;
-        acc[c][3] = 0u;
+        plm_set4(v[c], q);
+        plm_zero4(acc[c]);
     }
 #pragma unroll
     for (u32 j = 0; j < 32u; ++j) {
@@ -402,10 +437,7 @@ __device__ __forceinline__ void plm_ghash_block_end(const u32* __restrict__ ctx,
     q.z = y[2];
     q.w = y[3];
     q = plm_gf_mul_pw(q, pw);
-    y[0] = q.x;
-    y[1] = q.y;
-    y[2] = q.z;
-    y[3] = q.w;
+    plm_set4(y, q);
     plm_block_xor(y, sRed);
     if (threadIdx.x == 0u) {
         q.x = y[0];
@@ -514,12 +546,7 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB, PLM_GHASH_MIN_BLOCKS)
     const u64 pad = plm_level_pad(job.d, 0u);
     const bool final = job.grid == 1u;
     plm_load_ghash_tables(ctx, 0u, sM, sR);
-    uint4 ek;
-    ek.x = 0u;
-    ek.y = 0u;
-    ek.z = 0u;
-    ek.w = 0u;
-    if (final && tid == 0u) ek = plm_aes_j0(ctx, nw0, nw1, nw2);
+    const uint4 ek = plm_tag_mask(ctx, final && tid == 0u, nw0, nw1, nw2);
     __syncthreads();
 
     const u64 nfull = nbytes >> 4;
@@ -529,10 +556,7 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB, PLM_GHASH_MIN_BLOCKS)
 #pragma unroll
     for (int j = 0; j < PLM_GH_RUN0; ++j) {
         const u64 v = v0 + (u64)j;
-        blk[j][0] = 0u;
-        blk[j][1] = 0u;
-        blk[j][2] = 0u;
-        blk[j][3] = 0u;
+        plm_zero4(blk[j]);
         if (v >= pad) plm_load_block(ct, v - pad, nfull, tail, blk[j]);
     }
     const uint4* M = sM + (tid & (PLM_MREP - 1u));
@@ -540,10 +564,7 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB, PLM_GHASH_MIN_BLOCKS)
 #pragma unroll
     for (int j = 0; j < PLM_GH_RUN0; ++j) {
         plm_gf_mul_shoup<PLM_MREP_SHIFT>(y, M, sR);
-        y[0] ^= plm_bswap(blk[j][0]);
-        y[1] ^= plm_bswap(blk[j][1]);
-        y[2] ^= plm_bswap(blk[j][2]);
-        y[3] ^= plm_bswap(blk[j][3]);
+        plm_xor_bswap4(y, blk[j]);
     }
     plm_ghash_block_end(ctx, 0u, y, sRed, final, partials + plm_level_part(job.d, 0u) + job.lb,
                         nbytes, ek, plm_msg_src(job.d) + nbytes, tab + job.m, PLM_MODE_DECRYPT);
@@ -570,12 +591,7 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
     const uint4* items = partials + plm_level_part(job.d, level - 1u);
     const bool final = job.grid == 1u;
     plm_load_ghash_tables(ctx, level, sM, sR);
-    uint4 ek;
-    ek.x = 0u;
-    ek.y = 0u;
-    ek.z = 0u;
-    ek.w = 0u;
-    if (final && tid == 0u) ek = plm_aes_j0(ctx, nw0, nw1, nw2);
+    const uint4 ek = plm_tag_mask(ctx, final && tid == 0u, nw0, nw1, nw2);
     __syncthreads();
 
     const u64 v0 = ((u64)job.lb * PLM_TPB + tid) * PLM_GH_RUN;
@@ -583,16 +599,10 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
 #pragma unroll
     for (int j = 0; j < PLM_GH_RUN; ++j) {
         const u64 v = v0 + (u64)j;
-        it[j][0] = 0u;
-        it[j][1] = 0u;
-        it[j][2] = 0u;
-        it[j][3] = 0u;
+        plm_zero4(it[j]);
         if (v >= pad && v - pad < n_items) {
             const uint4 q = items[v - pad];
-            it[j][0] = q.x;
-            it[j][1] = q.y;
-            it[j][2] = q.z;
-            it[j][3] = q.w;
+            plm_set4(it[j], q);
         }
     }
     const uint4* M = sM + (tid & (PLM_MREP - 1u));
@@ -646,15 +656,9 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
 #pragma unroll
     for (int j = 0; j < PLM_CTR_BPT; ++j) {
         const u64 k = first + (u64)j;
-        d[j][0] = 0u;
-        d[j][1] = 0u;
-        d[j][2] = 0u;
-        d[j][3] = 0u;
+        plm_zero4(d[j]);
         if (k < nblk) plm_load_block(ct, k, nfull, tail, d[j]);
-        s[j][0] = nw0;
-        s[j][1] = nw1;
-        s[j][2] = nw2;
-        s[j][3] = (u32)(k + 2ull);  // inc32: wraps mod 2^32
+        plm_ctr_block(s[j], nw0, nw1, nw2, k);
     }
     plm_aes256<PLM_CTR_BPT, PLM_TREP_SHIFT>(tabT, sRK, s);
 #pragma unroll
@@ -695,12 +699,7 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
     const bool final = job.grid == 1u;
     plm_load_aes_tables(ctx, sT4, sRK);
     plm_load_ghash_tables(ctx, 0u, sM, sR);
-    uint4 ek;
-    ek.x = 0u;
-    ek.y = 0u;
-    ek.z = 0u;
-    ek.w = 0u;
-    if (final && tid == 0u) ek = plm_aes_j0(ctx, nw0, nw1, nw2);
+    const uint4 ek = plm_tag_mask(ctx, final && tid == 0u, nw0, nw1, nw2);
     __syncthreads();
 
     const u64 nfull = nbytes >> 4;
@@ -717,15 +716,9 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
         for (int b = 0; b < PLM_ENC_GROUP; ++b) {
             const u64 v = v0 + (u64)(g * PLM_ENC_GROUP + b);
             const u64 k = v - pad;  // real block index when v >= pad
-            d[b][0] = 0u;
-            d[b][1] = 0u;
-            d[b][2] = 0u;
-            d[b][3] = 0u;
+            plm_zero4(d[b]);
             if (v >= pad) plm_load_block(pt, k, nfull, tail, d[b]);
-            s[b][0] = nw0;
-            s[b][1] = nw1;
-            s[b][2] = nw2;
-            s[b][3] = (u32)(k + 2ull);
+            plm_ctr_block(s[b], nw0, nw1, nw2, k);
         }
         plm_aes256<PLM_ENC_GROUP, PLM_TREP_SHIFT>(tabT, sRK, s);
 #pragma unroll
@@ -747,10 +740,7 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
                 }
             }
             plm_gf_mul_shoup<PLM_MREP_SHIFT>(y, M, sR);
-            y[0] ^= plm_bswap(c[0]);
-            y[1] ^= plm_bswap(c[1]);
-            y[2] ^= plm_bswap(c[2]);
-            y[3] ^= plm_bswap(c[3]);
+            plm_xor_bswap4(y, c);
         }
     }
     plm_ghash_block_end(ctx, 0u, y, sRed, final, partials + plm_level_part(job.d, 0u) + job.lb,

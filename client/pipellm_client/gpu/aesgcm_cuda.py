@@ -357,6 +357,21 @@ class CudaAesGcm:
                     self._kernels[launch.kernel]((launch.grid,), tpb, tuple(args))
         return scratch, stream
 
+    def _batch_columns(self, items: Sequence[tuple[bytes, Any, Any]]) -> tuple[list[bytes], list[Any], list[Any]]:
+        """A batch's nonces, datas and outs, with the batch's length, every nonce and every data checked."""
+        _check_batch(items)
+        nonces = [check_nonce(nonce) for nonce, _d, _o in items]
+        datas = [d for _n, d, _o in items]
+        for data in datas:
+            _check_array(data, "data", self._device_id)
+        return nonces, datas, [o for _n, _d, o in items]
+
+    def _within_maximum(self, what: str, n: int) -> int:
+        """`n`, or ValueError when a message that long does not fit the launch plan's tables."""
+        if n > self.params.max_message_bytes:
+            raise ValueError(f"{what} of {n} bytes exceeds the maximum of {self.params.max_message_bytes}")
+        return n
+
     def decrypt_batch_into(self, items: Sequence[tuple[bytes, Any, Any]], *, stream: Any = None) -> DecryptResult:
         """Queue one batch: each item is (nonce, data = ct || tag, out with len(data) - 16 bytes, or
         None to verify only). Every tag is checked before any plaintext is written.
@@ -365,11 +380,9 @@ class CudaAesGcm:
         did. Unless all did, no `out` of the batch was written. An `out` may be its own `data`
         (in place); any other overlap with a buffer of the batch is refused.
         """
-        _check_batch(items)
-        nonces, datas, outs, sizes = [], [], [], []
-        for nonce, data, out in items:
-            nonces.append(check_nonce(nonce))
-            _check_array(data, "data", self._device_id)
+        nonces, datas, outs = self._batch_columns(items)
+        sizes = []
+        for data, out in zip(datas, outs, strict=True):
             if data.size < TAG_BYTES:
                 raise ValueError(f"data must hold at least the {TAG_BYTES}-byte tag, got {data.size} bytes")
             ct_len = int(data.size) - TAG_BYTES
@@ -377,11 +390,7 @@ class CudaAesGcm:
                 _check_array(out, "out", self._device_id)
                 if out.size != ct_len:
                     raise ValueError(f"out must have len(data) - {TAG_BYTES} = {ct_len} bytes, got {out.size}")
-            if ct_len > self.params.max_message_bytes:
-                raise ValueError(f"ciphertext of {ct_len} bytes exceeds the maximum of {self.params.max_message_bytes}")
-            datas.append(data)
-            outs.append(out)
-            sizes.append(ct_len)
+            sizes.append(self._within_maximum("ciphertext", ct_len))
         _check_batch_overlaps(datas, outs)
         plan = decrypt_plan(sizes, self.params, [o is not None for o in outs])
         table = plan.table(nonces, [_address(d) for d in datas], [_address(o) for o in outs])
@@ -395,20 +404,14 @@ class CudaAesGcm:
         overlap with a buffer of the batch is refused. Nothing waits: order later work on the same
         stream.
         """
-        _check_batch(items)
-        nonces, datas, outs, sizes = [], [], [], []
-        for nonce, data, out in items:
-            nonces.append(check_nonce(nonce))
-            _check_array(data, "data", self._device_id)
+        nonces, datas, outs = self._batch_columns(items)
+        sizes = []
+        for data, out in zip(datas, outs, strict=True):
             _check_array(out, "out", self._device_id)
             pt_len = int(data.size)
             if out.size != pt_len + TAG_BYTES:
                 raise ValueError(f"out must have len(data) + {TAG_BYTES} = {pt_len + TAG_BYTES} bytes, got {out.size}")
-            if pt_len > self.params.max_message_bytes:
-                raise ValueError(f"plaintext of {pt_len} bytes exceeds the maximum of {self.params.max_message_bytes}")
-            datas.append(data)
-            outs.append(out)
-            sizes.append(pt_len)
+            sizes.append(self._within_maximum("plaintext", pt_len))
         _check_batch_overlaps(datas, outs)
         plan = encrypt_plan(sizes, self.params)
         self._launch(plan, plan.table(nonces, [_address(d) for d in datas], [_address(o) for o in outs]), stream)

@@ -191,44 +191,23 @@ def aes256(t0: U32Array, rk: U32Array, s: Words) -> Words:
         return t0[i]
 
     ff = np.uint32(0xFF)
+
+    def column(a: Words, i: int) -> tuple[U32Array, U32Array, U32Array, U32Array]:
+        """Output column i's four table lookups: byte 3 of word i, 2 of i+1, 1 of i+2, 0 of i+3 (ShiftRows)."""
+        return (
+            t(a[i] >> np.uint32(24)),
+            t((a[(i + 1) % 4] >> np.uint32(16)) & ff),
+            t((a[(i + 2) % 4] >> np.uint32(8)) & ff),
+            t(a[(i + 3) % 4] & ff),
+        )
+
     s = [s[i] ^ rk[i] for i in range(4)]
     for r in range(1, 14):
         k = rk[4 * r : 4 * r + 4]
-        a0, a1, a2, a3 = s
-        s = [
-            t(a0 >> np.uint32(24))
-            ^ rotr(t((a1 >> np.uint32(16)) & ff), 8)
-            ^ rotr(t((a2 >> np.uint32(8)) & ff), 16)
-            ^ rotr(t(a3 & ff), 24)
-            ^ k[0],
-            t(a1 >> np.uint32(24))
-            ^ rotr(t((a2 >> np.uint32(16)) & ff), 8)
-            ^ rotr(t((a3 >> np.uint32(8)) & ff), 16)
-            ^ rotr(t(a0 & ff), 24)
-            ^ k[1],
-            t(a2 >> np.uint32(24))
-            ^ rotr(t((a3 >> np.uint32(16)) & ff), 8)
-            ^ rotr(t((a0 >> np.uint32(8)) & ff), 16)
-            ^ rotr(t(a1 & ff), 24)
-            ^ k[2],
-            t(a3 >> np.uint32(24))
-            ^ rotr(t((a0 >> np.uint32(16)) & ff), 8)
-            ^ rotr(t((a1 >> np.uint32(8)) & ff), 16)
-            ^ rotr(t(a2 & ff), 24)
-            ^ k[3],
-        ]
+        cols = [column(s, i) for i in range(4)]
+        s = [c0 ^ rotr(c1, 8) ^ rotr(c2, 16) ^ rotr(c3, 24) ^ k[i] for i, (c0, c1, c2, c3) in enumerate(cols)]
     k = rk[56:60]
-    a0, a1, a2, a3 = s
-    return [
-        sbox_word(t(a0 >> np.uint32(24)), t((a1 >> np.uint32(16)) & ff), t((a2 >> np.uint32(8)) & ff), t(a3 & ff))
-        ^ k[0],
-        sbox_word(t(a1 >> np.uint32(24)), t((a2 >> np.uint32(16)) & ff), t((a3 >> np.uint32(8)) & ff), t(a0 & ff))
-        ^ k[1],
-        sbox_word(t(a2 >> np.uint32(24)), t((a3 >> np.uint32(16)) & ff), t((a0 >> np.uint32(8)) & ff), t(a1 & ff))
-        ^ k[2],
-        sbox_word(t(a3 >> np.uint32(24)), t((a0 >> np.uint32(16)) & ff), t((a1 >> np.uint32(8)) & ff), t(a2 & ff))
-        ^ k[3],
-    ]
+    return [sbox_word(*column(s, i)) ^ k[i] for i in range(4)]
 
 
 def aes_j0(ctx: U32Array, nw0: int, nw1: int, nw2: int) -> Words:
