@@ -9,7 +9,7 @@ import struct
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from pipellm_client import chunks, keys
+from pipellm_client import chunks, errors, keys
 from pipellm_client.channel import (
     KEY_RING_SIZE,
     MSG_CTR_MAX,
@@ -20,17 +20,6 @@ from pipellm_client.channel import (
     make_nonce,
 )
 from pipellm_client.endpoint import ChannelSecrets, CpuEndpoint, MsgKind
-from pipellm_client.errors import (
-    ChannelDead,
-    IvOverflow,
-    IvReuse,
-    KeyExhausted,
-    KeyVersionExpired,
-    OutOfOrder,
-    SlotError,
-    TagMismatch,
-    UnreservedIv,
-)
 
 from .conftest import make_pair
 
@@ -86,10 +75,10 @@ def test_iv_overflow_is_refused() -> None:
     tx.msg_ctr = MSG_CTR_MAX - 1
     last = tx.reserve()
     assert last.msg_ctr == MSG_CTR_MAX
-    with pytest.raises(IvOverflow, match="IV overflow"):
+    with pytest.raises(errors.IvOverflow, match="IV overflow"):
         tx.reserve()
     rx.msg_ctr = MSG_CTR_MAX
-    with pytest.raises(IvOverflow):
+    with pytest.raises(errors.IvOverflow):
         rx.open_next(b"\0" * 32, memoryview(bytearray(16)))
 
 
@@ -114,12 +103,12 @@ def test_attacks_kill_the_channel_and_nothing_is_accepted(attack: str) -> None:
     else:  # drop message 1, deliver message 2 in its place
         feed = msgs[2]
     out = bytearray(64)
-    with pytest.raises(TagMismatch):
+    with pytest.raises(errors.TagMismatch):
         rx.open_next(feed, memoryview(out))
     assert out == bytes(64), "nothing of the failed message is written"
     assert rx.dead
     for m in msgs[1:]:
-        with pytest.raises(ChannelDead):
+        with pytest.raises(errors.ChannelDead):
             open_next(rx, m)
 
 
@@ -144,10 +133,10 @@ def test_reserved_iv_is_used_once() -> None:
     tx, _ = make_pair()
     iv = tx.reserve()
     tx.seal_into(iv, b"a" * 16, memoryview(bytearray(32)))
-    with pytest.raises(IvReuse, match="already used"):
+    with pytest.raises(errors.IvReuse, match="already used"):
         tx.seal_into(iv, b"b" * 16, memoryview(bytearray(32)))
     other, _ = make_pair()
-    with pytest.raises(UnreservedIv):
+    with pytest.raises(errors.UnreservedIv):
         tx.take(other.reserve(), 16)
 
 
@@ -155,15 +144,15 @@ def test_submit_out_of_order_is_refused() -> None:
     tx, _ = make_pair()
     a, b = tx.reserve(), tx.reserve()
     tx.seal_into(b, b"b", memoryview(bytearray(17)))
-    with pytest.raises(OutOfOrder):
+    with pytest.raises(errors.OutOfOrder):
         tx.submit(b)
-    with pytest.raises(OutOfOrder, match="before anything was encrypted"):
+    with pytest.raises(errors.OutOfOrder, match="before anything was encrypted"):
         tx.submit(a)
 
 
 def test_slot_too_small_is_refused() -> None:
     tx, _ = make_pair()
-    with pytest.raises(SlotError, match="exactly 116"):
+    with pytest.raises(errors.SlotError, match="exactly 116"):
         tx.seal_into(tx.reserve(), b"x" * 100, memoryview(bytearray(100)))
 
 
@@ -193,9 +182,9 @@ def test_d2h_tag_failure_is_fatal() -> None:
     slot = bytearray(48)
     ver, chan = ep.send(0, b"k" * 32, memoryview(slot))
     slot[0] ^= 1
-    with pytest.raises(TagMismatch):
+    with pytest.raises(errors.TagMismatch):
         cpu.open(cpu.predict(ver, chan), bytes(slot), memoryview(bytearray(32)))
-    with pytest.raises(ChannelDead):
+    with pytest.raises(errors.ChannelDead):
         cpu.predict(ver, chan)
 
 
@@ -214,7 +203,7 @@ def test_d2h_keeps_last_16_key_versions() -> None:
     cpu.open(cpu.predict(ver2, chan2), bytes(slot), memoryview(out))
     assert out == b"n" * 32
     cpu.rotate_key()  # version 0 leaves the ring
-    with pytest.raises(KeyVersionExpired):
+    with pytest.raises(errors.KeyVersionExpired):
         cpu.predict(0, 0)
 
 
@@ -266,11 +255,11 @@ def test_key_usage_and_thresholds() -> None:
     while tx.epoch.usage < 500:
         seal(tx, b"x" * 1600)
     assert tx.key_rotation_pending
-    with pytest.raises(KeyExhausted):
+    with pytest.raises(errors.KeyExhausted):
         while True:
             seal(tx, b"x" * 1600)
     assert tx.dead
-    with pytest.raises(ChannelDead):
+    with pytest.raises(errors.ChannelDead):
         tx.reserve()
 
 
@@ -289,7 +278,7 @@ def test_key_rotation_derivation_and_effects() -> None:
     assert expected_key == HKDFExpand(hashes.SHA256(), 32, b"Lce00_h2d_user").derive(hashlib.sha256(key).digest())
     assert tx.epoch.key_bytes() == expected_key and tx.epoch.mask == expected_mask != mask
     assert tx.msg_ctr == 0 and tx.chan_ctr == 3 and tx.epoch.version == 1
-    with pytest.raises(UnreservedIv, match="key rotation"):
+    with pytest.raises(errors.UnreservedIv, match="key rotation"):
         tx.take(stale, 1)
     iv, msg = seal(tx, b"after rotation")
     assert iv.msg_ctr == 1
@@ -307,16 +296,16 @@ def test_iv_rotation() -> None:
     abandoned = ivs[1]
     assert tx.rotate_iv() == 1
     assert tx.msg_ctr == 0 and tx.epoch.key_bytes() == key and not tx.iv_rotation_due
-    with pytest.raises(UnreservedIv, match="IV rotation"):
+    with pytest.raises(errors.UnreservedIv, match="IV rotation"):
         tx.take(abandoned, 1)
     # The receiver applies the rotation in stream order: after message 1 of epoch 0.
     iv, msg = seal(tx, b"second")
     assert (iv.chan_ctr, iv.msg_ctr) == (1, 1)
-    with pytest.raises(TagMismatch):
+    with pytest.raises(errors.TagMismatch):
         open_next(make_pair(key)[1], msg)  # a receiver that missed the rotation rejects it
     rx.rotate_iv(1)
     assert open_next(rx, msg) == b"second"
-    with pytest.raises(ChannelDead):
+    with pytest.raises(errors.ChannelDead):
         rx.rotate_iv(5)
 
 
@@ -345,6 +334,6 @@ def test_endpoint_nop_and_discard() -> None:
     ep.receive(0, MsgKind.DATA, data, memoryview(dst))
     assert dst == b"real" and ep.h2d[0].msg_ctr == 3
     _iv, not_nop = seal(tx, b"NOPE")
-    with pytest.raises(TagMismatch, match="not a NOP"):
+    with pytest.raises(errors.TagMismatch, match="not a NOP"):
         ep.receive(0, MsgKind.NOP, not_nop)
     assert ep.dead

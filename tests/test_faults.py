@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ from pipellm_client.arena import ArenaLayout
 from pipellm_client.client import Session
 
 from pipellm_daemon.launcher import DaemonProcess
+
+from .daemon_harness import Background, Bystander, DaemonEnv, daemon_with_bystander, wait_for, worker_procs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -59,15 +61,6 @@ def rand(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
-def wait_for(pred: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Poll a condition (generous timeout: the machine is shared)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
-
 def log_events(d: DaemonProcess, kind: str) -> list[dict[str, Any]]:
     out = []
     for line in d.log().splitlines():
@@ -85,15 +78,6 @@ def is_detection(exc: BaseException) -> bool:
     return isinstance(exc, DaemonError) and exc.code == grpc.StatusCode.DATA_LOSS
 
 
-def worker_procs(daemon_pid: int) -> list[psutil.Process]:
-    procs = []
-    for p in psutil.Process(daemon_pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if "pipellm_daemon.worker" in " ".join(p.cmdline()):
-                procs.append(p)
-    return procs
-
-
 def start_again(directory: str, **settings: Any) -> DaemonProcess:
     """A second daemon on the same socket and log. `DaemonProcess.start` looks for a "ready" line anywhere
     in the log, so it sees the first daemon's line and returns early; wait for this process's own."""
@@ -102,48 +86,13 @@ def start_again(directory: str, **settings: Any) -> DaemonProcess:
     return d
 
 
-class Bystander:
-    """Another client's session on the same daemon: it must keep working whatever happens to others."""
-
-    def __init__(self, socket: str, size: int = 4 * CH) -> None:
-        self.client = Client(socket)
-        self.session = self.client.open_session("bystander")
-        self.data = rand(size, 4242)
-        self.w = self.session.alloc_region(size, readonly=True, data=self.data)
-        self.kv = self.session.alloc_region(size)
-        self.rounds = 0
-
-    def check(self) -> None:
-        s, n = self.session, len(self.data)
-        dst = np.zeros(n, np.uint8)
-        s.h2d(self.w, 0, n, dst)
-        assert (dst == self.data).all(), "bystander got wrong bytes"
-        block = rand(CH, 10_000 + self.rounds)
-        s.d2h(block, self.kv, 0, wait=True)
-        back = np.zeros(CH, np.uint8)
-        s.h2d(self.kv, 0, CH, back)
-        assert (back == block).all(), "bystander swap-in got wrong bytes"
-        self.rounds += 1
-        assert s.status().counters.channel_deaths == 0
-
-    def close(self) -> None:
-        self.session.close()
-        self.client.close()
-
-
-AttackEnv = tuple[DaemonProcess, Client, Bystander]
+AttackEnv = DaemonEnv
 
 
 @pytest.fixture(scope="module")
 def attack_env() -> Iterator[AttackEnv]:
-    with DaemonProcess(**ATTACK_SETTINGS) as d:
-        c = Client(d.socket)
-        b = Bystander(d.socket)
-        try:
-            yield d, c, b
-        finally:
-            b.close()
-            c.close()
+    with daemon_with_bystander(ATTACK_SETTINGS) as env:
+        yield env
 
 
 # -- H2D attacks on the bounce arena ------------------------------------------------------------------
@@ -452,7 +401,7 @@ while True:
 
 
 def test_client_sigkilled_mid_transfer_is_cleaned_up(daemon: DaemonProcess) -> None:
-    bystander = Bystander(daemon.socket)
+    bystander = Bystander(daemon.socket, CH)
     victims = [
         subprocess.Popen([sys.executable, "-c", VICTIM, daemon.socket], stdout=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -518,29 +467,21 @@ def test_daemon_sigkilled_and_restarted() -> None:
             old_mask = s.core.endpoint.h2d[0].epoch.mask
             old_workers = [p.pid for p in worker_procs(d1.pid)]
             assert len(old_workers) == 2
+
             # Kill it while a transfer loop runs in another thread.
-            outcome: dict[str, Any] = {"ok": 0}
+            def step(_: int) -> bool:
+                out = np.zeros(8 << 20, np.uint8)
+                s.h2d(w, 0, 8 << 20, out)
+                return bool((out == data).all())
 
-            def loop() -> None:
-                try:
-                    while True:
-                        out = np.zeros(8 << 20, np.uint8)
-                        s.h2d(w, 0, 8 << 20, out)
-                        if not (out == data).all():
-                            outcome["wrong"] = True
-                        outcome["ok"] += 1
-                except BaseException as exc:
-                    outcome["exc"] = exc
-
-            t = threading.Thread(target=loop, daemon=True)
-            t.start()
-            wait_for(lambda: outcome["ok"] >= 2 or "exc" in outcome, "the loop to run")
+            bg = Background(step).start()  # never stopped: only the daemon's death may end it
+            bg.wait_for(lambda: bg.rounds >= 2, "the loop to run")
             d1.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
             d1.proc.wait(30)  # type: ignore[union-attr]
-            t.join(30)
-            assert not t.is_alive(), "a client call hung after the daemon died"
-            assert isinstance(outcome.get("exc"), DaemonUnavailable), outcome
-            assert "wrong" not in outcome
+            bg.thread.join(30)
+            assert not bg.thread.is_alive(), "a client call hung after the daemon died"
+            assert bg.wrong is None
+            assert isinstance(bg.exc, DaemonUnavailable), (bg.exc, bg.rounds)
             wait_for(lambda: not any(psutil.pid_exists(p) for p in old_workers), "workers die with the daemon")
             # Every next call on the old session is a clear DaemonUnavailable (or the session is dead).
             untouched = np.full(1 << 20, SENTINEL, np.uint8)
@@ -615,29 +556,15 @@ def test_crypto_worker_killed_mid_stream(daemon: DaemonProcess) -> None:
     c = Client(daemon.socket)
     s = c.open_session("worker-kill")
     w = s.alloc_region(layers << 20, readonly=True, data=data)
-    stop = threading.Event()
-    state: dict[str, Any] = {"commits": 0, "bytes": 0}
+    dst = np.zeros(4 << 20, np.uint8)
 
-    def loop() -> None:
-        try:
-            dst = np.zeros(4 << 20, np.uint8)
-            step = 0
-            while not stop.is_set():
-                first = (step % 2) * 4
-                s.h2d(w, first << 20, 4 << 20, dst)  # a cycle of two 4-chunk commits: speculation runs ahead
-                if not (dst == data[first << 20 : (first + 4) << 20]).all():
-                    state["wrong"] = step
-                    return
-                state["commits"] += 1
-                state["bytes"] += 4 << 20
-                step += 1
-        except BaseException as exc:
-            state["exc"] = exc
+    def step(i: int) -> bool:
+        first = (i % 2) * 4
+        s.h2d(w, first << 20, 4 << 20, dst)  # a cycle of two 4-chunk commits: speculation runs ahead
+        return bool((dst == data[first << 20 : (first + 4) << 20]).all())
 
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    try:
-        wait_for(lambda: state["commits"] >= 6 or "exc" in state, "the transfer loop")
+    with Background(step) as bg:
+        bg.wait_for(lambda: bg.rounds >= 6, "the transfer loop")
         kills = 0
         lost_jobs = 0
         while kills < 3:  # until a kill hits a worker with jobs in flight (normally the first one)
@@ -653,23 +580,20 @@ def test_crypto_worker_killed_mid_stream(daemon: DaemonProcess) -> None:
             if lost_jobs:
                 break
 
-            def moving(mark: int = state["commits"]) -> bool:
-                return state["commits"] >= mark + 2 or "exc" in state
+            def moving(mark: int = bg.rounds) -> bool:
+                return bg.rounds >= mark + 2
 
-            wait_for(moving, "transfers after the kill")
-        mark = state["commits"]
-        wait_for(lambda: state["commits"] >= mark + 10 or "exc" in state, "transfers after the restart")
-    finally:
-        stop.set()
-        t.join(60)
-    assert not t.is_alive()
-    assert "exc" not in state, f"a transfer failed after a worker died: {state.get('exc')!r}"
-    assert "wrong" not in state
+            bg.wait_for(moving, "transfers after the kill")
+        mark = bg.rounds
+        bg.wait_for(lambda: bg.rounds >= mark + 10, "transfers after the restart")
+    assert not bg.thread.is_alive()
+    assert bg.exc is None, f"a transfer failed after a worker died: {bg.exc!r}"
+    assert bg.wrong is None
     st = c.status()
     assert st.workers.restarts == kills and st.workers.count == 2 and st.healthy
     assert len(worker_procs(daemon.pid)) == 2
     assert st.totals.channel_deaths == 0
-    print(f"worker kills={kills} lost_jobs={lost_jobs} commits={state['commits']}")
+    print(f"worker kills={kills} lost_jobs={lost_jobs} commits={bg.rounds}")
     s.close()
     c.close()
 
@@ -681,24 +605,13 @@ def test_crypto_worker_killed_mid_d2h(daemon: DaemonProcess) -> None:
     c = Client(daemon.socket)
     s = c.open_session("worker-kill-d2h")
     kv = s.alloc_region(n)
-    stop = threading.Event()
-    state: dict[str, Any] = {"landed": 0}
 
-    def loop() -> None:
-        try:
-            while not stop.is_set():
-                s.d2h(src, kv, 0, wait=True)  # no swap_out: every job in flight is a D2H decryption
-                if not (kv.read() == src).all():
-                    state["wrong"] = True
-                    return
-                state["landed"] += 1
-        except BaseException as exc:
-            state["exc"] = exc
+    def step(_: int) -> bool:
+        s.d2h(src, kv, 0, wait=True)  # no swap_out: every job in flight is a D2H decryption
+        return bool((kv.read() == src).all())
 
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    try:
-        wait_for(lambda: state["landed"] >= 3 or "exc" in state, "the D2H loop")
+    with Background(step) as bg:
+        bg.wait_for(lambda: bg.rounds >= 3, "the D2H loop")
         kills = 0
         while kills < 3:
             worker_procs(daemon.pid)[kills % 2].send_signal(signal.SIGKILL)
@@ -710,15 +623,12 @@ def test_crypto_worker_killed_mid_d2h(daemon: DaemonProcess) -> None:
             wait_for(logged, "worker_restart logged")
             if int(log_events(daemon, "worker_restart")[-1].get("jobs", 0)):
                 break
-        mark = state["landed"]
-        wait_for(lambda: state["landed"] >= mark + 5 or "exc" in state, "landings after the restart")
-    finally:
-        stop.set()
-        t.join(60)
+        mark = bg.rounds
+        bg.wait_for(lambda: bg.rounds >= mark + 5, "landings after the restart")
     s.close()
     c.close()
-    assert "exc" not in state, f"a D2H transfer failed after a worker died: {state.get('exc')!r}"
-    assert "wrong" not in state
+    assert bg.exc is None, f"a D2H transfer failed after a worker died: {bg.exc!r}"
+    assert bg.wrong is None
 
 
 # -- the bounce pool exhausted ------------------------------------------------------------------------------

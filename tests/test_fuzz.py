@@ -27,20 +27,11 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
-from pipellm_client import Client
+from pipellm_client import Client, shm
 from pipellm_client._dataplane import FrameSocket
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2_grpc as pb_grpc
 from pipellm_client.client import Session
-from pipellm_client.shm import (
-    F_ADD_SEALS,
-    F_GET_SEALS,
-    F_SEAL_FUTURE_WRITE,
-    F_SEAL_GROW,
-    F_SEAL_SHRINK,
-    F_SEAL_WRITE,
-    SharedMemory,
-)
 from pipellm_client.wire import TICKET_KEY
 
 from pipellm_daemon.launcher import DaemonProcess
@@ -364,11 +355,11 @@ def offer_memfd(s: Session, req: Any, data: st.DataObject) -> None:
         return
     expected = req.size if req.readonly else req.size + -(-req.size // s.core.granule) * 8
     size = expected if 0 < expected <= 1 << 20 and data.draw(st.booleans(), label="right size") else 4096
-    shm = SharedMemory.create("fuzz-offer", size)
+    mem = shm.SharedMemory.create("fuzz-offer", size)
     try:
-        s.fs.send(pb.Frame(offer=pb.Offer(offer_id=req.offer_id)), fds=[shm.fd])
+        s.fs.send(pb.Frame(offer=pb.Offer(offer_id=req.offer_id)), fds=[mem.fd])
     finally:
-        shm.close()
+        mem.close()
 
 
 # -- data plane -----------------------------------------------------------------------------------------
@@ -479,11 +470,11 @@ def send_raw(sock: socket.socket, packet: bytes, with_fd: bool) -> None:
     if not with_fd:
         sock.send(packet)
         return
-    shm = SharedMemory.create("fuzz-fd", 4096)
+    mem = shm.SharedMemory.create("fuzz-fd", 4096)
     try:
-        sock.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, shm.fd.to_bytes(4, sys.byteorder))])
+        sock.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, mem.fd.to_bytes(4, sys.byteorder))])
     finally:
-        shm.close()
+        mem.close()
 
 
 def read_until_sentinel(e: Env, fs: FrameSocket, sentinel: int, on_frame: Callable[[pb.Frame], None]) -> pb.Error:
@@ -642,14 +633,14 @@ def hostile_fd(kind: str, size: int, tmp: str) -> int:
     fd = os.memfd_create("fuzz-hostile", flags)
     os.ftruncate(fd, size)
     seals = {
-        "sealed-memfd": F_SEAL_SHRINK | F_SEAL_GROW,
-        "sealed-memfd-readonly-fd": F_SEAL_SHRINK | F_SEAL_GROW,
-        "shrink-only-memfd": F_SEAL_SHRINK,
-        "grow-only-memfd": F_SEAL_GROW,
-        "future-write-sealed-memfd": F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE,
+        "sealed-memfd": shm.F_SEAL_SHRINK | shm.F_SEAL_GROW,
+        "sealed-memfd-readonly-fd": shm.F_SEAL_SHRINK | shm.F_SEAL_GROW,
+        "shrink-only-memfd": shm.F_SEAL_SHRINK,
+        "grow-only-memfd": shm.F_SEAL_GROW,
+        "future-write-sealed-memfd": shm.F_SEAL_SHRINK | shm.F_SEAL_GROW | shm.F_SEAL_FUTURE_WRITE,
     }.get(kind, 0)
     if seals:
-        fcntl.fcntl(fd, F_ADD_SEALS, seals)
+        fcntl.fcntl(fd, shm.F_ADD_SEALS, seals)
     if kind == "sealed-memfd-readonly-fd":
         ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         os.close(fd)
@@ -712,10 +703,10 @@ def test_fuzz_hostile_memfds(env: Env) -> None:
                         e = _errno_of(os.ftruncate, fd, 4 * expected)
                         assert e != 0 or not acceptable, "an accepted memfd could grow"
                     elif action == "future-write":
-                        e = _errno_of(fcntl.fcntl, fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE)
+                        e = _errno_of(fcntl.fcntl, fd, shm.F_ADD_SEALS, shm.F_SEAL_FUTURE_WRITE)
                         assert e != 0 or not acceptable or readonly, "an accepted mutable memfd took a late seal"
                     elif action == "write-seal":
-                        e = _errno_of(fcntl.fcntl, fd, F_ADD_SEALS, F_SEAL_WRITE)
+                        e = _errno_of(fcntl.fcntl, fd, shm.F_ADD_SEALS, shm.F_SEAL_WRITE)
                         assert e != 0 or not acceptable or readonly, "a mapped mutable memfd was write-sealed"
                     elif action == "seal-region" and code == C.OK and readonly:
                         sreq = pb.SealRegionRequest(session_id=s.id, region_id=region_id)
@@ -724,7 +715,7 @@ def test_fuzz_hostile_memfds(env: Env) -> None:
                             sealed = True
                         except grpc.RpcError as exc:
                             assert exc.code() == C.FAILED_PRECONDITION, exc
-                            assert not fcntl.fcntl(fd, F_GET_SEALS) & F_SEAL_WRITE
+                            assert not fcntl.fcntl(fd, shm.F_GET_SEALS) & shm.F_SEAL_WRITE
                     elif action == "commit" and code == C.OK:
                         commit = pb.Commit(seq=next(env.seq), transfers=[pb.Transfer(region_id=region_id, length=n)])
                         s.fs.send(pb.Frame(commit=commit))

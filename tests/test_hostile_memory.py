@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -29,26 +28,16 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-from pipellm_client import Client, Intent
+from pipellm_client import Intent, shm
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client.client import Session
 from pipellm_client.errors import InvalidArgument
-from pipellm_client.shm import (
-    F_ADD_SEALS,
-    F_GET_SEALS,
-    F_SEAL_FUTURE_WRITE,
-    F_SEAL_GROW,
-    F_SEAL_SHRINK,
-    F_SEAL_WRITE,
-    SharedMemory,
-    address_of,
-    check_memfd,
-    round_up,
-)
 
 from pipellm_daemon import jobwire as w
-from pipellm_daemon.launcher import DaemonProcess
-from pipellm_daemon.workers import WorkerLost, WorkerPool
+from pipellm_daemon.workers import WorkerLost
+
+from .daemon_harness import DaemonEnv, daemon_with_bystander
+from .worker_harness import pool_with_memory
 
 pytestmark = [pytest.mark.integration]
 
@@ -83,69 +72,13 @@ def errno_of(fn: Any, *args: Any) -> int:
     return 0
 
 
-class Bystander:
-    """Another client's session on the same daemon, doing H2D and D2H in a loop the whole time."""
-
-    def __init__(self, sock: str) -> None:
-        self.client = Client(sock)
-        self.session = self.client.open_session("bystander")
-        self.data = rand(4 * CH, 7)
-        self.w = self.session.alloc_region(len(self.data), readonly=True, data=self.data)
-        self.kv = self.session.alloc_region(CH)
-        self.rounds = 0
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        s, n = self.session, len(self.data)
-        dst = np.zeros(n, np.uint8)
-        try:
-            while not self._stop.is_set():
-                dst[:] = 0
-                s.h2d(self.w, 0, n, dst)
-                assert (dst == self.data).all(), "bystander got wrong bytes"
-                block = rand(CH, self.rounds)
-                s.d2h(block, self.kv, 0, wait=True)
-                back = np.zeros(CH, np.uint8)
-                s.h2d(self.kv, 0, CH, back)
-                assert (back == block).all(), "bystander swap-in got wrong bytes"
-                self.rounds += 1
-        except BaseException as exc:
-            self.error = exc
-
-    def wait_rounds(self, more: int, timeout: float = 30.0) -> None:
-        mark, deadline = self.rounds, time.monotonic() + timeout
-        while self.rounds < mark + more and self.error is None:
-            assert time.monotonic() < deadline, "the bystander stopped making progress"
-            time.sleep(0.01)
-        assert self.error is None, f"the bystander failed: {self.error!r}"
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive()
-        assert self.error is None, f"the bystander failed: {self.error!r}"
-        assert self.session.status().counters.channel_deaths == 0
-        self.session.close()
-        self.client.close()
-
-
-Env = tuple[DaemonProcess, Client, Bystander]
+Env = DaemonEnv
 
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    with DaemonProcess(**SETTINGS) as d:
-        c = Client(d.socket)
-        b = Bystander(d.socket)
-        try:
-            yield d, c, b
-        finally:
-            b.close()
-            c.close()
-        assert '"event": "internal_error"' not in d.log()
+    with daemon_with_bystander(SETTINGS, background=True) as e:
+        yield e
 
 
 KILLED = [0]  # workers this module kills on purpose: every other restart is a finding
@@ -205,12 +138,12 @@ def test_arena_cannot_be_truncated_or_write_sealed_by_its_client(env: Env) -> No
     with c.open_session("arena-truncator") as s:
         assert s.core.arena is not None
         fd = s.core.arena.fd
-        seals = fcntl.fcntl(fd, F_GET_SEALS)
-        assert seals & (F_SEAL_SHRINK | F_SEAL_GROW) == F_SEAL_SHRINK | F_SEAL_GROW, seals
+        seals = fcntl.fcntl(fd, shm.F_GET_SEALS)
+        assert seals & (shm.F_SEAL_SHRINK | shm.F_SEAL_GROW) == shm.F_SEAL_SHRINK | shm.F_SEAL_GROW, seals
         assert errno_of(os.ftruncate, fd, 0) == errno.EPERM
         assert errno_of(os.ftruncate, fd, s.core.arena.size * 2) == errno.EPERM
         # A FUTURE_WRITE seal would make every restarted worker's writable mapping of it fail: frozen.
-        assert errno_of(fcntl.fcntl, fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE) == errno.EPERM
+        assert errno_of(fcntl.fcntl, fd, shm.F_ADD_SEALS, shm.F_SEAL_FUTURE_WRITE) == errno.EPERM
         data = rand(8 * CH, 2)
         w_ = s.alloc_region(len(data), readonly=True, data=data)
         dst = np.zeros(len(data), np.uint8)
@@ -243,11 +176,11 @@ def _non_memfds(tmp: str, size: int) -> Iterator[tuple[str, int, str]]:
     yield "memfd without MFD_ALLOW_SEALING", fd, "lacks F_SEAL_SHRINK | F_SEAL_GROW"
     fd = os.memfd_create("grow-only", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
-    fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK)
+    fcntl.fcntl(fd, shm.F_ADD_SEALS, shm.F_SEAL_SHRINK)
     yield "memfd that may still grow", fd, "lacks F_SEAL_GROW"
     fd = os.memfd_create("write-sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
-    fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE)
+    fcntl.fcntl(fd, shm.F_ADD_SEALS, shm.F_SEAL_SHRINK | shm.F_SEAL_GROW | shm.F_SEAL_FUTURE_WRITE)
     yield "write-sealed memfd as a mutable region", fd, "sealed against writes"
 
 
@@ -262,8 +195,8 @@ def test_non_memfd_and_unsealed_fds_are_refused_precisely(env: Env) -> None:
                 os.close(fd)
             assert code == C.INVALID_ARGUMENT and words in msg, (what, code, msg)
         # A read-only region offered through an O_RDONLY fd is fine (it is mapped read-only anyway) ...
-        shm = SharedMemory.create("ro-offer", n)
-        ro = os.open(f"/proc/self/fd/{shm.fd}", os.O_RDONLY)
+        mem = shm.SharedMemory.create("ro-offer", n)
+        ro = os.open(f"/proc/self/fd/{mem.fd}", os.O_RDONLY)
         try:
             assert offer(s, ro, n, readonly=True)[0] == C.OK
             # ... but a mutable one cannot be: the daemon could neither write it nor freeze its seals.
@@ -271,7 +204,7 @@ def test_non_memfd_and_unsealed_fds_are_refused_precisely(env: Env) -> None:
             assert code == C.INVALID_ARGUMENT, (code, msg)
         finally:
             os.close(ro)
-            shm.close()
+            mem.close()
         dst = np.zeros(CH, np.uint8)
         kv = s.alloc_region(CH)
         s.h2d(kv, 0, CH, dst)
@@ -284,10 +217,10 @@ def test_late_seals_cannot_stop_restarted_workers(env: Env) -> None:
     d, c, _b = env
     with c.open_session("late-sealer") as s:
         kv = s.alloc_region(4 * CH)
-        assert errno_of(fcntl.fcntl, kv.shm.fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE) == errno.EPERM
+        assert errno_of(fcntl.fcntl, kv.shm.fd, shm.F_ADD_SEALS, shm.F_SEAL_FUTURE_WRITE) == errno.EPERM
         ro = s.alloc_region(4 * CH, readonly=True)
         ro.array[:] = 3
-        fcntl.fcntl(ro.shm.fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE)  # allowed: it only blocks new writers
+        fcntl.fcntl(ro.shm.fd, shm.F_ADD_SEALS, shm.F_SEAL_FUTURE_WRITE)  # allowed: it only blocks new writers
         req = pb.SealRegionRequest(session_id=s.id, region_id=ro.id)
         with pytest.raises(grpc.RpcError) as info:  # FUTURE_WRITE is not a seal the daemon trusts
             s.client._stub.SealRegion(req, metadata=s.metadata, timeout=20)
@@ -337,15 +270,15 @@ def _reopen(fd: int, flags: int) -> int:
 def test_sealed_readonly_memory_has_no_writer_left() -> None:
     """The kernel facts behind "sealed means immutable", on the SDK's own sealing path."""
     n = 3 * mmap.PAGESIZE + 100
-    shm = SharedMemory.create("ro", n)
-    arr = np.frombuffer(shm.buf, np.uint8, count=n)
+    mem = shm.SharedMemory.create("ro", n)
+    arr = np.frombuffer(mem.buf, np.uint8, count=n)
     arr[:] = 9
-    addr = address_of(shm.buf)
-    shm.seal_readonly()
-    seals = fcntl.fcntl(shm.fd, F_GET_SEALS)
-    assert seals & (F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW) == F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW
-    assert fcntl.fcntl(shm.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
-    rw = _reopen(shm.fd, os.O_RDWR)  # opening for writing is allowed; writing is not
+    addr = shm.address_of(mem.buf)
+    mem.seal_readonly()
+    seals, want = fcntl.fcntl(mem.fd, shm.F_GET_SEALS), shm.F_SEAL_WRITE | shm.F_SEAL_SHRINK | shm.F_SEAL_GROW
+    assert seals & want == want, seals
+    assert fcntl.fcntl(mem.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    rw = _reopen(mem.fd, os.O_RDWR)  # opening for writing is allowed; writing is not
     try:
         assert errno_of(os.pwrite, rw, b"x", 0) == errno.EPERM
         assert errno_of(mmap.mmap, rw, n, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) == errno.EPERM
@@ -354,17 +287,17 @@ def test_sealed_readonly_memory_has_no_writer_left() -> None:
         other = _libc.mmap(None, n, mmap.PROT_READ, mmap.MAP_SHARED, rw, 0)
         assert other not in (None, ctypes.c_void_p(-1).value)
         try:
-            assert _libc.mprotect(other, round_up(n), mmap.PROT_READ | mmap.PROT_WRITE) != 0
+            assert _libc.mprotect(other, shm.round_up(n), mmap.PROT_READ | mmap.PROT_WRITE) != 0
             assert ctypes.get_errno() == errno.EACCES
         finally:
             _libc.munmap(other, n)
     finally:
         os.close(rw)
     # The old mapping, still viewed by `arr`, is read-only now and cannot be made writable again.
-    assert _libc.mprotect(addr, round_up(n), mmap.PROT_READ | mmap.PROT_WRITE) != 0
+    assert _libc.mprotect(addr, shm.round_up(n), mmap.PROT_READ | mmap.PROT_WRITE) != 0
     assert ctypes.get_errno() == errno.EACCES
-    assert (arr == 9).all() and bytes(shm.view[:4]) == b"\x09" * 4 and shm.view.readonly
-    shm.close()
+    assert (arr == 9).all() and bytes(mem.view[:4]) == b"\x09" * 4 and mem.view.readonly
+    mem.close()
 
 
 def test_hugetlb_memfds_are_refused() -> None:
@@ -375,7 +308,7 @@ def test_hugetlb_memfds_are_refused() -> None:
         pytest.skip("no hugetlbfs on this kernel")
     try:
         with pytest.raises(InvalidArgument, match="hugetlb"):
-            check_memfd(fd)
+            shm.check_memfd(fd)
     finally:
         os.close(fd)
 
@@ -400,36 +333,25 @@ def test_write_through_an_old_view_after_seal_faults() -> None:
 
 
 def test_seal_refused_while_another_writable_mapping_exists() -> None:
-    shm = SharedMemory.create("busy", 1 << 16)
-    extra = mmap.mmap(shm.fd, 1 << 16, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    mem = shm.SharedMemory.create("busy", 1 << 16)
+    extra = mmap.mmap(mem.fd, 1 << 16, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     try:
         with pytest.raises(InvalidArgument, match="another writable mapping"):
-            shm.seal_readonly()
-        assert shm.writable and not fcntl.fcntl(shm.fd, F_GET_SEALS) & F_SEAL_WRITE
-        shm.buf[0] = 5  # and it is still usable: the writable mapping was put back
+            mem.seal_readonly()
+        assert mem.writable and not fcntl.fcntl(mem.fd, shm.F_GET_SEALS) & shm.F_SEAL_WRITE
+        mem.buf[0] = 5  # and it is still usable: the writable mapping was put back
         assert extra[0] == 5
     finally:
         extra.close()
-    shm.seal_readonly()  # with the other writer gone it works
-    assert shm.seals() & F_SEAL_WRITE
-    shm.close()
+    mem.seal_readonly()  # with the other writer gone it works
+    assert mem.seals() & shm.F_SEAL_WRITE
+    mem.close()
 
 
 # -- worker restarts and fairness (the pool on its own, small settings) --------------------------------
-async def _pool_and_memory(**kw: Any) -> tuple[WorkerPool, SharedMemory, SharedMemory, int, int]:
-    pool = WorkerPool(1, **kw)
-    await pool.start()
-    src, dst = SharedMemory.create("src", 4 << 20), SharedMemory.create("dst", 8 << 20)
-    src.view[:] = os.urandom(4 << 20)
-    hs, hd = pool.new_handle(), pool.new_handle()
-    pool.map(hs, src)
-    pool.map(hd, dst)
-    return pool, src, dst, hs, hd
-
-
 def test_a_crash_looping_worker_is_restarted_with_growing_delays() -> None:
     async def run() -> None:
-        pool, src, dst, hs, hd = await _pool_and_memory(
+        pool, src, dst, hs, hd = await pool_with_memory(
             restart_backoff_s=0.05, restart_backoff_max_s=0.4, stable_after_s=30.0
         )
         kid = pool.add_key(os.urandom(32))
@@ -468,8 +390,8 @@ def test_a_crash_looping_worker_is_restarted_with_growing_delays() -> None:
 
 def test_one_tenants_backlog_does_not_starve_another() -> None:
     async def run() -> None:
-        pool, src, dst, hs, hd = await _pool_and_memory(window_bytes=2 << 20)
-        other = SharedMemory.create("other-arena", 2 << 20)
+        pool, src, dst, hs, hd = await pool_with_memory(window_bytes=2 << 20)
+        other = shm.SharedMemory.create("other-arena", 2 << 20)
         ho = pool.new_handle()
         pool.map(ho, other)
         kid = pool.add_key(os.urandom(32))

@@ -11,7 +11,7 @@ import pytest
 
 from pipellm_daemon.launcher import DaemonProcess
 
-from .test_faults import wait_for, worker_procs
+from .daemon_harness import wait_for, worker_procs
 
 
 def _policies(pid: int) -> set[int]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
-import threading
 from typing import Any
 
 import grpc
@@ -26,8 +25,8 @@ from pipellm_daemon.launcher import DaemonProcess
 from pipellm_daemon.streams import State
 from pipellm_daemon.workers import WorkerLost, WorkerPool
 
+from .daemon_harness import Background, worker_procs
 from .pipeline_harness import PipelinePair, settle
-from .test_faults import wait_for, worker_procs
 
 CHUNK = 64 << 10
 BASE = Config(
@@ -161,41 +160,27 @@ def test_sdk_retries_commits_whose_worker_was_killed(daemon: DaemonProcess) -> N
     c = Client(daemon.socket)
     s = c.open_session("abort-retry")
     w = s.alloc_region(n, readonly=True, data=data)
-    stop = threading.Event()
-    state: dict[str, Any] = {"commits": 0}
+    dst = np.zeros(n, np.uint8)
 
-    def loop() -> None:
-        try:
-            dst = np.zeros(n, np.uint8)
-            while not stop.is_set():
-                dst[:] = 0
-                s.h2d(w, 0, n, dst)
-                if not (dst == data).all():
-                    state["wrong"] = True
-                    return
-                state["commits"] += 1
-        except BaseException as exc:
-            state["exc"] = exc
+    def step(_: int) -> bool:
+        dst[:] = 0
+        s.h2d(w, 0, n, dst)
+        return bool((dst == data).all())
 
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    try:
-        wait_for(lambda: state["commits"] >= 2 or "exc" in state, "the transfer loop")
+    with Background(step) as bg:
+        bg.wait_for(lambda: bg.rounds >= 2, "the transfer loop")
         kills = 0
-        while s.aborted_retries == 0 and kills < 20 and "exc" not in state:
+        while s.aborted_retries == 0 and kills < 20 and bg.exc is None and bg.wrong is None:
             victims = worker_procs(daemon.pid)
             if victims:
                 victims[0].send_signal(signal.SIGKILL)
                 kills += 1
-            mark = state["commits"]
-            wait_for(lambda m=mark: state["commits"] >= m + 1 or "exc" in state, "transfers after the kill")
-    finally:
-        stop.set()
-        t.join(60)
-    assert "exc" not in state, f"a commit failed instead of being retried: {state.get('exc')!r}"
-    assert "wrong" not in state
+            mark = bg.rounds
+            bg.wait_for(lambda m=mark: bg.rounds >= m + 1, "transfers after the kill")
+    assert bg.exc is None, f"a commit failed instead of being retried: {bg.exc!r}"
+    assert bg.wrong is None
     assert s.aborted_retries >= 1, f"no kill landed mid-commit in {kills} kills"
     assert s.deaths == [] and c.status().totals.channel_deaths == 0
-    print(f"kills={kills} aborted_retries={s.aborted_retries} commits={state['commits']}")
+    print(f"kills={kills} aborted_retries={s.aborted_retries} commits={bg.rounds}")
     s.close()
     c.close()

@@ -16,27 +16,15 @@ from pipellm_client.errors import TagMismatch
 from pipellm_client.shm import SharedMemory
 
 from pipellm_daemon import jobwire as w
-from pipellm_daemon.workers import JobError, WorkerLost, WorkerPool
+from pipellm_daemon.workers import JobError, WorkerLost
 
-
-async def _pool_with_memory(
-    count: int = 2, inline: bool = False
-) -> tuple[WorkerPool, SharedMemory, SharedMemory, int, int]:
-    pool = WorkerPool(count, inline=inline)
-    await pool.start()
-    src = SharedMemory.create("src", 4 << 20)
-    src.view[:] = os.urandom(4 << 20)
-    dst = SharedMemory.create("dst", 8 << 20)
-    hs, hd = pool.new_handle(), pool.new_handle()
-    pool.map(hs, src)
-    pool.map(hd, dst)
-    return pool, src, dst, hs, hd
+from .worker_harness import pool_with_memory
 
 
 @pytest.mark.parametrize("inline", [False, True])
 def test_seal_and_open_match_cryptography(inline: bool) -> None:
     async def run() -> None:
-        pool, src, dst, hs, hd = await _pool_with_memory(inline=inline)
+        pool, src, dst, hs, hd = await pool_with_memory(2, inline=inline)
         key, nonce = os.urandom(32), os.urandom(12)
         kid = pool.add_key(key)
         sizes = [1, 15, 16, 4097, 1 << 20]
@@ -63,7 +51,7 @@ def test_seal_and_open_match_cryptography(inline: bool) -> None:
 
 def test_killed_worker_is_restarted_and_its_jobs_fail() -> None:
     async def run() -> None:
-        pool, src, dst, hs, hd = await _pool_with_memory(count=1)
+        pool, src, dst, hs, hd = await pool_with_memory()
         lost: list[int] = []
         pool.on_worker_lost.append(lambda index, n: lost.append(n))
         key, nonce = os.urandom(32), os.urandom(12)
@@ -95,14 +83,9 @@ def test_more_jobs_than_ring_slots_all_arrive_in_place(count: int) -> None:
     run with another's nonce, urgent or not."""
 
     async def run() -> None:
-        pool = WorkerPool(count, ring_slots=4, window_bytes=64 * (4096 + 4096))
-        await pool.start()
-        src = SharedMemory.create("src", 1 << 20)
-        src.view[:] = os.urandom(1 << 20)
-        dst = SharedMemory.create("dst", 300 * 4096)
-        hs, hd = pool.new_handle(), pool.new_handle()
-        pool.map(hs, src)
-        pool.map(hd, dst)
+        pool, src, dst, hs, hd = await pool_with_memory(
+            count, src_bytes=1 << 20, dst_bytes=300 * 4096, ring_slots=4, window_bytes=64 * (4096 + 4096)
+        )
         key = os.urandom(32)
         kid = pool.add_key(key)
         jobs = [(os.urandom(12), (i * 997) % 4000, 1 + (i * 31) % 4000) for i in range(300)]
@@ -126,7 +109,7 @@ def test_control_operations_take_effect_between_the_jobs_around_them() -> None:
     """Maps, keys, unmaps and key drops travel over the socket but apply at their place in the ring."""
 
     async def run() -> None:
-        pool, src, dst, hs, hd = await _pool_with_memory(count=1)
+        pool, src, dst, hs, hd = await pool_with_memory()
         key = os.urandom(32)
         kid = pool.add_key(key)
         nonce = os.urandom(12)
@@ -166,7 +149,7 @@ def test_control_operations_take_effect_between_the_jobs_around_them() -> None:
 
 def test_a_tag_failure_fails_only_its_own_job() -> None:
     async def run() -> None:
-        pool, src, dst, hs, hd = await _pool_with_memory(count=1)
+        pool, src, dst, hs, hd = await pool_with_memory()
         key, nonces = os.urandom(32), [os.urandom(12) for _ in range(8)]
         kid = pool.add_key(key)
         slot = 64 << 10
@@ -192,14 +175,7 @@ def test_a_tag_failure_fails_only_its_own_job() -> None:
 
 def test_a_dead_workers_ring_and_backlog_fail_and_the_queue_waits_for_its_replacement() -> None:
     async def run() -> None:
-        pool = WorkerPool(1, ring_slots=4, window_bytes=8 << 20)
-        await pool.start()
-        src = SharedMemory.create("src", 4 << 20)
-        src.view[:] = os.urandom(4 << 20)
-        dst = SharedMemory.create("dst", (1 << 20) + 16)
-        hs, hd = pool.new_handle(), pool.new_handle()
-        pool.map(hs, src)
-        pool.map(hd, dst)
+        pool, src, dst, hs, hd = await pool_with_memory(ring_slots=4, window_bytes=8 << 20, dst_bytes=(1 << 20) + 16)
         key = os.urandom(32)
         kid = pool.add_key(key)
         await pool.submit(w.Kind.SEAL, kid, os.urandom(12), (hs, 0), 16, (hd, 0))  # maps and key are in
@@ -223,13 +199,9 @@ def test_a_dead_workers_ring_and_backlog_fail_and_the_queue_waits_for_its_replac
 
 def test_a_cancelled_job_never_holds_its_key() -> None:
     async def run() -> None:
-        pool = WorkerPool(1, window_bytes=2 << 20)
-        await pool.start()
-        src = SharedMemory.create("src", 1 << 20)
-        dst = SharedMemory.create("dst", (1 << 20) + 16)
-        hs, hd = pool.new_handle(), pool.new_handle()
-        pool.map(hs, src)
-        pool.map(hd, dst)
+        pool, src, dst, hs, hd = await pool_with_memory(
+            window_bytes=2 << 20, src_bytes=1 << 20, dst_bytes=(1 << 20) + 16
+        )
         kid = pool.add_key(os.urandom(32))
         futs = [pool.submit(w.Kind.SEAL, kid, os.urandom(12), (hs, 0), 1 << 20, (hd, 0)) for _ in range(10)]
         for f in futs[3:]:

@@ -22,13 +22,6 @@ def fake_cp() -> Iterator[Any]:
     """`aesgcm_cuda` on a fake `cupy` whose "device" arrays are host memory and whose kernels are the
     emulated aesgcm.cu (a test module that needs more, e.g. `cupy` importable by name, defines its own)."""
     import gpu_fake_cupy
-    from pipellm_client.gpu import aesgcm_cuda
 
-    mod = gpu_fake_cupy.make_module()
-    saved_cupy, saved_modules = aesgcm_cuda._cupy, dict(aesgcm_cuda._modules)
-    aesgcm_cuda._cupy = lambda: mod
-    aesgcm_cuda._modules.clear()
-    yield mod
-    aesgcm_cuda._cupy = saved_cupy
-    aesgcm_cuda._modules.clear()
-    aesgcm_cuda._modules.update(saved_modules)
+    with gpu_fake_cupy.installed(gpu_fake_cupy.make_module(), by_name=False) as mod:
+        yield mod

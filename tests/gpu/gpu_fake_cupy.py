@@ -16,10 +16,13 @@ are checked by the emulator, launch by launch.)
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import subprocess
+import sys
 import tempfile
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -415,3 +418,28 @@ def make_module(fast: bool = False) -> types.ModuleType:
     }.items():  # fmt: skip
         setattr(mod, name, value)
     return mod
+
+
+@contextlib.contextmanager
+def installed(fake: types.ModuleType, *, by_name: bool = True) -> Iterator[types.ModuleType]:
+    """`fake` as the CuPy of `aesgcm_cuda` (its compiled-module cache emptied) and, if `by_name`, as
+    `sys.modules["cupy"]` too (for code that imports it by name); everything is put back afterwards, so a
+    test with one fake leaves no trace for the next."""
+    from pipellm_client.gpu import aesgcm_cuda
+
+    saved_cupy, saved_modules, saved_sys = aesgcm_cuda._cupy, dict(aesgcm_cuda._modules), sys.modules.get("cupy")
+    aesgcm_cuda._cupy = lambda: fake
+    aesgcm_cuda._modules.clear()
+    if by_name:
+        sys.modules["cupy"] = fake
+    try:
+        yield fake
+    finally:
+        aesgcm_cuda._cupy = saved_cupy
+        aesgcm_cuda._modules.clear()
+        aesgcm_cuda._modules.update(saved_modules)
+        if by_name:
+            if saved_sys is None:
+                sys.modules.pop("cupy", None)
+            else:
+                sys.modules["cupy"] = saved_sys

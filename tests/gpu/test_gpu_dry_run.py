@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import itertools
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -20,7 +19,6 @@ from typing import Any
 
 import pytest
 from gpu_emu_runner import cxx_compiler
-from pipellm_client.gpu import aesgcm_cuda
 
 pytestmark = pytest.mark.skipif(cxx_compiler() is None, reason="no C++ compiler to build the emulator")
 
@@ -33,13 +31,7 @@ SMALL = {"n": [0, 17, 4096 + 3], "where": ["ct_first", "tag_last"], "bad": [0, 1
 def gpu_tests() -> Iterator[tuple[ModuleType, Any]]:
     import gpu_fake_cupy
 
-    fake = gpu_fake_cupy.make_module()
-    saved_cupy, saved_modules = aesgcm_cuda._cupy, dict(aesgcm_cuda._modules)
-    saved_sys = sys.modules.get("cupy")
-    aesgcm_cuda._cupy = lambda: fake
-    aesgcm_cuda._modules.clear()
-    sys.modules["cupy"] = fake
-    try:
+    with gpu_fake_cupy.installed(gpu_fake_cupy.make_module()) as fake:
         spec = importlib.util.spec_from_file_location("gpu_cuda_tests_dry", HERE / "test_gpu_cuda.py")
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)
@@ -47,14 +39,6 @@ def gpu_tests() -> Iterator[tuple[ModuleType, Any]]:
         mod.MIB = 4096  # type: ignore[attr-defined]
         mod.KIB = 256  # type: ignore[attr-defined]
         yield mod, fake
-    finally:
-        aesgcm_cuda._cupy = saved_cupy
-        aesgcm_cuda._modules.clear()
-        aesgcm_cuda._modules.update(saved_modules)
-        if saved_sys is None:
-            sys.modules.pop("cupy", None)
-        else:
-            sys.modules["cupy"] = saved_sys
 
 
 def _test_names() -> list[str]:

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from gpu_emu_runner import cxx_compiler
 from pipellm_client.errors import ChannelDead, TagMismatch
-from pipellm_client.gpu import aesgcm_cuda
 
 from pipellm_daemon.config import Config
 from pipellm_daemon.cuda_staging import DeviceStaging
@@ -37,13 +36,9 @@ CFG = Config(
 def fake_cp() -> Iterator[Any]:
     import gpu_fake_cupy
 
-    mod = gpu_fake_cupy.make_module()
-    saved_cupy = aesgcm_cuda._cupy
-    aesgcm_cuda._cupy = lambda: mod
-    sys.modules["cupy"] = mod  # the daemon's cuda_staging imports it by name
-    yield mod
-    aesgcm_cuda._cupy = saved_cupy
-    del sys.modules["cupy"]
+    # By name too: the daemon's cuda_staging imports it as `cupy`.
+    with gpu_fake_cupy.installed(gpu_fake_cupy.make_module()) as mod:
+        yield mod
 
 
 @pytest.fixture

@@ -17,18 +17,6 @@ def fake_gpu() -> Iterator[Any]:
     -- batch tables, flags, the gate, pinned copies, DLPack views -- runs as on a GPU."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
     import gpu_fake_cupy
-    from pipellm_client.gpu import aesgcm_cuda
 
-    fake = gpu_fake_cupy.make_module(fast=True)
-    saved_cupy, saved_modules, saved_sys = aesgcm_cuda._cupy, dict(aesgcm_cuda._modules), sys.modules.get("cupy")
-    aesgcm_cuda._cupy = lambda: fake
-    aesgcm_cuda._modules.clear()
-    sys.modules["cupy"] = fake
-    yield fake
-    aesgcm_cuda._cupy = saved_cupy
-    aesgcm_cuda._modules.clear()
-    aesgcm_cuda._modules.update(saved_modules)
-    if saved_sys is None:
-        sys.modules.pop("cupy", None)
-    else:
-        sys.modules["cupy"] = saved_sys
+    with gpu_fake_cupy.installed(gpu_fake_cupy.make_module(fast=True)) as fake:
+        yield fake

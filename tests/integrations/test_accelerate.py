@@ -21,37 +21,17 @@ accelerate = pytest.importorskip("accelerate")
 
 from pipellm_client import Client, InvalidArgument  # noqa: E402
 from pipellm_client.integrations import accelerate as pipellm_accelerate  # noqa: E402
+from tiny_models import VOCAB, tiny_llama, tiny_opt  # noqa: E402
 
 pytestmark = [pytest.mark.integrations, pytest.mark.integration]
 
-VOCAB = 512
 FORWARDS = 6  # the first fetches on demand; the hit rate is measured over the other five
 
 
 def build(family: str) -> Any:
-    torch.manual_seed(1234)
     if family == "opt":
-        cfg = transformers.OPTConfig(
-            vocab_size=VOCAB,
-            hidden_size=256,
-            word_embed_proj_dim=256,
-            ffn_dim=1024,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-        )
-        return transformers.OPTForCausalLM(cfg).eval()
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=family == "llama-tied",
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+        return tiny_opt(1234)
+    return tiny_llama(1234, tied=family == "llama-tied")
 
 
 def offload(model: Any, how: str) -> None:

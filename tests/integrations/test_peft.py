@@ -24,6 +24,7 @@ peft = pytest.importorskip("peft")
 
 from pipellm_client import Client, InvalidArgument  # noqa: E402
 from pipellm_client.integrations.peft import LoraAdapters  # noqa: E402
+from tiny_models import VOCAB, tiny_opt  # noqa: E402
 
 pytestmark = [
     pytest.mark.integrations,
@@ -32,23 +33,12 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),  # transformers deprecations inside peft
 ]
 
-VOCAB = 512
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 ALPHAS = {"a": 32, "b": 16, "c": 8}
 
 
 def base_model() -> Any:
-    torch.manual_seed(99)
-    cfg = transformers.OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        word_embed_proj_dim=256,
-        ffn_dim=1024,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    )
-    return transformers.OPTForCausalLM(cfg).eval()
+    return tiny_opt(99)
 
 
 def save_adapter(base: Any, root: Path, name: str, seed: int, *, rank: int = 16, alpha: int = 32) -> str:

@@ -20,12 +20,7 @@ torch = pytest.importorskip("torch")
 
 import numpy as np  # noqa: E402
 from pipellm_client import Client, InvalidArgument  # noqa: E402
-from pipellm_client.integrations.vllm_swap import (  # noqa: E402
-    BlockIDs,
-    CacheEngine,
-    OffloadingHandlers,
-    swap_blocks,
-)
+from pipellm_client.integrations.vllm_swap import BlockIDs, CacheEngine, OffloadingHandlers, swap_blocks  # noqa: E402
 
 pytestmark = [pytest.mark.integrations, pytest.mark.integration]
 
