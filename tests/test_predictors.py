@@ -81,15 +81,17 @@ def test_random_order_turns_speculation_off() -> None:
 def test_vllm_v0_swap_in_is_fcfs_over_requests() -> None:
     """V0 preempts the newest request first and swaps in FCFS, so requests come back newest-swapped-out
     first; its CacheEngine copies layer by layer, K then V, and within each every request of the mapping:
-    the swap-in is round after round of one unit per request. The set is learned from the first round."""
+    the swap-in is round after round of one unit per request. The set is learned from the first round.
+    (The CPU cache is laid out as vLLM's and `CpuKVCache`'s: per layer, K then V, every CPU block.)"""
     sp = SwapPredictor("lifo")
     unit = 128 * 1024
+    cpu_blocks = 16
     per_req: dict[int, list[ChunkId]] = {}
     for group, req in enumerate((3, 2, 1), start=1):  # newest (3) preempted first
         per_req[req] = []
         for layer in range(4):
             for kv in (0, 1):
-                k = ChunkId(50, (req * 100 + layer * 2 + kv) * unit, unit)
+                k = ChunkId(50, ((layer * 2 + kv) * cpu_blocks + 2 * req) * unit, unit)
                 per_req[req].append(k)
                 sp.swapped_out([k], group=group)
 
@@ -106,6 +108,54 @@ def test_vllm_v0_swap_in_is_fcfs_over_requests() -> None:
     for k in per_req[3]:
         sp.observe(k)
     assert sp.upcoming(5) == []
+
+
+def test_vllm_v0_swap_blocks_one_copy_per_block_is_a_run_per_request() -> None:
+    """vLLM's own `swap_blocks` copies one block at a time: a request's turn in a round is then the run of
+    its blocks in that layer's K (or V), adjacent in the CPU cache. Were each block its own turn, the rounds
+    would alternate requests block by block and most swap-in chunks would miss."""
+    sp = SwapPredictor("lifo")
+    block, cpu_blocks, layers = 128 * 1024, 32, 3
+    extent = {1: (0, 3), 2: (3, 2), 3: (5, 4)}  # request -> (first CPU block, blocks): first fit
+
+    def copies(reqs: list[int]) -> list[tuple[int, ChunkId]]:
+        return [
+            (r, ChunkId(7, ((layer * 2 + kv) * cpu_blocks + extent[r][0] + b) * block, block))
+            for layer in range(layers)
+            for kv in (0, 1)
+            for r in reqs
+            for b in range(extent[r][1])
+        ]
+
+    for r, k in copies([3, 2, 1]):  # one step preempts 3, 2, then 1 (newest first), swap_blocks order
+        sp.swapped_out([k], group=r)
+    swap_in = [k for _r, k in copies([1, 2])]  # FCFS: 1 and 2 come back together; 3 stays out
+    hits = 0
+    for k in swap_in:
+        hits += sp.upcoming(1) == [k]
+        sp.observe(k)
+    assert hits >= len(swap_in) - 1, "only the first guess of the set may be wrong"
+    assert sp.upcoming(4 * layers * 2) == [k for _r, k in copies([3])]
+
+
+def test_packed_runs_of_one_request_are_not_merged_across_layers() -> None:
+    """A packed copy (one range per request per layer's K or V) is a run by itself: ranges of one request
+    in consecutive layers are not adjacent, so two requests still alternate range by range."""
+    sp = SwapPredictor("lifo")
+    block, cpu_blocks = 128 * 1024, 32
+    ranges = {
+        r: [ChunkId(8, ((lk * cpu_blocks) + first) * block, n * block) for lk in range(4)]
+        for r, (first, n) in {1: (0, 3), 2: (3, 2)}.items()
+    }
+    for lk in range(4):
+        for r in (2, 1):
+            sp.swapped_out([ranges[r][lk]], group=r)
+    swap_in = [ranges[r][lk] for lk in range(4) for r in (1, 2)]
+    hits = 0
+    for k in swap_in:
+        hits += sp.upcoming(1) == [k]
+        sp.observe(k)
+    assert hits >= len(swap_in) - 1
 
 
 def test_a_d2h_call_that_arrives_in_pieces_is_still_one_swap_unit() -> None:

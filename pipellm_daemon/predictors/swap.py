@@ -8,6 +8,12 @@ of every request in the mapping: a swap-in of requests S is round after round of
 range) per request of S. The set S is guessed as the most recent groups (as many as came back last time;
 all of them the first time) and learned exactly from the first round of the swap-in itself: a group seen
 twice starts round two.
+
+A request's turn in a round is a run: its units that follow each other in the region (the blocks of one
+layer's K, say). An integration that packs adjacent copies sends a run as one unit; vLLM's own
+`swap_blocks` sends one copy per block, so a run is many units, each adjacent to the one before. Units of
+one group that are adjacent in the region are therefore taken together, both when the rounds are
+predicted and when the swap-in is observed (a group's next block is not a new round).
 """
 
 from __future__ import annotations
@@ -89,11 +95,12 @@ class SwapPredictor:
         group = self._where.pop(key, None)
         if group is None:
             return
-        started = self._current != group  # a unit's chunks arrive back to back
-        rest = self._drop(key, group)
+        started = self._current != group  # a run's chunks arrive back to back
+        self._drop(key, group)
         if self.order != "lifo":
             return
-        self._current = group if rest else None
+        units = self._groups.get(group)
+        self._current = group if units and _adjacent(key, units[0][0]) else None  # the run goes on
         if not started:
             return
         if self._active is not None and group not in self._active:
@@ -121,22 +128,19 @@ class SwapPredictor:
             want = max(self._last_k or len(newest_first), len(seen))
             order = seen + [g for g in newest_first if g not in seen][: want - len(seen)]
         out: list[ChunkId] = []
-        cursor = dict.fromkeys(order, 0)
+        cursor = dict.fromkeys(order, 0)  # group -> index of its next unit
         if self._current is not None and self._current in self._groups:
-            out.extend(self._groups[self._current][0])  # the rest of the unit in flight
-            cursor[self._current] = 1
+            cursor[self._current] = _take_run(self._groups[self._current], 0, out)  # the run in flight
         started = set(self._round)
         for g in order:  # the rest of this round
             if g not in started and len(out) < limit:
-                out.extend(self._groups[g][0])
-                cursor[g] = 1
+                cursor[g] = _take_run(self._groups[g], 0, out)
         while len(out) < limit:  # then whole rounds
             progressed = False
             for g in order:
                 units = self._groups[g]
                 if cursor[g] < len(units):
-                    out.extend(units[cursor[g]])
-                    cursor[g] += 1
+                    cursor[g] = _take_run(units, cursor[g], out)
                     progressed = True
             if not progressed:
                 break
@@ -164,3 +168,19 @@ class SwapPredictor:
         self._round = [g for g in self._round if g in self._groups]
         if self._active is not None:
             self._active = [g for g in self._active if g in self._groups]
+
+
+def _adjacent(a: ChunkId, b: ChunkId) -> bool:
+    """`b` starts where `a` ends, in the same region."""
+    return a.region == b.region and a.offset + a.length == b.offset
+
+
+def _take_run(units: deque[list[ChunkId]], i: int, out: list[ChunkId]) -> int:
+    """Append the run that starts at unit `i` (it and every following unit adjacent to the one before) to
+    `out`; return the index of the unit after it."""
+    out.extend(units[i])
+    i += 1
+    while i < len(units) and _adjacent(units[i - 1][-1], units[i][0]):
+        out.extend(units[i])
+        i += 1
+    return i
