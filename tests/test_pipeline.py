@@ -116,13 +116,16 @@ def test_swap_out_is_pre_encrypted_for_swap_in(loop_and_pool, order: str) -> Non
     loop, pair, _ro, _data = setup(loop_and_pool, swap_order=order)
     kv = pair.region(8 * CHUNK, readonly=False)
     blocks = {i: np.random.default_rng(10 + i).integers(0, 256, CHUNK, dtype=np.uint8) for i in range(6)}
+    # Block i is request i // 2 + 1's copy in layer i % 2; the region is laid out layer by layer, as vLLM's
+    # CPU cache is (a request's copies in two layers are not adjacent, so each is a turn of its own).
+    at = {i: (i % 2) * 3 + i // 2 for i in range(6)}
     for i in range(6):  # groups of two blocks: requests 1, 2, 3 swapped out in that order
-        loop.run_until_complete(pair.d2h(blocks[i], kv, i * CHUNK, swap_out=True, group=i // 2 + 1))
+        loop.run_until_complete(pair.d2h(blocks[i], kv, at[i] * CHUNK, swap_out=True, group=i // 2 + 1))
     loop.run_until_complete(settle(2, [pair.pipeline]))
     # fifo: swap-out order; lifo (vLLM V0): newest request first, one block per request per round
     back = [0, 1, 2, 3, 4, 5] if order == "fifo" else [4, 2, 0, 5, 3, 1]
     for i in back:
-        assert (fetch(loop, pair, kv, i) == blocks[i]).all()
+        assert (fetch(loop, pair, kv, at[i]) == blocks[i]).all()
     c = pair.pipeline.counters
     assert c.hits == 6 and c.misses == 0 and c.bytes_d2h == 6 * CHUNK
 
