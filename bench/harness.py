@@ -252,6 +252,8 @@ COUNTER_FIELDS: Final = (
     "bytes_ahead",
     "bytes_wasted",
     "bytes_on_demand",
+    "bytes_used",
+    *(f"{src}_bytes_{what}" for src in ("intents", "swap", "cycle", "lora") for what in ("ahead", "used", "wasted")),
 )
 
 
@@ -623,6 +625,22 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def source_table(results: dict[str, dict[str, Any]]) -> str:
+    """PipeLLM's ciphertext made ahead, by the predictor that asked for it: how much of it was used (delivered
+    as DATA) and how much thrown away, per workload (medians of the reps)."""
+    lines = []
+    for name, r in results.items():
+        c = r["pipellm"]["counters"]
+        parts = []
+        for src in ("intents", "swap", "cycle", "lora"):
+            ahead = c.get(f"{src}_bytes_ahead", 0.0)
+            if ahead:
+                used, wasted = c[f"{src}_bytes_used"], c[f"{src}_bytes_wasted"]
+                parts.append(f"{src} {ahead / MiB:.0f} MiB, used {used / ahead:.2f}, wasted {wasted / ahead:.2f}")
+        lines.append(f"{name:30s} " + ("; ".join(parts) if parts else "nothing made ahead"))
+    return "\n".join(lines)
+
+
 # -- orchestration ---------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def daemons(workers: int, settings: dict[str, Any], log_level: str) -> Iterator[dict[str, DaemonProcess]]:
@@ -807,6 +825,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "latest.json").write_text(text)
     print()
     print(table(results))
+    print("\nmade ahead, by source (PipeLLM):")
+    print(source_table(results))
     print(
         f"\noverhead = throughput drop vs plain (median of {reps} interleaved reps); bound = 1 - T_plain/max(T_plain,"
         f" B/C) with C = {cap['aggregate_bps'] / GB:.2f} GB/s ({n_workers} workers, measured before/after: "

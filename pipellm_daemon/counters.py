@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Final
 
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
+
+SOURCES: Final = ("intents", "swap", "cycle", "lora")  # the predictors, as `Entry.source` names them
 
 
 @dataclass
@@ -35,6 +37,50 @@ class Counters:
     waited: int = 0
     ring_hits: int = 0
     ring_discards: int = 0
+    bytes_used: int = 0
+    # Per source (the predictor an entry was made for): see `ahead`, `used`, `wasted`.
+    intents_bytes_ahead: int = 0
+    intents_bytes_used: int = 0
+    intents_bytes_wasted: int = 0
+    swap_bytes_ahead: int = 0
+    swap_bytes_used: int = 0
+    swap_bytes_wasted: int = 0
+    cycle_bytes_ahead: int = 0
+    cycle_bytes_used: int = 0
+    cycle_bytes_wasted: int = 0
+    lora_bytes_ahead: int = 0
+    lora_bytes_used: int = 0
+    lora_bytes_wasted: int = 0
+
+    # -- ciphertext made ahead, by source: what each predictor's guesses cost and what they saved ------------
+    def ahead(self, source: str, nbytes: int) -> None:
+        """An entry predicted by `source` was sent to a worker."""
+        self.bytes_ahead += nbytes
+        self._by_source(source, "ahead", nbytes)
+
+    def used(self, source: str, nbytes: int) -> None:
+        """Ciphertext made ahead was delivered as DATA (a hit, or a skip's target)."""
+        self.bytes_used += nbytes
+        self._by_source(source, "used", nbytes)
+
+    def wasted(self, source: str, nbytes: int) -> None:
+        """Ciphertext made ahead was thrown away (DISCARD, an IV rotation over it, a dead worker)."""
+        self.bytes_wasted += nbytes
+        self._by_source(source, "wasted", nbytes)
+
+    def _by_source(self, source: str, what: str, nbytes: int) -> None:
+        if source in SOURCES:
+            name = f"{source}_bytes_{what}"
+            setattr(self, name, getattr(self, name) + nbytes)
+
+    def source_summary(self) -> dict[str, dict[str, int]]:
+        """Per source: bytes made ahead, used and wasted (sources that made nothing left out)."""
+        out = {}
+        for src in SOURCES:
+            row = {what: getattr(self, f"{src}_bytes_{what}") for what in ("ahead", "used", "wasted")}
+            if row["ahead"]:
+                out[src] = row
+        return out
 
     @property
     def hit_rate(self) -> float:

@@ -352,6 +352,7 @@ class Pipeline:
         """DATA for a hit: staged when the daemon's copy into device staging has completed."""
         staged = self.staging is not None and self.staging.ready(e.slot)
         self.counters.staged += staged
+        self.counters.used(e.source, e.nbytes)
         return pb.Delivery(
             ce=0,
             kind=pb.MSG_KIND_DATA,
@@ -391,14 +392,14 @@ class Pipeline:
         if e.state == State.FAILED:
             # The worker died while we waited: partial ciphertext under this IV, so it cannot be burned.
             # Only a rotation retires it; the commit's abort does that, in band, and the SDK retries.
-            self.counters.bytes_wasted += e.nbytes
+            self.counters.wasted(e.source, e.nbytes)
             self.arena.h2d.release(e.slot)  # its job is over: no worker can still write the slot
             raise CommitAborted("a crypto worker died under a speculative entry being relinquished; retry")
         s.sender.submit(e.iv)
         self.delivered_slots.add(e.slot)
         out.add(pb.Delivery(ce=s.ce, kind=pb.MSG_KIND_DISCARD, slot=e.slot, length=e.nbytes), e.fut)
         self.counters.discards += 1
-        self.counters.bytes_wasted += e.nbytes
+        self.counters.wasted(e.source, e.nbytes)
 
     def _abandon(self, s: H2DStream) -> None:
         """Drop every queued entry; its slot comes back once no worker can still be writing into it."""
@@ -407,7 +408,7 @@ class Pipeline:
             if e.slot < 0:
                 continue
             if e.state in (State.READY, State.ENCRYPTING, State.FAILED):
-                self.counters.bytes_wasted += e.nbytes
+                self.counters.wasted(e.source, e.nbytes)
             if e.fut is not None and not e.fut.done():
                 e.fut.add_done_callback(self._release_later(e.slot))
             else:
@@ -594,7 +595,7 @@ class Pipeline:
             e.state = State.ENCRYPTING
             e.fut.add_done_callback(functools.partial(self._encrypted, e))
             self._ahead += e.nbytes
-            self.counters.bytes_ahead += e.nbytes
+            self.counters.ahead(e.source, e.nbytes)
 
     def _encrypted(self, e: Entry, fut: asyncio.Future[None]) -> None:
         if e.state != State.ENCRYPTING:
@@ -660,6 +661,7 @@ class Pipeline:
                 self.counters.ring_hits += 1
                 self.counters.chunks += 1
                 self.counters.bytes_h2d += e.nbytes
+                self.counters.used(e.source, e.nbytes)
                 self.depth = min(self.cfg.max_depth, self.depth + 1)
                 self.predictors.observe(e.key, e.region.readonly)
             self.arena.h2d.release(e.slot)
@@ -725,7 +727,7 @@ class Pipeline:
             out.add(pb.Delivery(ce=0, kind=pb.MSG_KIND_DISCARD, slot=e.slot, length=e.nbytes, ring=True))
             self.counters.discards += 1
             self.counters.ring_discards += 1
-            self.counters.bytes_wasted += e.nbytes
+            self.counters.wasted(e.source, e.nbytes)
         else:
             out.add(self._data_delivery(e, ti, dst_off, ring=True))
 

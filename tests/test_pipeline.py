@@ -82,6 +82,33 @@ def test_miss_relinquishes_by_rotation_and_restarts(loop_and_pool) -> None:
     assert pair.core.endpoint.h2d[0].chan_ctr == 1
 
 
+def test_ciphertext_made_ahead_is_accounted_to_the_predictor_that_asked(loop_and_pool) -> None:
+    """Per source: what intents made ahead is used on hits and wasted when they are withdrawn; a swap-in's
+    ciphertext counts for the swap predictor; the totals are the sums of the sources."""
+    loop, pair, ro, data = setup(loop_and_pool)
+    declare(loop, pair, ro, [1, 2, 3, 4, 5, 6])
+    for j in (1, 2):
+        assert (fetch(loop, pair, ro, j) == data[j * CHUNK : (j + 1) * CHUNK]).all()
+    pair.pipeline.predictors.intents.cancel()  # wrong guesses: 3..6 were made for nothing
+    fetch(loop, pair, ro, 9)
+    c = pair.pipeline.counters
+    assert c.intents_bytes_used == 2 * CHUNK
+    assert c.intents_bytes_wasted == 4 * CHUNK
+    assert c.intents_bytes_ahead == 6 * CHUNK
+    kv = pair.region(4 * CHUNK, readonly=False)
+    block = np.random.default_rng(3).integers(0, 256, CHUNK, dtype=np.uint8)
+    loop.run_until_complete(pair.d2h(block, kv, 0, swap_out=True))
+    loop.run_until_complete(settle(2, [pair.pipeline]))
+    assert (fetch(loop, pair, kv, 0) == block).all()
+    assert c.swap_bytes_ahead == c.swap_bytes_used == CHUNK and c.swap_bytes_wasted == 0
+    assert c.source_summary()["swap"] == {"ahead": CHUNK, "used": CHUNK, "wasted": 0}
+    sources = ("intents", "swap", "cycle", "lora")
+    assert c.bytes_ahead == sum(getattr(c, f"{s}_bytes_ahead") for s in sources)
+    assert c.bytes_used == sum(getattr(c, f"{s}_bytes_used") for s in sources)
+    assert c.bytes_wasted == sum(getattr(c, f"{s}_bytes_wasted") for s in sources)
+    assert c.to_proto().intents_bytes_wasted == 4 * CHUNK  # status, metrics and the bench read it there
+
+
 def test_writes_make_ciphertext_stale(loop_and_pool) -> None:
     loop, pair, _ro, _data = setup(loop_and_pool)
     kv = pair.region(4 * CHUNK, readonly=False)

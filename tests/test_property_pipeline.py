@@ -220,6 +220,9 @@ class PipelineMachine(RuleBasedStateMachine):
             assert c.hits + c.skips + c.misses + c.late == self.spec_chunks[si]
             assert c.chunks == self.all_chunks[si]
             assert c.bytes_wasted <= c.bytes_ahead
+            for src, row in c.source_summary().items():  # per predictor: nothing used or wasted twice
+                assert row["used"] + row["wasted"] <= row["ahead"], (src, row)
+            assert c.bytes_used + c.bytes_wasted <= c.bytes_ahead
             assert c.detours <= c.misses and c.stale <= c.misses + c.skips
             assert s.pipeline.dead is None and s.core.dead is None
             queued = s.pipeline.speculative.queue
