@@ -22,6 +22,7 @@ accelerate = pytest.importorskip("accelerate")
 from pipellm_client import Client, InvalidArgument  # noqa: E402
 from pipellm_client.integrations import accelerate as pipellm_accelerate  # noqa: E402
 from tiny_models import VOCAB, tiny_llama, tiny_opt  # noqa: E402
+from torch_gpu import real_gpu  # noqa: E402
 
 pytestmark = [pytest.mark.integrations, pytest.mark.integration]
 
@@ -59,17 +60,23 @@ def judged(c: Any) -> int:
     return int(c.hits + c.misses + c.skips + c.late)
 
 
-@pytest.mark.parametrize(
-    ("family", "how"),
-    [("opt", "cpu_offload"), ("llama", "dispatch_model"), ("opt", "dispatch_model"), ("llama-tied", "cpu_offload")],
-)
-def test_offloaded_model_is_identical_and_predicted(daemon, family: str, how: str) -> None:
+def offloaded_with_reference(family: str, how: str) -> tuple[Any, dict[str, Any], Any, Any]:
+    """A fresh model, its inputs, and its logits and tokens before offloading; then the model offloaded."""
     model = build(family)
     batch = inputs()
     with torch.no_grad():
         want_logits = model(**batch).logits
         want_tokens = generate(model, batch)
     offload(model, how)
+    return model, batch, want_logits, want_tokens
+
+
+@pytest.mark.parametrize(
+    ("family", "how"),
+    [("opt", "cpu_offload"), ("llama", "dispatch_model"), ("opt", "dispatch_model"), ("llama-tied", "cpu_offload")],
+)
+def test_offloaded_model_is_identical_and_predicted(daemon, family: str, how: str) -> None:
+    model, batch, want_logits, want_tokens = offloaded_with_reference(family, how)
     with Client(daemon.socket) as client, client.open_session(name=f"acc-{family}") as s:
         state = pipellm_accelerate.enable(model, s)
         assert state.region.sealed
@@ -145,12 +152,7 @@ def test_enable_refuses_what_it_cannot_serve(daemon) -> None:
 def test_cuda_endpoint_emulated(daemon, fake_gpu, family: str, how: str) -> None:
     """The same model through a session with endpoint="cuda": every fetch decrypted and verified by the
     (emulated) GPU into a buffer the endpoint allocated; same logits and tokens, same hit rate."""
-    model = build(family)
-    batch = inputs()
-    with torch.no_grad():
-        want_logits = model(**batch).logits
-        want_tokens = generate(model, batch)
-    offload(model, how)
+    model, batch, want_logits, want_tokens = offloaded_with_reference(family, how)
     with Client(daemon.socket) as client, client.open_session(name=f"acc-cuda-{family}", endpoint="cuda") as s:
         ep = s.core.endpoint
         assert ep.kind == "cuda"
@@ -182,16 +184,8 @@ def test_execution_device_must_be_the_endpoints(daemon) -> None:
         assert not s.core.regions
 
 
-def _real_gpu() -> tuple[bool, str]:
-    from pipellm_client.gpu import cuda_available
-
-    if not torch.cuda.is_available():
-        return False, "torch has no CUDA device"
-    return cuda_available()
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _real_gpu()[0], reason=f"needs a CUDA GPU for torch and CuPy: {_real_gpu()[1]}")
+@pytest.mark.skipif(not real_gpu()[0], reason=f"needs a CUDA GPU for torch and CuPy: {real_gpu()[1]}")
 def test_on_a_real_gpu(daemon) -> None:
     """accelerate offloading to a CUDA execution device, decrypted on that GPU: logits and tokens equal to
     the same offloaded model without PipeLLM on the same GPU; hit rate >= 0.99 after the first forward."""

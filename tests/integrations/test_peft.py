@@ -25,6 +25,7 @@ peft = pytest.importorskip("peft")
 from pipellm_client import Client, InvalidArgument  # noqa: E402
 from pipellm_client.integrations.peft import LoraAdapters  # noqa: E402
 from tiny_models import VOCAB, tiny_opt  # noqa: E402
+from torch_gpu import real_gpu  # noqa: E402
 
 pytestmark = [
     pytest.mark.integrations,
@@ -191,16 +192,8 @@ def test_parameters_must_be_where_the_endpoint_writes(daemon, adapters) -> None:
         mgr.close()
 
 
-def _real_gpu() -> tuple[bool, str]:
-    from pipellm_client.gpu import cuda_available
-
-    if not torch.cuda.is_available():
-        return False, "torch has no CUDA device"
-    return cuda_available()
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _real_gpu()[0], reason=f"needs a CUDA GPU for torch and CuPy: {_real_gpu()[1]}")
+@pytest.mark.skipif(not real_gpu()[0], reason=f"needs a CUDA GPU for torch and CuPy: {real_gpu()[1]}")
 def test_on_a_real_gpu(daemon, adapters) -> None:
     """A PEFT model on the GPU, adapters hot-swapped through a CUDA session: logits equal to peft loading
     the same adapters on the same GPU."""
