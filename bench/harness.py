@@ -44,6 +44,7 @@ from typing import Any, Final
 import numpy as np
 from pipellm_client import Client, Intent, Session
 
+from pipellm_daemon.counters import SOURCE_KINDS, SOURCES
 from pipellm_daemon.launcher import DaemonProcess
 
 from . import workloads as W
@@ -253,7 +254,7 @@ COUNTER_FIELDS: Final = (
     "bytes_wasted",
     "bytes_on_demand",
     "bytes_used",
-    *(f"{src}_bytes_{what}" for src in ("intents", "swap", "cycle", "lora") for what in ("ahead", "used", "wasted")),
+    *(f"{src}_bytes_{kind}" for src in SOURCES for kind in SOURCE_KINDS),
 )
 
 
@@ -632,7 +633,7 @@ def source_table(results: dict[str, dict[str, Any]]) -> str:
     for name, r in results.items():
         c = r["pipellm"]["counters"]
         parts = []
-        for src in ("intents", "swap", "cycle", "lora"):
+        for src in SOURCES:
             ahead = c.get(f"{src}_bytes_ahead", 0.0)
             if ahead:
                 used, wasted = c[f"{src}_bytes_used"], c[f"{src}_bytes_wasted"]

@@ -8,6 +8,9 @@ from typing import Any, Final
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 
 SOURCES: Final = ("intents", "swap", "cycle", "lora")  # the predictors, as `Entry.source` names them
+SOURCE_KINDS: Final = ("ahead", "used", "wasted")
+# (source, kind) -> its counter field, built once: `used` runs on every hit.
+_SOURCE_FIELD: Final = {(src, kind): f"{src}_bytes_{kind}" for src in SOURCES for kind in SOURCE_KINDS}
 
 
 @dataclass
@@ -68,16 +71,16 @@ class Counters:
         self.bytes_wasted += nbytes
         self._by_source(source, "wasted", nbytes)
 
-    def _by_source(self, source: str, what: str, nbytes: int) -> None:
-        if source in SOURCES:
-            name = f"{source}_bytes_{what}"
+    def _by_source(self, source: str, kind: str, nbytes: int) -> None:
+        name = _SOURCE_FIELD.get((source, kind))
+        if name is not None:
             setattr(self, name, getattr(self, name) + nbytes)
 
     def source_summary(self) -> dict[str, dict[str, int]]:
         """Per source: bytes made ahead, used and wasted (sources that made nothing left out)."""
         out = {}
         for src in SOURCES:
-            row = {what: getattr(self, f"{src}_bytes_{what}") for what in ("ahead", "used", "wasted")}
+            row = {kind: getattr(self, _SOURCE_FIELD[src, kind]) for kind in SOURCE_KINDS}
             if row["ahead"]:
                 out[src] = row
         return out

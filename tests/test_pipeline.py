@@ -14,6 +14,7 @@ from pipellm_client.channel import RotationPolicy
 from pipellm_client.errors import ChannelDead
 
 from pipellm_daemon.config import Config
+from pipellm_daemon.counters import SOURCES
 from pipellm_daemon.streams import State
 
 from .pipeline_harness import PipelinePair, settle
@@ -102,10 +103,9 @@ def test_ciphertext_made_ahead_is_accounted_to_the_predictor_that_asked(loop_and
     assert (fetch(loop, pair, kv, 0) == block).all()
     assert c.swap_bytes_ahead == c.swap_bytes_used == CHUNK and c.swap_bytes_wasted == 0
     assert c.source_summary()["swap"] == {"ahead": CHUNK, "used": CHUNK, "wasted": 0}
-    sources = ("intents", "swap", "cycle", "lora")
-    assert c.bytes_ahead == sum(getattr(c, f"{s}_bytes_ahead") for s in sources)
-    assert c.bytes_used == sum(getattr(c, f"{s}_bytes_used") for s in sources)
-    assert c.bytes_wasted == sum(getattr(c, f"{s}_bytes_wasted") for s in sources)
+    assert c.bytes_ahead == sum(getattr(c, f"{s}_bytes_ahead") for s in SOURCES)
+    assert c.bytes_used == sum(getattr(c, f"{s}_bytes_used") for s in SOURCES)
+    assert c.bytes_wasted == sum(getattr(c, f"{s}_bytes_wasted") for s in SOURCES)
     assert c.to_proto().intents_bytes_wasted == 4 * CHUNK  # status, metrics and the bench read it there
 
 

@@ -76,20 +76,17 @@ class SwapPredictor:
         self._group_epoch[group] = self._swapins
         self._groups.setdefault(group, deque()).append(list(keys))
 
-    def _drop(self, key: ChunkId, group: int) -> bool:
-        """Remove a key; returns whether its unit still has keys."""
+    def _drop(self, key: ChunkId, group: int) -> None:
+        """Remove a key (and its unit, and its group, once empty)."""
         units = self._groups[group]
-        rest = False
         for unit in units:
             if key in unit:
                 unit.remove(key)
-                rest = bool(unit)
                 if not unit:
                     units.remove(unit)
                 break
         if not units:
             del self._groups[group]
-        return rest
 
     def observe(self, key: ChunkId) -> None:
         group = self._where.pop(key, None)
