@@ -66,6 +66,16 @@ _FLUSH_EVERY = 8
 _OUTSTANDING_DEPTHS = 4
 
 
+def _on_their_way(want: list[ChunkId], published: list[ChunkId]) -> int:
+    """How many of `want`'s first chunks the published records carry, in order: records in between that
+    are no longer wanted are burned (DISCARD) when a commit passes them, and those after them still serve."""
+    n = 0
+    for key in published:
+        if n < len(want) and want[n] == key:
+            n += 1
+    return n
+
+
 class Pipeline:
     def __init__(
         self,
@@ -491,10 +501,7 @@ class Pipeline:
         published = [e.key for e, _r in self.published.unassigned() if e is not None] if self.published else []
         want = self.predictors.upcoming(self.cfg.max_depth + len(published))
         source = self.predictors.last_source
-        n = 0
-        while n < len(published) and n < len(want) and want[n] == published[n]:
-            n += 1
-        want = want[n:]
+        want = want[_on_their_way(want, published) :]
         if source not in ("intents", "swap"):
             want = want[: self.depth]  # learned guesses earn depth by hitting; declared ones get it all
         head = s.queue[0] if s.queue else None
@@ -503,7 +510,7 @@ class Pipeline:
         preempt = False
         if want and head is not None and head.state != State.RESERVED and not append_only:
             if source in ("intents", "swap") and not self.predictors.outranks(head.source, source):
-                preempt = want[0] != head.key  # declared order changed in front of the ciphertext
+                preempt = want[0] != head.key and self._rotation_pays(want[0])  # the declared order changed
             else:
                 preempt = head.key not in want and self.predictors.outranks(source, head.source)
         q = s.queue
@@ -558,6 +565,15 @@ class Pipeline:
             s.queue.append(Entry(key, region, s.sender.reserve(), source))
             i += 1
         self._dispatch()
+
+    def _rotation_pays(self, key: ChunkId) -> bool:
+        """The declared order now starts at `key`, not at the queue's head: abandon the queue only when
+        burning the entries in front of `key` would cost more than a rotation and encrypting again what is
+        kept. Otherwise the commit of `key` burns them and the wanted ciphertext behind them is used: a
+        replaced hint costs the encryption it wasted, not the chunks it still names."""
+        q = list(self.speculative.queue)
+        pos = next((i for i, e in enumerate(q) if e.key == key), -1)
+        return pos < 0 or self.costs.burn_us(q[:pos]) > self.costs.rotate_us(q[pos:])
 
     def _dispatch(self) -> None:
         s = self.speculative

@@ -72,6 +72,27 @@ def test_skip_burns_with_discard_and_nop_when_rotation_costs_more(loop_and_pool)
     assert (fetch(loop, pair, ro, 4) == data[4 * CHUNK : 5 * CHUNK]).all()
 
 
+@pytest.mark.parametrize("ring", [False, True], ids=["queue", "ring"])
+def test_a_replaced_intent_costs_only_the_ciphertext_it_wasted(loop_and_pool, ring: bool) -> None:
+    """Intents [1, 2, 3] made ahead, then replaced by [2, 3, 4]: chunk 1 is burned (DISCARD), the
+    ciphertext of 2 and 3 is delivered as it is, nothing is rotated away or encrypted twice."""
+    cfg = dataclasses.replace(BASE, cost_rotate_us=1e9)  # burning is the cheaper way to give up chunk 1
+    loop, pool = loop_and_pool
+    pair = PipelinePair(cfg, pool, ring=ring)
+    data = np.random.default_rng(1).integers(0, 256, 16 * CHUNK, dtype=np.uint8)
+    ro = pair.region(16 * CHUNK, readonly=True, data=data)
+    declare(loop, pair, ro, [1, 2, 3])
+    declare(loop, pair, ro, [2, 3, 4])  # replace=True: the serving code's guess changed
+    c = pair.pipeline.counters
+    assert c.bytes_ahead == 4 * CHUNK  # chunk 4 only: 2 and 3 were not made again
+    for j in (2, 3, 4):
+        assert (fetch(loop, pair, ro, j) == data[j * CHUNK : (j + 1) * CHUNK]).all()
+    assert (c.iv_rotations, c.discards, c.misses, c.bytes_on_demand) == (0, 1, 0, 0)
+    assert c.intents_bytes_wasted == CHUNK and c.intents_bytes_used == 3 * CHUNK
+    assert pair.core.stats.discards == 1 and pair.core.stats.rotations == 0
+    pair.close()
+
+
 def test_miss_relinquishes_by_rotation_and_restarts(loop_and_pool) -> None:
     loop, pair, ro, data = setup(loop_and_pool)
     declare(loop, pair, ro, [1, 2, 3, 4, 5, 6])
