@@ -115,6 +115,7 @@ class Pipeline:
         self.staging: Any = None  # cuda_staging.DeviceStaging for CUDA sessions that attached one
         self._committing = False
         self._closed = False
+        self._refill_scheduled = False  # a refill is due in the event loop's next turn (see _refill_soon)
         self._ahead = 0  # bytes of queued entries whose encryption has started (the ahead_bytes budget)
         # The delivery ring's records (None without a ring: every hit is a commit round trip).
         self.published = PublishedRecords(ring) if ring is not None else None
@@ -777,8 +778,19 @@ class Pipeline:
             self.predictors.swap.swapped_out(keys, msg.group, continues=msg.continues)
         directives = await self.landing.land(msg, region)
         if msg.swap_out and self.mode == "pipellm":
-            self.refill()  # the swapped-out range can be encrypted ahead now
+            self._refill_soon()  # the swapped-out range can be encrypted ahead now
         return directives
+
+    def _refill_soon(self) -> None:
+        """Refill once the landings that completed in this turn of the event loop are all recorded: a
+        swap-out of many blocks lands block by block, and one prediction serves them all."""
+        if not self._refill_scheduled:
+            self._refill_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_refill)
+
+    def _scheduled_refill(self) -> None:
+        self._refill_scheduled = False
+        self.refill()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def forget_region(self, region_id: int) -> None:

@@ -184,6 +184,21 @@ def test_a_d2h_call_that_arrives_in_pieces_is_still_one_swap_unit() -> None:
     assert sp.upcoming(4) == [ChunkId(52, 0, MiB), ChunkId(52, MiB, MiB)]
 
 
+def test_a_block_swapped_out_again_in_a_continued_call_moves_once() -> None:
+    """The same block in a later piece of a d2h call (a client that swaps a range out twice, or sends a
+    continuation it should not): the block is predicted once, at its newest place, and nothing breaks.
+    (This used to raise KeyError in the daemon when the block was its group's only one.)"""
+    for order in ("lifo", "fifo"):
+        for group in (0, 5):
+            sp = SwapPredictor(order)
+            k = ChunkId(53, 0, MiB)
+            sp.swapped_out([k], group=group)
+            sp.swapped_out([k], group=group, continues=True)
+            assert sp.upcoming(4) == [k] and sp.pending == 1
+            sp.swapped_out([ChunkId(53, MiB, MiB), k], group=group, continues=True)
+            assert sp.upcoming(4) == [ChunkId(53, MiB, MiB), k] and sp.pending == 2
+
+
 def test_vllm_v1_offloading_is_fifo() -> None:
     sp = SwapPredictor("fifo")
     stores = [ChunkId(60, i * 2 * MiB, 2 * MiB) for i in range(10)]

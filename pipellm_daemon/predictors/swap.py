@@ -50,22 +50,16 @@ class SwapPredictor:
             self._anon -= 1
         if group == 0:
             group = self._anon  # an ungrouped block is a group of its own
-        units = self._groups.get(group)
-        if continues and units:
-            for k in keys:
-                old = self._where.get(k)
-                if old is not None:
-                    self._drop(k, old)
-                self._where[k] = group
-            units = self._groups.get(group)
-            if units:
-                units[-1].extend(keys)
-                return
-        for k in keys:
-            old = self._where.get(k)
+        for k in keys:  # a block swapped out again is where it was swapped out last
+            old = self._where.pop(k, None)
             if old is not None:
                 self._drop(k, old)
+        for k in keys:
             self._where[k] = group
+        units = self._groups.get(group)
+        if continues and units:
+            units[-1].extend(keys)
+            return
         # A group's place is where it first appeared: requests swapped out in one step arrive interleaved,
         # unit by unit, and must not reorder each other. A group swapped out again after a swap-in since its
         # last swap-out is a new preemption of that request: its leftovers are stale, its place is newest.
@@ -127,17 +121,17 @@ class SwapPredictor:
         out: list[ChunkId] = []
         cursor = dict.fromkeys(order, 0)  # group -> index of its next unit
         if self._current is not None and self._current in self._groups:
-            cursor[self._current] = _take_run(self._groups[self._current], 0, out)  # the run in flight
+            cursor[self._current] = _take_run(self._groups[self._current], 0, out, limit)  # the run in flight
         started = set(self._round)
         for g in order:  # the rest of this round
             if g not in started and len(out) < limit:
-                cursor[g] = _take_run(self._groups[g], 0, out)
+                cursor[g] = _take_run(self._groups[g], 0, out, limit)
         while len(out) < limit:  # then whole rounds
             progressed = False
             for g in order:
                 units = self._groups[g]
-                if cursor[g] < len(units):
-                    cursor[g] = _take_run(units, cursor[g], out)
+                if cursor[g] < len(units) and len(out) < limit:
+                    cursor[g] = _take_run(units, cursor[g], out, limit)
                     progressed = True
             if not progressed:
                 break
@@ -172,12 +166,13 @@ def _adjacent(a: ChunkId, b: ChunkId) -> bool:
     return a.region == b.region and a.offset + a.length == b.offset
 
 
-def _take_run(units: deque[list[ChunkId]], i: int, out: list[ChunkId]) -> int:
+def _take_run(units: deque[list[ChunkId]], i: int, out: list[ChunkId], limit: int) -> int:
     """Append the run that starts at unit `i` (it and every following unit adjacent to the one before) to
-    `out`; return the index of the unit after it."""
+    `out`, stopping once `out` holds `limit` chunks (a prediction is asked for its first few only); return
+    the index of the unit after the last one taken."""
     out.extend(units[i])
     i += 1
-    while i < len(units) and _adjacent(units[i - 1][-1], units[i][0]):
+    while i < len(units) and len(out) < limit and _adjacent(units[i - 1][-1], units[i][0]):
         out.extend(units[i])
         i += 1
     return i
