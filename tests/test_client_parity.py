@@ -185,6 +185,35 @@ def test_a_cancelled_cycle_is_not_declared_again_by_a_rekey(daemon: DaemonProces
     run(kind, daemon.socket, scenario)
 
 
+# -- the delivery ring's fast path ------------------------------------------------------------------------
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", KINDS)
+def test_hits_from_the_ring_send_no_frame_and_a_mismatch_falls_back(daemon: DaemonProcess, kind: str) -> None:
+    """`h2d` of a chunk whose record heads the ring is served on the spot, with no commit; a chunk that is
+    not at the head (here: out of the declared order) takes the general path and still arrives intact."""
+    data = rand(8 * MiB, 5)
+
+    async def scenario(c: Any) -> None:
+        s = await do(c.open_session("fast-path"))
+        w = await do(s.alloc_region(8 * MiB, readonly=True, data=data))
+        await do(s.declare([Intent(w, j * MiB, MiB) for j in range(8)]))
+        ring = s.core.ring
+        await eventually(lambda: _published(ring, 2))
+        for j in (0, 1):
+            assert (await fetch(s, w, j) == data[j * MiB : (j + 1) * MiB]).all()
+        assert s.core.ring_hits == 2 and not s.core.pending
+        assert (await fetch(s, w, 5) == data[5 * MiB : 6 * MiB]).all()  # a skip: the daemon decides
+        st = (await do(s.status())).counters
+        assert (st.ring_hits, st.commits) == (2, 1), st
+        await do(s.close())
+
+    run(kind, daemon.socket, scenario)
+
+
+async def _published(ring: Any, n: int) -> bool:
+    return bool(ring.produced - ring.consumed >= n)
+
+
 # -- landings -----------------------------------------------------------------------------------------------
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", KINDS)

@@ -78,10 +78,15 @@ def test_host_rewriting_the_arena_under_a_published_record_only_kills_the_channe
         view[y : y + n] = saved
         dst = np.zeros(MiB, np.uint8)
         with pytest.raises((TagMismatch, ChannelDead, DaemonError)):
-            s.h2d(w, 0, MiB, dst)
+            s.h2d(w, 0, MiB, dst)  # the record heads the ring: the SDK's fast path, no commit frame
         assert not dst.any(), "authentic ciphertext of another chunk was delivered as this one"
         with pytest.raises(PipeLLMError):
             s.h2d(w, MiB, MiB, dst)
+        deadline = time.monotonic() + 10
+        while (st := s.status()).counters.channel_deaths < 1:  # the endpoint told the daemon, as a commit would
+            assert time.monotonic() < deadline, "the daemon never heard that the endpoint refused a record"
+            time.sleep(0.01)
+        assert st.counters.commits == 0 and st.counters.ring_hits == 0
 
 
 @pytest.mark.parametrize("where", ["past-producer", "backwards"])

@@ -384,6 +384,47 @@ class SessionCore:
         return pb.Frame(release=release) if (release.slots or release.nop_cells) else None
 
     # -- the delivery ring -----------------------------------------------------------------------------
+    def ring_hit(self, region: Region, offset: int, length: int, dst: Any, unpredicted: bool) -> bool:
+        """The serving loop's common case, taken without building a commit: one chunk whose record stands
+        at the head of the ring. True when it was delivered; False (nothing consumed) when the general path
+        must take the transfer: a record that is not this chunk, a rotation first, a commit in flight.
+        The checks are the general path's; a record that fails at the endpoint kills the channel as there."""
+        ring = self.ring
+        if (
+            ring is None
+            or self.pending
+            or self.dead is not None
+            or self.deferred is not None
+            or length > self.chunk_size
+            or self.mode != pb.MODE_PIPELLM
+            or self.route_ce(length, unpredicted) != 0
+            or os.getpid() != self.pid
+        ):
+            return False
+        cons = ring.consumed
+        if cons >= ring.produced or self.regions.get(region.id) is not region:
+            return False
+        region.check_range(offset, length)
+        rec = ring.record(cons)
+        if not self._ring_takes(rec, region, offset, length):
+            return False
+        view = self.endpoint.dest_view(dst)
+        if view.nbytes < length:
+            raise InvalidArgument(f"destination holds {view.nbytes} bytes, the transfer is {length}")
+        try:
+            with self.endpoint.batch():
+                self._take_data(rec.ce, rec.slot, rec.length, bool(rec.flags & FLAG_STAGED), view)
+        except (TagMismatch, ChannelDead) as exc:
+            self.dead = str(exc)
+            ring.consumed = cons + 1
+            raise
+        ring.consumed = cons + 1
+        self.ring_hits += 1
+        low = ring.produced - cons - 1 <= BELL_EVERY
+        if (ring.bell_wanted and low) or cons + 1 - self._rung >= BELL_EVERY:
+            self._ring_bell()
+        return True
+
     def _from_ring(
         self, transfers: list[tuple[Region, int, int, Any, bool]]
     ) -> list[tuple[Region, int, int, Any, bool]]:

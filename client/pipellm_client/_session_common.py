@@ -414,6 +414,18 @@ class SessionBase(abc.ABC):
             self._declare(self._cyclic_intents, replace=True, cyclic=True)
 
     # -- transfers ----------------------------------------------------------------------------------------
+    def _ring_hit(self, region: Region, offset: int, length: int, dst: Any, unpredicted: bool) -> bool:
+        """`h2d`'s fast path: a chunk the delivery ring holds, with no step to wait for. A record the endpoint
+        refuses is reported to the daemon as on the general path, which then meets the dead channel (and
+        re-keys when the session may)."""
+        core = self.core
+        try:
+            return core.ring_hit(region, offset, length, dst, unpredicted)
+        except TagMismatch as exc:
+            with contextlib.suppress(DaemonUnavailable):
+                self.fs.send(core.endpoint_failure(exc))
+            return False
+
     def _h2d_steps(self, transfers: Sequence[Transfer], unpredicted: bool) -> Steps[None]:
         items = [(r, o, n, d, unpredicted) for (r, o, n, d) in transfers]
         return self._recovering(lambda: self._commit_steps(items))

@@ -371,7 +371,8 @@ class AsyncSession(SessionBase):
     # -- transfers -----------------------------------------------------------------------------------
     async def h2d(self, region: Region, offset: int, length: int, dst: Any, *, unpredicted: bool = False) -> None:
         """Move region bytes to `dst` through the channel; returns when the endpoint has verified them."""
-        await self.h2d_many([(region, offset, length, dst)], unpredicted=unpredicted)
+        if not self._ring_hit(region, offset, length, dst, unpredicted):
+            await self.h2d_many([(region, offset, length, dst)], unpredicted=unpredicted)
 
     async def h2d_many(self, transfers: Sequence[Transfer], *, unpredicted: bool = False) -> None:
         """Several transfers in one commit (one data-plane round trip)."""

@@ -262,7 +262,8 @@ class Session(SessionBase):
     # -- transfers -----------------------------------------------------------------------------------
     def h2d(self, region: Region, offset: int, length: int, dst: Any, *, unpredicted: bool = False) -> None:
         """Move region bytes to `dst` through the channel; returns when the endpoint has verified them."""
-        self.h2d_many([(region, offset, length, dst)], unpredicted=unpredicted)
+        if not self._ring_hit(region, offset, length, dst, unpredicted):
+            self.h2d_many([(region, offset, length, dst)], unpredicted=unpredicted)
 
     def h2d_many(self, transfers: Sequence[Transfer], *, unpredicted: bool = False) -> None:
         """Several transfers in one commit (one data-plane round trip)."""
