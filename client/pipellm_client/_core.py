@@ -406,7 +406,7 @@ class SessionCore:
             return False
         region.check_range(offset, length)
         rec = ring.record(cons)
-        if not self._ring_takes(rec, region, offset, length):
+        if not self._record_carries(rec, region, offset, length) or self._landing_into(region, offset, length):
             return False
         view = self.endpoint.dest_view(dst)
         if view.nbytes < length:
@@ -458,24 +458,28 @@ class SessionCore:
         rest: list[tuple[Region, int, int, Any, bool]],
     ) -> int:
         for region, offset, length, view, unpredicted in transfers:
-            if rest or self.mode != pb.MODE_PIPELLM or self.route_ce(length, unpredicted) != 0:
+            if (
+                rest
+                or self.mode != pb.MODE_PIPELLM
+                or self.route_ce(length, unpredicted) != 0
+                or self._landing_into(region, offset, length)
+            ):
                 rest.append((region, offset, length, view, unpredicted))
                 continue
             done = 0
             for c in chunks.split(offset, length, self.chunk_size):
-                while cons < prod:  # in-band rotations published between chunks: apply them in place
-                    rec = ring.record(cons)
+                rec = ring.record(cons) if cons < prod else None
+                while rec is not None and rec.kind in (KIND_ROTATE_IV, KIND_ROTATE_KEY):
+                    # In-band rotations published between chunks: apply them in place.
                     if rec.kind == KIND_ROTATE_IV:
                         self.endpoint.rotate_iv(rec.ce, rec.value)
-                    elif rec.kind == KIND_ROTATE_KEY:
-                        self.endpoint.rotate_key(rec.ce, rec.value)
                     else:
-                        break
+                        self.endpoint.rotate_key(rec.ce, rec.value)
                     self.stats.rotations += 1
                     cons += 1
-                if cons >= prod or not self._ring_takes(ring.record(cons), region, c.offset, c.length):
+                    rec = ring.record(cons) if cons < prod else None
+                if rec is None or not self._record_carries(rec, region, c.offset, c.length):
                     break
-                rec = ring.record(cons)
                 self._take_data(rec.ce, rec.slot, rec.length, bool(rec.flags & FLAG_STAGED), view[c.dst_offset :])
                 cons += 1
                 self.ring_hits += 1
@@ -484,12 +488,15 @@ class SessionCore:
                 rest.append((region, offset + done, length - done, view[done:], unpredicted))
         return cons
 
-    def _ring_takes(self, rec: Record, region: Region, offset: int, length: int) -> bool:
+    def _landing_into(self, region: Region, offset: int, length: int) -> bool:
+        """A D2H write is on its way into the range: only the daemon can order a read after it."""
+        return bool(self.landings_over(region, offset, length)) or self.queued_over(region, offset, length)
+
+    @staticmethod
+    def _record_carries(rec: Record, region: Region, offset: int, length: int) -> bool:
         """A DATA record for exactly this chunk, made from the bytes the region holds now."""
         if rec.kind != KIND_DATA or (rec.region, rec.offset, rec.length) != (region.id, offset, length):
             return False
-        if self.landings_over(region, offset, length) or self.queued_over(region, offset, length):
-            return False  # a D2H write is on its way into the range: only the daemon can order it
         gens = region.generations(offset, length)
         return gens is not None and source_digest(gens) == rec.digest
 
