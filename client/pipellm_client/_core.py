@@ -415,8 +415,7 @@ class SessionCore:
             with self.endpoint.batch():
                 self._take_data(rec.ce, rec.slot, rec.length, bool(rec.flags & FLAG_STAGED), view)
         except (TagMismatch, ChannelDead) as exc:
-            self.dead = str(exc)
-            ring.consumed = cons + 1
+            self.dead = str(exc)  # the record stays unconsumed, as on the general path
             raise
         ring.consumed = cons + 1
         self.ring_hits += 1

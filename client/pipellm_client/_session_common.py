@@ -421,10 +421,11 @@ class SessionBase(abc.ABC):
         core = self.core
         try:
             return core.ring_hit(region, offset, length, dst, unpredicted)
-        except TagMismatch as exc:
-            with contextlib.suppress(DaemonUnavailable):
-                self.fs.send(core.endpoint_failure(exc))
-            return False
+        except ChannelDead as exc:
+            if isinstance(exc, TagMismatch):
+                with contextlib.suppress(DaemonUnavailable):
+                    self.fs.send(core.endpoint_failure(exc))
+            return False  # the general path meets the dead channel: an error, or a re-key where allowed
 
     def _h2d_steps(self, transfers: Sequence[Transfer], unpredicted: bool) -> Steps[None]:
         items = [(r, o, n, d, unpredicted) for (r, o, n, d) in transfers]
