@@ -53,6 +53,7 @@ from .published import Published, PublishedRecords
 from .regions import Region
 from .relinquish import CostModel
 from .streams import D2HStream, Entry, H2DStream, State
+from .throttle import SourceThrottle
 from .workers import WorkerLost, WorkerPool
 
 _log = _get_log("pipellmd.pipeline")
@@ -107,6 +108,7 @@ class Pipeline:
         self.predictors = PredictorsByPriority(swap_order)
         self.latency = latency or Latency()
         self.counters = Counters()
+        self.throttle = SourceThrottle(self.counters)
         self.depth = 2
         self.delivered_slots: set[int] = set()
         self.delivered_nops: set[int] = set()
@@ -504,7 +506,10 @@ class Pipeline:
         source = self.predictors.last_source
         want = want[_on_their_way(want, published) :]
         if source not in ("intents", "swap"):
-            want = want[: self.depth]  # learned guesses earn depth by hitting; declared ones get it all
+            # Learned guesses earn depth by hitting, and lose it while what they made is thrown away;
+            # declared ones get it all.
+            self.throttle.update()
+            want = want[: self.throttle.depth(source, self.depth)]
         head = s.queue[0] if s.queue else None
         # While a commit walks the queue, only append at the tail: nothing it may be looking at changes.
         append_only = self._committing

@@ -29,8 +29,9 @@ LAYERS: list[set[str]] = [
     {"predictors", "workers", "worker", "pool", "regions", "cuda_staging"},
     # A copy engine's keys, sender or receiver and queue; a commit's reply.
     {"streams", "commit_reply"},
-    # The pipeline's mechanisms: the ring's published records, the relinquish cost model, D2H landing.
-    {"published", "relinquish", "landing"},
+    # The pipeline's mechanisms: the ring's published records, the relinquish cost model, D2H landing, and
+    # the learned sources' throttle.
+    {"published", "relinquish", "landing", "throttle"},
     {"pipeline"},
     {"sessions"},
     # The data plane (connections: each is a `sessions.Link`) and the status it does not need.
