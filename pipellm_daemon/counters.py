@@ -76,11 +76,15 @@ class Counters:
         if name is not None:
             setattr(self, name, getattr(self, name) + nbytes)
 
+    def bytes_of(self, source: str, kind: str) -> int:
+        """Bytes a source made ahead, used or wasted (`kind` one of SOURCE_KINDS)."""
+        return int(getattr(self, _SOURCE_FIELD[source, kind]))
+
     def source_summary(self) -> dict[str, dict[str, int]]:
         """Per source: bytes made ahead, used and wasted (sources that made nothing left out)."""
         out = {}
         for src in SOURCES:
-            row = {kind: getattr(self, _SOURCE_FIELD[src, kind]) for kind in SOURCE_KINDS}
+            row = {kind: self.bytes_of(src, kind) for kind in SOURCE_KINDS}
             if row["ahead"]:
                 out[src] = row
         return out

@@ -21,14 +21,13 @@ TRUSTED: Final = 0.5  # a share of used bytes below this throttles the source
 class SourceThrottle:
     def __init__(self, counters: Counters) -> None:
         self._counters = counters
-        self._fields = {src: (f"{src}_bytes_used", f"{src}_bytes_wasted") for src in LEARNED}
         self._seen = {src: (0, 0) for src in LEARNED}
         self.share = dict.fromkeys(LEARNED, 1.0)  # every source starts trusted
 
     def update(self) -> None:
         """Fold what each learned source's ciphertext came to since the last update into its share."""
-        for src, (used_field, wasted_field) in self._fields.items():
-            used, wasted = getattr(self._counters, used_field), getattr(self._counters, wasted_field)
+        for src in LEARNED:
+            used, wasted = self._counters.bytes_of(src, "used"), self._counters.bytes_of(src, "wasted")
             last_used, last_wasted = self._seen[src]
             du, dw = used - last_used, wasted - last_wasted
             if du + dw:

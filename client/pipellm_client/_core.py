@@ -401,8 +401,8 @@ class SessionCore:
             or os.getpid() != self.pid
         ):
             return False
-        cons = ring.consumed
-        if cons >= ring.produced or self.regions.get(region.id) is not region:
+        cons, prod = ring.consumed, ring.produced
+        if cons >= prod or self.regions.get(region.id) is not region:
             return False
         region.check_range(offset, length)
         rec = ring.record(cons)
@@ -414,14 +414,11 @@ class SessionCore:
         try:
             with self.endpoint.batch():
                 self._take_data(rec.ce, rec.slot, rec.length, bool(rec.flags & FLAG_STAGED), view)
-        except (TagMismatch, ChannelDead) as exc:
+        except ChannelDead as exc:  # TagMismatch included
             self.dead = str(exc)  # the record stays unconsumed, as on the general path
             raise
-        ring.consumed = cons + 1
         self.ring_hits += 1
-        low = ring.produced - cons - 1 <= BELL_EVERY
-        if (ring.bell_wanted and low) or cons + 1 - self._rung >= BELL_EVERY:
-            self._ring_bell()
+        self._consume_to(ring, cons + 1, prod)
         return True
 
     def _from_ring(
@@ -441,12 +438,16 @@ class SessionCore:
             ring.consumed = cons
             raise
         if cons != start:
-            ring.consumed = cons
-            # Wake the daemon only when it waits on us and the ring runs low, or every BELL_EVERY records.
-            low = prod - cons <= BELL_EVERY
-            if (ring.bell_wanted and low) or cons - self._rung >= BELL_EVERY or rest:
-                self._ring_bell()
+            self._consume_to(ring, cons, prod, slow_path_follows=bool(rest))
         return rest
+
+    def _consume_to(self, ring: RingView, cons: int, prod: int, *, slow_path_follows: bool = False) -> None:
+        """Advance the consumer index; wake the daemon only when it waits on us and the ring runs low, every
+        BELL_EVERY records, or when a commit follows (it should free those slots first)."""
+        ring.consumed = cons
+        low = prod - cons <= BELL_EVERY
+        if (ring.bell_wanted and low) or cons - self._rung >= BELL_EVERY or slow_path_follows:
+            self._ring_bell()
 
     def _take_from_ring(
         self,
