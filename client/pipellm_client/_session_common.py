@@ -371,16 +371,23 @@ class SessionBase(abc.ABC):
             if isinstance(exc, DaemonError) and exc.code != grpc.StatusCode.DATA_LOSS:
                 raise
             if self.core is core:  # else another call has already re-keyed: just retry on the new channels
-                if self._mourned is not core:
-                    self._mourned = core
-                    self.deaths.append(str(exc))
-                if not self.options.recover or self.rekeys >= self.options.max_rekeys:
+                self._mourn(core, exc)
+                if not self._may_rekey():
                     raise
                 _log.warning(
                     "pipellm session %s: channel died (%s); re-keying and retrying from plaintext", self.id, exc
                 )
                 yield Rekey(core)
             return (yield from op())
+
+    def _mourn(self, core: SessionCore, exc: Exception) -> None:
+        """Record a channel's death once, however many calls meet it."""
+        if self._mourned is not core:
+            self._mourned = core
+            self.deaths.append(str(exc))
+
+    def _may_rekey(self) -> bool:
+        return self.options.recover and self.rekeys < self.options.max_rekeys
 
     def _rekey_steps(self) -> Steps[None]:
         old_core = self.core
@@ -416,8 +423,8 @@ class SessionBase(abc.ABC):
     # -- transfers ----------------------------------------------------------------------------------------
     def _ring_hit(self, region: Region, offset: int, length: int, dst: Any, unpredicted: bool) -> bool:
         """`h2d`'s fast path: a chunk the delivery ring holds, with no step to wait for. A record the endpoint
-        refuses is reported to the daemon as on the general path, which then meets the dead channel (and
-        re-keys when the session may)."""
+        refuses is reported to the daemon as on the general path; the error is raised as it came (TagMismatch
+        stays TagMismatch) unless the session may re-key, which the general path then does."""
         core = self.core
         try:
             return core.ring_hit(region, offset, length, dst, unpredicted)
@@ -425,7 +432,10 @@ class SessionBase(abc.ABC):
             if isinstance(exc, TagMismatch):
                 with contextlib.suppress(DaemonUnavailable):
                     self.fs.send(core.endpoint_failure(exc))
-            return False  # the general path meets the dead channel: an error, or a re-key where allowed
+            if not self._may_rekey():
+                self._mourn(core, exc)
+                raise
+            return False  # the general path meets the dead channel and re-keys
 
     def _h2d_steps(self, transfers: Sequence[Transfer], unpredicted: bool) -> Steps[None]:
         items = [(r, o, n, d, unpredicted) for (r, o, n, d) in transfers]
