@@ -223,9 +223,9 @@ class PipelineMachine(RuleBasedStateMachine):
             for src, row in c.source_summary().items():  # per predictor: nothing used or wasted twice
                 assert row["used"] + row["wasted"] <= row["ahead"], (src, row)
             assert c.bytes_used + c.bytes_wasted <= c.bytes_ahead
-            # Stale ciphertext in the queue makes its chunk a miss (or a skip); a stale published record is
-            # burned by DISCARD, and its chunk may still hit a fresher entry made after it.
-            assert c.detours <= c.misses and c.stale <= c.misses + c.skips + c.ring_discards
+            # Stale ciphertext in the queue makes its chunk a miss; a stale published record is burned by
+            # DISCARD (with every record after it), and its chunk may still hit a fresher entry made after it.
+            assert c.detours <= c.misses and c.stale <= c.misses + c.ring_discards
             assert s.pipeline.dead is None and s.core.dead is None
             queued = s.pipeline.speculative.queue
             assert s.pipeline._ahead == sum(e.nbytes for e in queued if e.state != 0), "ahead-bytes bookkeeping"
