@@ -174,7 +174,7 @@ def test_cuda_endpoint_emulated(daemon, adapters, fake_gpu) -> None:
         judged = (after.hits + after.misses + after.skips + after.late) - (
             before.hits + before.misses + before.skips + before.late
         )
-        assert judged == len(order) - 3 and hits / judged >= 0.9, (hits, judged)
+        assert judged == len(order) - 3 and hits >= judged - 1, (hits, judged)  # one miss: see the test above
         assert ep.accepted > 0 and ep.dead is None
         mgr.close()
 
