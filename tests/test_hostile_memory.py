@@ -351,71 +351,68 @@ def test_seal_refused_while_another_writable_mapping_exists() -> None:
 # -- worker restarts and fairness (the pool on its own, small settings) --------------------------------
 def test_a_crash_looping_worker_is_restarted_with_growing_delays() -> None:
     async def run() -> None:
-        pool, src, dst, hs, hd = await pool_with_memory(
-            restart_backoff_s=0.05, restart_backoff_max_s=0.4, stable_after_s=30.0
-        )
-        kid = pool.add_key(os.urandom(32))
-        gaps: list[float] = []
-        for _ in range(6):
+        async with pool_with_memory(
+            restart_backoff_s=0.05,
+            restart_backoff_max_s=0.4,
+            stable_after_s=30.0,
+        ) as (pool, _src, _dst, hs, hd):
+            kid = pool.add_key(os.urandom(32))
+            gaps: list[float] = []
+            for _ in range(6):
+                pid = pool.pids()[0]
+                os.kill(pid, signal.SIGKILL)
+                t0 = time.monotonic()
+                while pool.pids()[0] == pid or pool.alive() < 1:
+                    await asyncio.sleep(0.002)
+                gaps.append(time.monotonic() - t0)
+            assert list(pool.restart_delays) == [0.0, 0.05, 0.1, 0.2, 0.4, 0.4]
+            for gap, delay in zip(gaps, pool.restart_delays, strict=True):
+                assert gap >= delay * 0.9, (gaps, list(pool.restart_delays))
+            assert gaps[4] > gaps[1] and pool.restarts == 6
+            # Jobs submitted while it is down wait for the replacement instead of failing.
             pid = pool.pids()[0]
             os.kill(pid, signal.SIGKILL)
-            t0 = time.monotonic()
-            while pool.pids()[0] == pid or pool.alive() < 1:
+            while pool.restarts < 7:  # the death is noticed (and the 0.4 s restart scheduled)
                 await asyncio.sleep(0.002)
-            gaps.append(time.monotonic() - t0)
-        assert list(pool.restart_delays) == [0.0, 0.05, 0.1, 0.2, 0.4, 0.4]
-        for gap, delay in zip(gaps, pool.restart_delays, strict=True):
-            assert gap >= delay * 0.9, (gaps, list(pool.restart_delays))
-        assert gaps[4] > gaps[1] and pool.restarts == 6
-        # Jobs submitted while it is down wait for the replacement instead of failing.
-        pid = pool.pids()[0]
-        os.kill(pid, signal.SIGKILL)
-        while pool.restarts < 7:  # the death is noticed (and the 0.4 s restart scheduled)
-            await asyncio.sleep(0.002)
-        await pool.submit(w.Kind.SEAL, kid, os.urandom(12), (hs, 0), 4096, (hd, 0))
-        assert pool.restart_delays[-1] == 0.4 and pool.pids()[0] != pid
-        # A worker that stayed up past `stable_after_s` is restarted at once again.
-        pool.stable_after_s = 0.05
-        await asyncio.sleep(0.1)
-        os.kill(pool.pids()[0], signal.SIGKILL)
-        while pool.restarts < 8:
-            await asyncio.sleep(0.002)
-        assert pool.restart_delays[-1] == 0.0
-        await pool.close()
-        src.close()
-        dst.close()
+            await pool.submit(w.Kind.SEAL, kid, os.urandom(12), (hs, 0), 4096, (hd, 0))
+            assert pool.restart_delays[-1] == 0.4 and pool.pids()[0] != pid
+            # A worker that stayed up past `stable_after_s` is restarted at once again.
+            pool.stable_after_s = 0.05
+            await asyncio.sleep(0.1)
+            os.kill(pool.pids()[0], signal.SIGKILL)
+            while pool.restarts < 8:
+                await asyncio.sleep(0.002)
+            assert pool.restart_delays[-1] == 0.0
 
     asyncio.run(run())
 
 
 def test_one_tenants_backlog_does_not_starve_another() -> None:
     async def run() -> None:
-        pool, src, dst, hs, hd = await pool_with_memory(window_bytes=2 << 20)
-        other = shm.SharedMemory.create("other-arena", 2 << 20)
-        ho = pool.new_handle()
-        pool.map(ho, other)
-        kid = pool.add_key(os.urandom(32))
-        order: list[str] = []
-        # Tenant "hd" (its arena) queues 40 chunks; tenant "ho" then asks for one.
-        hog = [pool.submit(w.Kind.SEAL, kid, os.urandom(12), (hs, 0), 1 << 20, (hd, 0)) for _ in range(40)]
-        for f in hog:
-            f.add_done_callback(lambda _f: order.append("hog"))
-        await asyncio.sleep(0)
-        small = pool.submit(w.Kind.SEAL, kid, os.urandom(12), (hs, 0), 1 << 20, (ho, 0))
-        small.add_done_callback(lambda _f: order.append("other"))
-        await asyncio.gather(small, *hog)
-        ahead = order.index("other")
-        assert ahead <= 6, f"the other tenant waited behind {ahead} of the backlog's 40 jobs"
-        assert pool.stats()["queued_bytes"] == 0
-        # Unmapping a handle with jobs still queued sends them first: none fails for want of a map.
-        many = [pool.submit(w.Kind.SEAL, kid, os.urandom(12), (hs, 0), 1 << 20, (ho, 0)) for _ in range(12)]
-        pool.unmap(ho)
-        assert all(r is None for r in await asyncio.gather(*many, return_exceptions=True))
-        late = [pool.submit(w.Kind.SEAL, kid, os.urandom(12), (hs, 0), 1 << 20, (hd, 0)) for _ in range(12)]
-        await pool.close()
-        assert all(isinstance(r, WorkerLost) for r in await asyncio.gather(*late, return_exceptions=True))
-        src.close()
-        dst.close()
-        other.close()
+        async with pool_with_memory(window_bytes=2 << 20) as (pool, _src, _dst, hs, hd):
+            other = shm.SharedMemory.create("other-arena", 2 << 20)
+            ho = pool.new_handle()
+            pool.map(ho, other)
+            kid = pool.add_key(os.urandom(32))
+            order: list[str] = []
+            # Tenant "hd" (its arena) queues 40 chunks; tenant "ho" then asks for one.
+            hog = [pool.submit(w.Kind.SEAL, kid, os.urandom(12), (hs, 0), 1 << 20, (hd, 0)) for _ in range(40)]
+            for f in hog:
+                f.add_done_callback(lambda _f: order.append("hog"))
+            await asyncio.sleep(0)
+            small = pool.submit(w.Kind.SEAL, kid, os.urandom(12), (hs, 0), 1 << 20, (ho, 0))
+            small.add_done_callback(lambda _f: order.append("other"))
+            await asyncio.gather(small, *hog)
+            ahead = order.index("other")
+            assert ahead <= 6, f"the other tenant waited behind {ahead} of the backlog's 40 jobs"
+            assert pool.stats()["queued_bytes"] == 0
+            # Unmapping a handle with jobs still queued sends them first: none fails for want of a map.
+            many = [pool.submit(w.Kind.SEAL, kid, os.urandom(12), (hs, 0), 1 << 20, (ho, 0)) for _ in range(12)]
+            pool.unmap(ho)
+            assert all(r is None for r in await asyncio.gather(*many, return_exceptions=True))
+            late = [pool.submit(w.Kind.SEAL, kid, os.urandom(12), (hs, 0), 1 << 20, (hd, 0)) for _ in range(12)]
+            await pool.close()
+            assert all(isinstance(r, WorkerLost) for r in await asyncio.gather(*late, return_exceptions=True))
+            other.close()
 
     asyncio.run(run())

@@ -478,31 +478,6 @@ __device__ __forceinline__ u32 plm_find(const u32* starts, u32 n, u32 b)
     return lo;
 }
 
-// What one CUDA block needs to know about its message in one launch.
-struct plm_job {
-    u32 m;         // message index in the batch
-    u32 lb;        // this block's index among the message's blocks
-    u32 grid;      // the message's blocks in this launch
-    u32 prev;      // the message's blocks in the previous GHASH level (its items here)
-    const u32* d;  // the message's descriptor
-};
-
-__device__ __forceinline__ plm_job plm_job_of(const u32* tab, u32 n, u32 k)
-{
-    const u32* starts = tab + plm_tab_starts(n) + k * (n + 1u);
-    plm_job j;
-    j.m = plm_find(starts, n, blockIdx.x);
-    j.lb = blockIdx.x - starts[j.m];
-    j.grid = starts[j.m + 1u] - starts[j.m];
-    j.prev = 0u;
-    if (k >= 1u && k < (u32)PLM_MAX_LEVELS) {
-        const u32* before = starts - (n + 1u);
-        j.prev = before[j.m + 1u] - before[j.m];
-    }
-    j.d = tab + plm_tab_msgs(n) + j.m * PLM_MSG_WORDS;
-    return j;
-}
-
 __device__ __forceinline__ unsigned char* plm_msg_src(const u32* d)
 {
     return reinterpret_cast<unsigned char*>(plm_u64(d + PLM_MSG_SRC));
@@ -523,6 +498,51 @@ __device__ __forceinline__ u32 plm_level_part(const u32* d, u32 level)
     return d[PLM_MSG_LEVELS + 2u * level + 1u];
 }
 
+// What one CUDA block needs to know about its message in one launch.
+struct plm_job {
+    u32 m;         // message index in the batch
+    u32 lb;        // this block's index among the message's blocks
+    u32 grid;      // the message's blocks in this launch
+    u32 prev;      // the message's blocks in the previous GHASH level (its items here)
+    const u32* d;  // the message's descriptor
+    u64 nbytes;    // the message's length (plaintext = ciphertext without the tag)
+    u64 nfull;     // its whole 16-byte blocks
+    u32 tail;      // and the bytes after them (0..15)
+    u32 nw0, nw1, nw2;  // its nonce, as the descriptor's three words
+    u64 pad;       // zero blocks in front of its items at this GHASH level (0 past the last level)
+    bool final;    // one block of this launch holds the whole message: it finishes the tag here
+};
+
+__device__ __forceinline__ plm_job plm_job_of(const u32* tab, u32 n, u32 k)
+{
+    const u32* starts = tab + plm_tab_starts(n) + k * (n + 1u);
+    plm_job j;
+    j.m = plm_find(starts, n, blockIdx.x);
+    j.lb = blockIdx.x - starts[j.m];
+    j.grid = starts[j.m + 1u] - starts[j.m];
+    j.prev = 0u;
+    if (k >= 1u && k < (u32)PLM_MAX_LEVELS) {
+        const u32* before = starts - (n + 1u);
+        j.prev = before[j.m + 1u] - before[j.m];
+    }
+    j.d = tab + plm_tab_msgs(n) + j.m * PLM_MSG_WORDS;
+    j.nbytes = plm_u64(j.d + PLM_MSG_NBYTES);
+    j.nfull = j.nbytes >> 4;
+    j.tail = (u32)(j.nbytes & 15ull);
+    j.nw0 = j.d[PLM_MSG_NONCE];
+    j.nw1 = j.d[PLM_MSG_NONCE + 1u];
+    j.nw2 = j.d[PLM_MSG_NONCE + 2u];
+    j.pad = k < (u32)PLM_MAX_LEVELS ? plm_level_pad(j.d, k) : 0ull;
+    j.final = j.grid == 1u;
+    return j;
+}
+
+// The tag mask E_K(J0), computed by the thread that will finish the message's tag, zero elsewhere.
+__device__ __forceinline__ uint4 plm_job_tag_mask(const u32* __restrict__ ctx, const plm_job& job, u32 tid)
+{
+    return plm_tag_mask(ctx, job.final && tid == 0u, job.nw0, job.nw1, job.nw2);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Kernels
 
@@ -540,24 +560,17 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB, PLM_GHASH_MIN_BLOCKS)
     const u32 tid = threadIdx.x;
     const plm_job job = plm_job_of(tab, n, 0u);
     const unsigned char* ct = plm_msg_src(job.d);
-    const u64 nbytes = plm_u64(job.d + PLM_MSG_NBYTES);
-    const u32 nw0 = job.d[PLM_MSG_NONCE], nw1 = job.d[PLM_MSG_NONCE + 1u];
-    const u32 nw2 = job.d[PLM_MSG_NONCE + 2u];
-    const u64 pad = plm_level_pad(job.d, 0u);
-    const bool final = job.grid == 1u;
     plm_load_ghash_tables(ctx, 0u, sM, sR);
-    const uint4 ek = plm_tag_mask(ctx, final && tid == 0u, nw0, nw1, nw2);
+    const uint4 ek = plm_job_tag_mask(ctx, job, tid);
     __syncthreads();
 
-    const u64 nfull = nbytes >> 4;
-    const u32 tail = (u32)(nbytes & 15ull);
     const u64 v0 = ((u64)job.lb * PLM_TPB + tid) * PLM_GH_RUN0;
     u32 blk[PLM_GH_RUN0][4];
 #pragma unroll
     for (int j = 0; j < PLM_GH_RUN0; ++j) {
         const u64 v = v0 + (u64)j;
         plm_zero4(blk[j]);
-        if (v >= pad) plm_load_block(ct, v - pad, nfull, tail, blk[j]);
+        if (v >= job.pad) plm_load_block(ct, v - job.pad, job.nfull, job.tail, blk[j]);
     }
     const uint4* M = sM + (tid & (PLM_MREP - 1u));
     u32 y[4] = {0u, 0u, 0u, 0u};
@@ -566,8 +579,8 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB, PLM_GHASH_MIN_BLOCKS)
         plm_gf_mul_shoup<PLM_MREP_SHIFT>(y, M, sR);
         plm_xor_bswap4(y, blk[j]);
     }
-    plm_ghash_block_end(ctx, 0u, y, sRed, final, partials + plm_level_part(job.d, 0u) + job.lb,
-                        nbytes, ek, plm_msg_src(job.d) + nbytes, tab + job.m, PLM_MODE_DECRYPT);
+    plm_ghash_block_end(ctx, 0u, y, sRed, job.final, partials + plm_level_part(job.d, 0u) + job.lb,
+                        job.nbytes, ek, plm_msg_src(job.d) + job.nbytes, tab + job.m, PLM_MODE_DECRYPT);
 }
 
 // GHASH level >= 1: each message with this level folds its previous level's partials, front-padded
@@ -583,15 +596,10 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
     __shared__ uint4 sRed[PLM_NWARPS];
     const u32 tid = threadIdx.x;
     const plm_job job = plm_job_of(tab, n, level);
-    const u64 msg_len = plm_u64(job.d + PLM_MSG_NBYTES);
-    const u32 nw0 = job.d[PLM_MSG_NONCE], nw1 = job.d[PLM_MSG_NONCE + 1u];
-    const u32 nw2 = job.d[PLM_MSG_NONCE + 2u];
-    const u64 pad = plm_level_pad(job.d, level);
     const u64 n_items = job.prev;
     const uint4* items = partials + plm_level_part(job.d, level - 1u);
-    const bool final = job.grid == 1u;
     plm_load_ghash_tables(ctx, level, sM, sR);
-    const uint4 ek = plm_tag_mask(ctx, final && tid == 0u, nw0, nw1, nw2);
+    const uint4 ek = plm_job_tag_mask(ctx, job, tid);
     __syncthreads();
 
     const u64 v0 = ((u64)job.lb * PLM_TPB + tid) * PLM_GH_RUN;
@@ -600,8 +608,8 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
     for (int j = 0; j < PLM_GH_RUN; ++j) {
         const u64 v = v0 + (u64)j;
         plm_zero4(it[j]);
-        if (v >= pad && v - pad < n_items) {
-            const uint4 q = items[v - pad];
+        if (v >= job.pad && v - job.pad < n_items) {
+            const uint4 q = items[v - job.pad];
             plm_set4(it[j], q);
         }
     }
@@ -616,9 +624,9 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
         y[3] ^= it[j][3];
     }
     unsigned char* tag =
-        (mode == PLM_MODE_ENCRYPT ? plm_msg_dst(job.d) : plm_msg_src(job.d)) + msg_len;
-    plm_ghash_block_end(ctx, level, y, sRed, final,
-                        partials + plm_level_part(job.d, level) + job.lb, msg_len, ek, tag,
+        (mode == PLM_MODE_ENCRYPT ? plm_msg_dst(job.d) : plm_msg_src(job.d)) + job.nbytes;
+    plm_ghash_block_end(ctx, level, y, sRed, job.final,
+                        partials + plm_level_part(job.d, level) + job.lb, job.nbytes, ek, tag,
                         tab + job.m, mode);
 }
 
@@ -639,15 +647,10 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
     const plm_job job = plm_job_of(tab, n, (u32)PLM_MAX_LEVELS);
     const unsigned char* ct = plm_msg_src(job.d);
     unsigned char* pt = plm_msg_dst(job.d);
-    const u64 nbytes = plm_u64(job.d + PLM_MSG_NBYTES);
-    const u32 nw0 = job.d[PLM_MSG_NONCE], nw1 = job.d[PLM_MSG_NONCE + 1u];
-    const u32 nw2 = job.d[PLM_MSG_NONCE + 2u];
     plm_load_aes_tables(ctx, sT4, sRK);
     __syncthreads();
 
-    const u64 nfull = nbytes >> 4;
-    const u32 tail = (u32)(nbytes & 15ull);
-    const u64 nblk = nfull + (tail != 0u ? 1ull : 0ull);
+    const u64 nblk = job.nfull + (job.tail != 0u ? 1ull : 0ull);
     const u64 first = ((u64)job.lb * PLM_TPB + threadIdx.x) * PLM_CTR_BPT;
     if (first >= nblk) return;
     const u32* tabT = reinterpret_cast<const u32*>(sT4) + (threadIdx.x & 31u);
@@ -657,8 +660,8 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
     for (int j = 0; j < PLM_CTR_BPT; ++j) {
         const u64 k = first + (u64)j;
         plm_zero4(d[j]);
-        if (k < nblk) plm_load_block(ct, k, nfull, tail, d[j]);
-        plm_ctr_block(s[j], nw0, nw1, nw2, k);
+        if (k < nblk) plm_load_block(ct, k, job.nfull, job.tail, d[j]);
+        plm_ctr_block(s[j], job.nw0, job.nw1, job.nw2, k);
     }
     plm_aes256<PLM_CTR_BPT, PLM_TREP_SHIFT>(tabT, sRK, s);
 #pragma unroll
@@ -670,7 +673,7 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
             c[1] = d[j][1] ^ plm_bswap(s[j][1]);
             c[2] = d[j][2] ^ plm_bswap(s[j][2]);
             c[3] = d[j][3] ^ plm_bswap(s[j][3]);
-            plm_store_block(pt, k, nfull, tail, c);
+            plm_store_block(pt, k, job.nfull, job.tail, c);
         }
     }
 }
@@ -692,18 +695,11 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
     const plm_job job = plm_job_of(tab, n, 0u);
     const unsigned char* pt = plm_msg_src(job.d);
     unsigned char* out = plm_msg_dst(job.d);
-    const u64 nbytes = plm_u64(job.d + PLM_MSG_NBYTES);
-    const u32 nw0 = job.d[PLM_MSG_NONCE], nw1 = job.d[PLM_MSG_NONCE + 1u];
-    const u32 nw2 = job.d[PLM_MSG_NONCE + 2u];
-    const u64 pad = plm_level_pad(job.d, 0u);
-    const bool final = job.grid == 1u;
     plm_load_aes_tables(ctx, sT4, sRK);
     plm_load_ghash_tables(ctx, 0u, sM, sR);
-    const uint4 ek = plm_tag_mask(ctx, final && tid == 0u, nw0, nw1, nw2);
+    const uint4 ek = plm_job_tag_mask(ctx, job, tid);
     __syncthreads();
 
-    const u64 nfull = nbytes >> 4;
-    const u32 tail = (u32)(nbytes & 15ull);
     const u64 v0 = ((u64)job.lb * PLM_TPB + tid) * PLM_GH_RUN0;
     const u32* tabT = reinterpret_cast<const u32*>(sT4) + (tid & 31u);
     const uint4* M = sM + (tid & (PLM_MREP - 1u));
@@ -715,34 +711,34 @@ extern "C" __global__ void __launch_bounds__(PLM_TPB)
 #pragma unroll
         for (int b = 0; b < PLM_ENC_GROUP; ++b) {
             const u64 v = v0 + (u64)(g * PLM_ENC_GROUP + b);
-            const u64 k = v - pad;  // real block index when v >= pad
+            const u64 k = v - job.pad;  // real block index when v >= pad
             plm_zero4(d[b]);
-            if (v >= pad) plm_load_block(pt, k, nfull, tail, d[b]);
-            plm_ctr_block(s[b], nw0, nw1, nw2, k);
+            if (v >= job.pad) plm_load_block(pt, k, job.nfull, job.tail, d[b]);
+            plm_ctr_block(s[b], job.nw0, job.nw1, job.nw2, k);
         }
         plm_aes256<PLM_ENC_GROUP, PLM_TREP_SHIFT>(tabT, sRK, s);
 #pragma unroll
         for (int b = 0; b < PLM_ENC_GROUP; ++b) {
             const u64 v = v0 + (u64)(g * PLM_ENC_GROUP + b);
             u32 c[4] = {0u, 0u, 0u, 0u};
-            if (v >= pad) {
-                const u64 k = v - pad;
+            if (v >= job.pad) {
+                const u64 k = v - job.pad;
                 c[0] = d[b][0] ^ plm_bswap(s[b][0]);
                 c[1] = d[b][1] ^ plm_bswap(s[b][1]);
                 c[2] = d[b][2] ^ plm_bswap(s[b][2]);
                 c[3] = d[b][3] ^ plm_bswap(s[b][3]);
-                plm_store_block(out, k, nfull, tail, c);
-                if (k >= nfull) {  // partial last block: GHASH sees it zero-padded
-                    c[0] &= plm_tail_mask(tail, 0u);
-                    c[1] &= plm_tail_mask(tail, 1u);
-                    c[2] &= plm_tail_mask(tail, 2u);
-                    c[3] &= plm_tail_mask(tail, 3u);
+                plm_store_block(out, k, job.nfull, job.tail, c);
+                if (k >= job.nfull) {  // partial last block: GHASH sees it zero-padded
+                    c[0] &= plm_tail_mask(job.tail, 0u);
+                    c[1] &= plm_tail_mask(job.tail, 1u);
+                    c[2] &= plm_tail_mask(job.tail, 2u);
+                    c[3] &= plm_tail_mask(job.tail, 3u);
                 }
             }
             plm_gf_mul_shoup<PLM_MREP_SHIFT>(y, M, sR);
             plm_xor_bswap4(y, c);
         }
     }
-    plm_ghash_block_end(ctx, 0u, y, sRed, final, partials + plm_level_part(job.d, 0u) + job.lb,
-                        nbytes, ek, out + nbytes, nullptr, PLM_MODE_ENCRYPT);
+    plm_ghash_block_end(ctx, 0u, y, sRed, job.final, partials + plm_level_part(job.d, 0u) + job.lb,
+                        job.nbytes, ek, out + job.nbytes, nullptr, PLM_MODE_ENCRYPT);
 }

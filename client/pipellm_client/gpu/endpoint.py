@@ -26,9 +26,9 @@ staging buffer when the daemon already copied it there ahead of the commit (spec
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..arena import ArenaLayout
 from ..channel import RotationPolicy, Sender, StrictReceiver, _Direction
@@ -95,6 +95,28 @@ class _D2HBatch:
     cipher: CudaAesGcm
     version: int
     entries: list[tuple[bytes, Any, Any, memoryview]] = field(default_factory=list)  # nonce, src, out, slot
+
+
+_Batch = TypeVar("_Batch", _H2DBatch, _D2HBatch)
+
+
+def _open_batch(
+    queues: dict[int, _Batch],
+    ce: int,
+    capacity: int,
+    version: int,
+    flush: Callable[[int], None],
+    new: Callable[[], _Batch],
+) -> _Batch:
+    """Copy engine `ce`'s open batch, or a new one when it is full or was begun under another key version (one
+    batch runs under one key); the batch it replaces runs first."""
+    q = queues.get(ce)
+    if q is not None and (len(q.entries) >= capacity or q.version != version):
+        flush(ce)
+        q = None
+    if q is None:
+        q = queues[ce] = new()
+    return q
 
 
 def _overlaps_any(out: Any, entries: list[_H2DEntry]) -> bool:
@@ -233,12 +255,10 @@ class CudaEndpoint(Endpoint):
                 # A destination written twice ends the batch that wrote it first (on either channel): the later
                 # message must win, as it would one by one.
                 self._flush_h2d(other)
-        q = self._h2d_q.get(ce)
-        if q is not None and (len(q.entries) >= self.h2d_capacity or q.version != rx.epoch.version):
-            self._flush_h2d(ce)
-            q = None
-        if q is None:
-            q = self._h2d_q[ce] = _H2DBatch(rx, self._cipher(rx), rx.epoch.version)
+        v = rx.epoch.version
+        q = _open_batch(
+            self._h2d_q, ce, self.h2d_capacity, v, self._flush_h2d, lambda: _H2DBatch(rx, self._cipher(rx), v)
+        )
         nonce = rx.advance()
         where = f"key v{rx.epoch.version} chan {rx.chan_ctr} msg {rx.msg_ctr}"
         data = self._device_message(message, ce, len(q.entries))
@@ -314,12 +334,10 @@ class CudaEndpoint(Endpoint):
         if n + TAG_LEN > self.msg_stride or len(slot) != n + TAG_LEN:
             raise InvalidArgument(f"a D2H message of {n} bytes needs a {n + TAG_LEN}-byte slot, got {len(slot)}")
         ce = next(i for i, ch in enumerate(self.d2h) if ch is tx)
-        q = self._d2h_q.get(ce)
-        if q is not None and (len(q.entries) >= self.d2h_capacity or q.version != tx.epoch.version):
-            self._flush_d2h(ce)
-            q = None
-        if q is None:
-            q = self._d2h_q[ce] = _D2HBatch(tx, self._cipher(tx), tx.epoch.version)
+        v = tx.epoch.version
+        q = _open_batch(
+            self._d2h_q, ce, self.d2h_capacity, v, self._flush_d2h, lambda: _D2HBatch(tx, self._cipher(tx), v)
+        )
         iv = tx.reserve()
         nonce = tx.take(iv, n)
         at = len(q.entries) * self.msg_stride
