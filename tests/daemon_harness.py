@@ -1,5 +1,6 @@
-"""Helpers for the tests that run against a real pipellmd process: polling, background transfer loops,
-the crypto worker processes, and a bystander session that must never notice what happens to the others."""
+"""Helpers for the tests that run against a real pipellmd process: seeded data and checked round trips,
+polling, background transfer loops, the crypto worker processes, and a bystander session that must never
+notice what happens to the others."""
 
 from __future__ import annotations
 
@@ -8,13 +9,45 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
 from pipellm_client import Client
 
 from pipellm_daemon.launcher import DaemonProcess
+
+if TYPE_CHECKING:
+    from pipellm_client.client import Session
+    from pipellm_client.regions import Region
+
+Bytes = np.ndarray[Any, np.dtype[np.uint8]]
+
+
+def rand(n: int, seed: int) -> Bytes:
+    """`n` seeded random bytes."""
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
+def checked_weights(s: Session, n: int, seed: int, *, loads: int = 1, name: str = "w") -> tuple[Region, Bytes]:
+    """A sealed region of `n` random bytes, loaded whole `loads` times (the cycle predictor learns it) and
+    checked; returns it and its data."""
+    data = rand(n, seed)
+    w = s.alloc_region(n, readonly=True, name=name, data=data)
+    dst = np.zeros(n, np.uint8)
+    for _ in range(loads):
+        s.h2d(w, 0, n, dst)
+    assert (dst == data).all()
+    return w, data
+
+
+def checked_swap(s: Session, kv: Region, offset: int, n: int) -> None:
+    """`n` bytes swapped out into `kv` at `offset` and back in, checked."""
+    src = np.arange(n, dtype=np.uint8)
+    s.d2h(src, kv, offset, swap_out=True, wait=True)
+    back = np.zeros(n, np.uint8)
+    s.h2d(kv, offset, n, back)
+    assert (back == src).all()
 
 
 def wait_for(pred: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

@@ -23,6 +23,7 @@ from pipellm_client.client import Session
 
 from pipellm_daemon.launcher import DaemonProcess
 
+from .daemon_harness import rand
 from .test_recovery import tamper_next
 
 MiB = 1 << 20
@@ -50,10 +51,6 @@ async def eventually(pred: Callable[[], Awaitable[bool]], timeout: float = 10.0)
     while not await pred():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.02)
-
-
-def rand(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
 async def fetch(s: Any, w: Any, j: int) -> np.ndarray:

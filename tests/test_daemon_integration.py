@@ -14,13 +14,11 @@ import pytest
 from pipellm_client import Client, DaemonError, DaemonUnavailable, Intent
 from pipellm_client.errors import InvalidArgument
 
+from .daemon_harness import rand
+
 pytestmark = pytest.mark.integration
 
 SIZES = [1, 15, 16, 17, 4095, 4096, 65_537, 300_000, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, (3 << 20) + 12_345]
-
-
-def rand(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
 @pytest.mark.parametrize("mode", ["pipellm", "naive", "plain"])

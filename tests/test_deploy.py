@@ -27,11 +27,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from pipellm_client import Client
 
 from pipellm_daemon import config
+
+from .daemon_harness import checked_swap, checked_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -401,19 +402,8 @@ class SandboxedDaemon:
 
 def _workload(socket: str) -> Any:
     with Client(socket) as c, c.open_session("sandbox") as s:
-        n = 3 << 20
-        data = np.random.default_rng(5).integers(0, 256, n, dtype=np.uint8)
-        w = s.alloc_region(n, readonly=True, name="w", data=data)
-        dst = np.zeros(n, np.uint8)
-        for _ in range(3):
-            s.h2d(w, 0, n, dst)
-        assert (dst == data).all()
-        kv = s.alloc_region(2 << 20, name="kv")
-        src = np.arange(1 << 20, dtype=np.uint8)
-        s.d2h(src, kv, 0, swap_out=True, wait=True)
-        back = np.zeros(1 << 20, np.uint8)
-        s.h2d(kv, 0, 1 << 20, back)
-        assert (back == src).all()
+        checked_weights(s, 3 << 20, 5, loads=3)
+        checked_swap(s, s.alloc_region(2 << 20, name="kv"), 0, 1 << 20)
         return c.status()
 
 

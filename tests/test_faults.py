@@ -34,7 +34,16 @@ from pipellm_client.client import Session
 
 from pipellm_daemon.launcher import DaemonProcess
 
-from .daemon_harness import Background, Bystander, DaemonEnv, daemon_with_bystander, wait_for, worker_procs
+from .daemon_harness import (
+    Background,
+    Bystander,
+    DaemonEnv,
+    checked_weights,
+    daemon_with_bystander,
+    rand,
+    wait_for,
+    worker_procs,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -57,8 +66,6 @@ DEFAULT_H2D_SLOTS = 32  # the conftest daemon runs the default
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def rand(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
 def log_events(d: DaemonProcess, kind: str) -> list[dict[str, Any]]:
@@ -457,12 +464,8 @@ def test_daemon_sigkilled_and_restarted() -> None:
         try:
             c = Client(d1.socket)
             s = c.open_session("before")
-            data = rand(8 << 20, 11)
-            w = s.alloc_region(8 << 20, readonly=True, data=data)
+            w, data = checked_weights(s, 8 << 20, 11)
             kv = s.alloc_region(1 << 20)
-            dst = np.zeros(8 << 20, np.uint8)
-            s.h2d(w, 0, 8 << 20, dst)
-            assert (dst == data).all()
             old_key = s.core.endpoint.h2d[0].epoch.key_bytes()
             old_mask = s.core.endpoint.h2d[0].epoch.mask
             old_workers = [p.pid for p in worker_procs(d1.pid)]
@@ -743,12 +746,8 @@ def test_default_daemon_writes_nothing_but_its_sockets(monkeypatch: pytest.Monke
         before = set(os.listdir(d.dir))
         with d:
             with Client(d.socket) as c, c.open_session("diskless") as s:
-                data = rand(3 << 20, 51)
-                w = s.alloc_region(3 << 20, readonly=True, data=data)
+                _w, data = checked_weights(s, 3 << 20, 51)
                 kv = s.alloc_region(3 << 20)
-                dst = np.zeros(3 << 20, np.uint8)
-                s.h2d(w, 0, 3 << 20, dst)
-                assert (dst == data).all()
                 s.d2h(data, kv, 0, wait=True)
                 assert (kv.read() == data).all()
                 st = c.status()

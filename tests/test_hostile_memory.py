@@ -36,7 +36,7 @@ from pipellm_client.errors import InvalidArgument
 from pipellm_daemon import jobwire as w
 from pipellm_daemon.workers import WorkerLost
 
-from .daemon_harness import DaemonEnv, daemon_with_bystander
+from .daemon_harness import DaemonEnv, daemon_with_bystander, rand
 from .worker_harness import pool_with_memory
 
 pytestmark = [pytest.mark.integration]
@@ -57,10 +57,6 @@ _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
 _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-
-
-def rand(n: int, seed: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
 def errno_of(fn: Any, *args: Any) -> int:

@@ -14,6 +14,8 @@ from pipellm_client import Client
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
+from .daemon_harness import checked_swap
+
 pytestmark = pytest.mark.integration
 
 # Every integer counter of the contract: the endpoint must export each one, including ones added later.
@@ -60,12 +62,7 @@ def workload(client: Client) -> Any:
         for i in range(5):
             s.h2d(w, i << 20, 1 << 20, dst[i << 20 : (i + 1) << 20])
         assert (dst == data).all()
-    kv = s.alloc_region(4 << 20, name="kv")
-    src = np.arange(3 << 20, dtype=np.uint8)
-    s.d2h(src, kv, 4096, swap_out=True, wait=True)
-    back = np.zeros(3 << 20, np.uint8)
-    s.h2d(kv, 4096, 3 << 20, back)
-    assert (back == src).all()
+    checked_swap(s, s.alloc_region(4 << 20, name="kv"), 4096, 3 << 20)
     small = np.zeros(100, np.uint8)
     s.h2d(w, 7, 100, small)
     return s
