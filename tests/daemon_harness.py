@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import psutil
@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from pipellm_client.regions import Region
 
 Bytes = np.ndarray[Any, np.dtype[np.uint8]]
+
+CH = 64 << 10  # a small chunk: many messages per transfer, cheap sessions
+SMALL_DAEMON: Final[dict[str, Any]] = {"workers": 2, "chunk_size": CH, "pool_bytes": 256 << 20}
+"""The daemon most attack, fuzz and fault tests run: two workers, small chunks, a small pool; each adds the
+slot counts and thresholds its attacks need."""
 
 
 def rand(n: int, seed: int) -> Bytes:

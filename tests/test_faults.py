@@ -35,6 +35,8 @@ from pipellm_client.client import Session
 from pipellm_daemon.launcher import DaemonProcess
 
 from .daemon_harness import (
+    CH,
+    SMALL_DAEMON,
     Background,
     Bystander,
     DaemonEnv,
@@ -47,17 +49,14 @@ from .daemon_harness import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CH = 64 << 10  # a small chunk: many messages per transfer, cheap sessions
 ATTEMPTS = 100  # per H2D attack, each in a fresh session
 D2H_ATTEMPTS = 50  # per D2H attack
 SENTINEL = 0xA5  # what a destination holds before a transfer: "untouched"
 ATTACK_SETTINGS: dict[str, Any] = {
-    "workers": 2,
-    "chunk_size": CH,
+    **SMALL_DAEMON,
     "h2d_slots": 16,
     "d2h_slots": 6,
     "demand_slots": 4,
-    "pool_bytes": 256 << 20,
     "small_transfer_threshold": 3 * CH,  # transfers under 3 chunks go to copy engine 1
 }
 DATA = pb.MSG_KIND_DATA

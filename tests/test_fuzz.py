@@ -36,17 +36,16 @@ from pipellm_client.wire import TICKET_KEY
 
 from pipellm_daemon.launcher import DaemonProcess
 
+from .daemon_harness import CH, SMALL_DAEMON
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EXAMPLES = 300
-CH = 64 << 10
 SETTINGS: dict[str, Any] = {
-    "workers": 2,
-    "chunk_size": CH,
+    **SMALL_DAEMON,
     "h2d_slots": 8,
     "d2h_slots": 4,
     "demand_slots": 2,
-    "pool_bytes": 256 << 20,
     "max_transfers_per_commit": 64,
     "max_intents": 1024,
 }

@@ -36,19 +36,16 @@ from pipellm_client.errors import InvalidArgument
 from pipellm_daemon import jobwire as w
 from pipellm_daemon.workers import WorkerLost
 
-from .daemon_harness import DaemonEnv, daemon_with_bystander, rand
+from .daemon_harness import CH, SMALL_DAEMON, DaemonEnv, daemon_with_bystander, rand
 from .worker_harness import pool_with_memory
 
 pytestmark = [pytest.mark.integration]
 
-CH = 64 << 10
 SETTINGS: dict[str, Any] = {
-    "workers": 2,
-    "chunk_size": CH,
+    **SMALL_DAEMON,
     "h2d_slots": 16,
     "d2h_slots": 4,
     "demand_slots": 4,
-    "pool_bytes": 256 << 20,
     "small_transfer_threshold": 4096,  # every chunk is speculated (smaller transfers never are)
 }
 C = grpc.StatusCode

@@ -86,6 +86,14 @@ def settled_scrape(address: str, client: Client) -> tuple[str, Any]:
         time.sleep(0.2)
 
 
+def scrape_after_workload(daemon: Any) -> tuple[str, Any]:
+    """Run `workload` to its end, then scrape: the text and the `GetStatus` it agrees with."""
+    address = metrics_address(daemon)
+    with Client(daemon.socket) as client:
+        workload(client).close()
+        return settled_scrape(address, client)
+
+
 @METRICS
 def test_counters_match_status(daemon):
     address = metrics_address(daemon)
@@ -118,10 +126,7 @@ def test_counters_match_status(daemon):
 
 @METRICS
 def test_commit_latency_histogram(daemon):
-    address = metrics_address(daemon)
-    with Client(daemon.socket) as client:
-        workload(client).close()
-        text, st = settled_scrape(address, client)
+    text, st = scrape_after_workload(daemon)
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     hist = fams["pipellm_commit_latency_seconds"]
     assert hist.type == "histogram"
@@ -142,10 +147,7 @@ def test_commit_latency_histogram(daemon):
 
 @METRICS
 def test_no_key_material_in_metrics(daemon):
-    address = metrics_address(daemon)
-    with Client(daemon.socket) as client:
-        workload(client).close()
-        text, _st = settled_scrape(address, client)
+    text, _st = scrape_after_workload(daemon)
     assert not HEX64.search(text)
     assert not BASE64_KEY.search(text)  # a 32-byte key in base64 is 43 characters and one "="
 
