@@ -467,7 +467,7 @@ class Pipeline:
         if self.dead is not None:  # closed or killed while we waited for the slot
             self.arena.h2d.release(slot)
             self._check_alive()
-        if region.snapshot(key.offset, key.length) is None:
+        if region.generations(key.offset, key.length) is None:
             self.arena.h2d.release(slot)
             raise StaleSource(f"region {region.id} [{key.offset}, {key.offset + key.length}) is being written")
         nonce = s.sender.take(iv, key.length)
@@ -594,7 +594,7 @@ class Pipeline:
             r = e.region
             if r.shm.closed or r.landings_touching(e.key.offset, e.key.length):
                 continue
-            snap = r.snapshot(e.key.offset, e.key.length)
+            snap = r.generations(e.key.offset, e.key.length)
             if snap is None:
                 continue
             e.fingerprint = (

@@ -2,7 +2,7 @@
 
 Read-only regions are valid forever once sealed with F_SEAL_WRITE (the kernel then refuses every write,
 through any mapping or fd), and worth nothing before: until then the owner may still be filling them, so
-nothing is encrypted from them ahead of time (`snapshot` is None). The daemon and its workers map them
+nothing is encrypted from them ahead of time (`generations` is None). The daemon and its workers map them
 from an O_RDONLY reopen of the memfd, which is what lets the owner add F_SEAL_WRITE. Mutable regions
 carry a table of write generations after their data, one per granule, used as a seqlock: a writer makes
 a granule odd while it writes and even after, so ciphertext made from an even snapshot that is still the
@@ -16,7 +16,7 @@ import asyncio
 import numpy as np
 import xxhash
 from pipellm_client.errors import InvalidArgument
-from pipellm_client.regions import RegionBase, generation_table, generations_snapshot
+from pipellm_client.regions import RegionBase
 from pipellm_client.shm import SharedMemory, is_sealed_readonly
 
 
@@ -33,7 +33,6 @@ class Region(RegionBase):
     ) -> None:
         super().__init__(region_id, name, shm, size, readonly, granule)
         self.handle = handle
-        self.gens = None if readonly else generation_table(shm, size, granule)
         self.pending_writes: list[tuple[int, int, asyncio.Future[None]]] = []
         # granule -> D2H landings writing into it now. Two landings into disjoint bytes of one granule run
         # at once; the granule's generation must stay odd until the last of them ends (one +1 each way).
@@ -43,27 +42,17 @@ class Region(RegionBase):
         return self.shm.view[offset : offset + length]
 
     # -- validation ------------------------------------------------------------------------------
-    def snapshot(self, offset: int, length: int) -> bytes | None:
-        """The generations covering a range, or None while a writer may be inside it (odd, or read-only
-        and not sealed yet): None means "do not encrypt ahead from these bytes"."""
-        if self.gens is None:
-            return b"" if self.sealed else None
-        return generations_snapshot(self.gens, self.granule, offset, length)
-
     def unchanged_since(self, snapshot: bytes, offset: int, length: int) -> bool:
-        return self.readonly or self.snapshot(offset, length) == snapshot
+        return self.readonly or self.generations(offset, length) == snapshot
 
     def fingerprint(self, offset: int, length: int) -> int:
         return xxhash.xxh3_64_intdigest(self.view(offset, length))
-
-    def _granules(self, offset: int, length: int) -> range:
-        return range(offset // self.granule, (offset + length - 1) // self.granule + 1)
 
     def begin_write(self, offset: int, length: int) -> None:
         """The daemon writes a D2H result here: make the granules odd (stale for any snapshot)."""
         if self.gens is None:
             return
-        for g in self._granules(offset, length):
+        for g in self.granules(offset, length):
             n = self._writers.get(g, 0)
             if n == 0:
                 self.gens[g] += np.uint64(1)
@@ -73,7 +62,7 @@ class Region(RegionBase):
         """A landing is over: a granule turns even again (a new generation) when its last writer is done."""
         if self.gens is None:
             return
-        for g in self._granules(offset, length):
+        for g in self.granules(offset, length):
             n = self._writers.pop(g, 0) - 1
             if n > 0:
                 self._writers[g] = n
@@ -107,5 +96,4 @@ class Region(RegionBase):
 
     def close(self) -> None:
         """Drop this process's mapping (the session unmaps `handle` from the workers first)."""
-        self.gens = None
-        self.shm.close()
+        super().close()

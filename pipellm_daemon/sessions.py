@@ -265,7 +265,7 @@ class Session:
                 raise R.invalid(f"transfer {i}: unknown flags {t.flags:#x}")
             if r.readonly and not r.sealed:
                 raise R.precondition(f"region {r.id} is read-only but not sealed yet; seal it after loading")
-            if not r.landings_touching(t.offset, t.length) and r.snapshot(t.offset, t.length) is None:
+            if not r.landings_touching(t.offset, t.length) and r.generations(t.offset, t.length) is None:
                 raise R.precondition(f"transfer {i}: region {r.id} range is being written right now")
             out.append((r, t))
         return out

@@ -45,18 +45,18 @@ def test_a_granule_stays_odd_until_its_last_landing_ends_and_readers_wait_for_it
     try:
         r = _region()
         a, b = (0, GRANULE + GRANULE // 2), (GRANULE + GRANULE // 2, GRANULE)  # both write into granule 1
-        before = r.snapshot(0, 3 * GRANULE)
+        before = r.generations(0, 3 * GRANULE)
         assert before is not None
         fa, fb = _land(loop, r, *a), _land(loop, r, *b)
-        assert r.snapshot(*a) is None and r.snapshot(*b) is None  # two writers: still odd, not even
+        assert r.generations(*a) is None and r.generations(*b) is None  # two writers: still odd, not even
         _landed(r, *a, fa)
         # A has landed, but B still writes into granule 1: A's bytes cannot be validated yet ...
-        assert r.snapshot(*a) is None
+        assert r.generations(*a) is None
         assert r.overlapping_writes(*a) == []  # ... though no landing writes A's own bytes ...
         assert r.landings_touching(*a) == [fb]  # ... so a reader of A waits for B
-        assert r.snapshot(0, GRANULE) is not None  # granule 0 had only A: done
+        assert r.generations(0, GRANULE) is not None  # granule 0 had only A: done
         _landed(r, *b, fb)
-        after = r.snapshot(0, 3 * GRANULE)
+        after = r.generations(0, 3 * GRANULE)
         assert after is not None and after != before  # a new generation on every granule written
         assert r.landings_touching(0, 4 * GRANULE) == []
         r.shm.close()
@@ -84,7 +84,7 @@ def test_random_interleavings_keep_a_granule_odd_exactly_while_a_landing_covers_
             for g in range(8):
                 covered = any(off // GRANULE <= g <= (off + n - 1) // GRANULE for off, n, _f in active)
                 assert bool(int(r.gens[g]) & 1) == covered
-                readable = r.snapshot(g * GRANULE, GRANULE) is not None
+                readable = r.generations(g * GRANULE, GRANULE) is not None
                 assert readable == (not r.landings_touching(g * GRANULE, GRANULE))
         for off, n, fut in active:
             _landed(r, off, n, fut)

@@ -43,7 +43,7 @@ def generations_snapshot(gens: Generations, granule: int, offset: int, length: i
 
 class RegionBase:
     """What both ends know of a region (the SDK's `Region` and the daemon's): its id, name and memory, its
-    size and kind, the granule of its write generations, and which ranges are inside it."""
+    size and kind, its write generations (mutable regions) and their granule, and which ranges are inside it."""
 
     def __init__(self, region_id: int, name: str, shm: SharedMemory, size: int, readonly: bool, granule: int) -> None:
         self.id = region_id
@@ -53,6 +53,24 @@ class RegionBase:
         self.readonly = readonly
         self.sealed = False
         self.granule = granule
+        self.gens: Generations | None = None if readonly else generation_table(shm, size, granule)
+
+    def granules(self, offset: int, length: int) -> range:
+        """The granules (indices into the generation table) a range of bytes falls in."""
+        return range(offset // self.granule, (offset + length - 1) // self.granule + 1)
+
+    def generations(self, offset: int, length: int) -> bytes | None:
+        """The write generations covering a range, as both ends compare them (b"" for a sealed read-only
+        region), or None while that range may change: a writer inside it (a generation odd), or a read-only
+        region not sealed yet. None means "do not encrypt ahead from these bytes"."""
+        if self.gens is None:
+            return b"" if self.sealed else None
+        return generations_snapshot(self.gens, self.granule, offset, length)
+
+    def close(self) -> None:
+        """Drop this process's mapping."""
+        self.gens = None
+        self.shm.close()
 
     def check_range(self, offset: int, length: int) -> None:
         if length <= 0:
@@ -80,7 +98,6 @@ class Region(RegionBase):
         self._wait_landed = wait_landed
         self._seal_remote = seal_remote
         self.array: np.ndarray[Any, np.dtype[np.uint8]] = np.frombuffer(shm.buf, dtype=np.uint8, count=size)
-        self._gens = None if readonly else generation_table(shm, size, granule)
 
     def __repr__(self) -> str:
         kind = "sealed" if self.sealed else ("read-only" if self.readonly else "mutable")
@@ -100,11 +117,8 @@ class Region(RegionBase):
         if self.sealed:
             raise InvalidArgument(f"region {self.id} is sealed read-only")
         self._wait_landed(self, offset, length)
-        g = (
-            None
-            if self._gens is None
-            else self._gens[offset // self.granule : (offset + length - 1) // self.granule + 1]
-        )
+        span = self.granules(offset, length)
+        g = None if self.gens is None else self.gens[span.start : span.stop]  # a view: += writes the table
         if g is not None:
             g += np.uint64(1)  # odd: a writer is inside
         try:
@@ -112,13 +126,6 @@ class Region(RegionBase):
         finally:
             if g is not None:
                 g += np.uint64(1)  # even again, and different from any snapshot taken before
-
-    def generations(self, offset: int, length: int) -> bytes | None:
-        """The write generations covering a range as the daemon snapshots them (b"" for a sealed read-only
-        region), or None while that range may change (a writer inside it, or a read-only region not sealed)."""
-        if self._gens is None:
-            return b"" if self.sealed else None
-        return generations_snapshot(self._gens, self.granule, offset, length)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview | np.ndarray[Any, Any]) -> None:
         raw = (
@@ -164,7 +171,3 @@ class Region(RegionBase):
         self.shm.seal_readonly()
         self.array.flags.writeable = False
         return True
-
-    def close(self) -> None:
-        self._gens = None
-        self.shm.close()
