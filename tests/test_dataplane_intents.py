@@ -11,9 +11,10 @@ import numpy as np
 import psutil
 import pytest
 from pipellm_client import Client, DaemonError, Intent, InvalidArgument
-from pipellm_client._core import DECLARE_RECORDS_PER_FRAME, _SpareBuffers
+from pipellm_client._core import DECLARE_RECORDS_PER_FRAME
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client.aio import AsyncClient
+from pipellm_client.endpoint import SpareBuffers
 
 from pipellm_daemon.launcher import DaemonProcess
 
@@ -133,7 +134,7 @@ def test_a_sync_loop_that_only_swaps_out_drains_its_queue_at_the_next_d2h(daemon
 
 def test_backlog_buffers_are_reused_up_to_their_limit() -> None:
     """A fresh chunk-sized bytearray costs page faults and zeroing; drained backlog buffers come back."""
-    spare = _SpareBuffers(limit=3 * MiB)
+    spare = SpareBuffers(limit=3 * MiB)
     a, b = spare.take(MiB + 16), spare.take(MiB + 16)
     assert a is not b and len(a) == len(b) == MiB + 16
     spare.give(a)

@@ -20,7 +20,7 @@ from ._gen.pipellm.v1 import pipellm_pb2 as pb
 from .arena import ArenaLayout
 from .channel import RotationPolicy
 from .crypto import TAG_LEN
-from .endpoint import NOP_MESSAGE_LEN, ChannelSecrets, CpuEndpoint, Endpoint, MsgKind, host_source_view
+from .endpoint import NOP_MESSAGE_LEN, ChannelSecrets, CpuEndpoint, Endpoint, HeldMessage, MsgKind, host_source_view
 from .errors import ChannelDead, InvalidArgument, PipeLLMError, TagMismatch
 from .regions import Region
 from .ring import BELL_EVERY, FLAG_STAGED, KIND_DATA, KIND_ROTATE_IV, KIND_ROTATE_KEY, Record, RingView, source_digest
@@ -160,45 +160,17 @@ class Landing:
 
 @dataclass
 class _Backlogged:
-    """One D2H message encrypted while no bounce slot was free: ciphertext || tag in private memory."""
+    """One D2H message encrypted while no bounce slot was free, held by the endpoint until one is."""
 
     landing: Landing
     message: pb.D2HMessage  # slot still to be chosen
-    ciphertext: bytearray
+    held: HeldMessage
     swap_out: bool
     group: int
     continues: bool  # not the first frame of its d2h call
 
 
 D2H_BACKLOG_MAX: Final = 1 << 30  # past this much queued ciphertext, `d2h` waits for slots after all
-SPARE_BYTES_MAX: Final = 64 << 20  # backlog buffers kept for reuse once their ciphertext is in a slot
-
-
-class _SpareBuffers:
-    """Backlog buffers kept for reuse, by size (nearly all are one chunk plus its tag).
-
-    A fresh bytearray of a chunk's size costs more than encrypting into it: the allocator maps new pages and
-    zeroes them (a page fault each), and unmaps them again when the buffer is dropped. They only ever hold
-    ciphertext, so reuse exposes nothing.
-    """
-
-    def __init__(self, limit: int = SPARE_BYTES_MAX) -> None:
-        self._free: dict[int, list[bytearray]] = {}
-        self._bytes = 0
-        self._limit = limit
-
-    def take(self, n: int) -> bytearray:
-        free = self._free.get(n)
-        if free:
-            self._bytes -= n
-            return free.pop()
-        return bytearray(n)
-
-    def give(self, buf: bytearray) -> None:
-        n = len(buf)
-        if self._bytes + n <= self._limit:
-            self._free.setdefault(n, []).append(buf)
-            self._bytes += n
 
 
 @dataclass
@@ -285,7 +257,6 @@ class SessionCore:
         # device memory) and moves into slots, in encryption order, as the daemon frees them.
         self.d2h_backlog: deque[_Backlogged] = deque()
         self.d2h_backlog_bytes = 0
-        self._spare = _SpareBuffers()
         # The delivery ring (ring.py), when the daemon offers one: hits without a round trip.
         self.ring: RingView | None = None
         self.ring_shm: SharedMemory | None = None
@@ -589,9 +560,9 @@ class SessionCore:
 
         Yields (frame, landing) whenever the free slots are used up or the data ends; the caller sends the
         frame. A chunk that finds no free slot (or finds others already waiting) is encrypted now into
-        private memory and queued: it yields (None, landing), and `drain_d2h` sends it once a slot frees,
-        so the serving loop never waits for the daemon. Only when `can_queue_d2h()` is false (a CUDA
-        endpoint, or D2H_BACKLOG_MAX queued) must the caller read frames until a slot frees first.
+        memory the endpoint holds (this process's, or the GPU's) and queued: it yields (None, landing), and
+        `drain_d2h` sends it once a slot frees, so the serving loop never waits for the daemon. Only when
+        `can_queue_d2h()` is false (D2H_BACKLOG_MAX queued) must the caller read frames until a slot frees.
         """
         self.check_alive()
         if region.readonly:
@@ -670,21 +641,20 @@ class SessionCore:
         )
 
     def can_queue_d2h(self) -> bool:
-        """Whether a D2H chunk without a free slot may wait in private memory (CPU endpoint, under the cap)."""
-        return self.endpoint.kind == "cpu" and self.d2h_backlog_bytes < D2H_BACKLOG_MAX
+        """Whether a D2H chunk without a free slot may wait in the endpoint's memory (under the cap)."""
+        return self.d2h_backlog_bytes < D2H_BACKLOG_MAX
 
     def _queue_d2h(
         self, ce: int, src: Any, region: Region, offset: int, swap_out: bool, group: int, *, continues: bool
     ) -> Landing:
-        n = len(src)
-        buf = self._spare.take(n + TAG_LEN)
-        version, chan = self.endpoint.send(ce, src, memoryview(buf))
+        held, version, chan = self.endpoint.hold(ce, src)
+        n = held.nbytes - TAG_LEN
         seq = next(self.seq)
         landing = Landing(seq, region, offset, n, [])
         self.landing[seq] = landing  # a read or swap-in of the range waits for it like for any landing
         msg = pb.D2HMessage(ce=ce, length=n, key_version=version, chan_ctr=chan)
-        self.d2h_backlog.append(_Backlogged(landing, msg, buf, swap_out, group, continues))
-        self.d2h_backlog_bytes += len(buf)
+        self.d2h_backlog.append(_Backlogged(landing, msg, held, swap_out, group, continues))
+        self.d2h_backlog_bytes += held.nbytes
         return landing
 
     def queued_over(self, region: Region, offset: int, length: int) -> bool:
@@ -700,12 +670,11 @@ class SessionCore:
         frames: list[pb.Frame] = []
         while self.d2h_backlog and self.d2h_free:
             b = self.d2h_backlog.popleft()
-            self.d2h_backlog_bytes -= len(b.ciphertext)
+            self.d2h_backlog_bytes -= b.held.nbytes
             if b.landing.seq not in self.landing:  # failed meanwhile (the session died): nothing to send
                 continue
             slot = self.d2h_free.popleft()
-            self._arena_view(self.layout.d2h_slot(slot), len(b.ciphertext))[:] = b.ciphertext
-            self._spare.give(b.ciphertext)
+            b.held.move_to(self._arena_view(self.layout.d2h_slot(slot), b.held.nbytes))
             b.landing.slots = [slot]
             b.message.slot = slot
             x = b.landing

@@ -52,6 +52,59 @@ class ChannelSecrets:
         return f"<ChannelSecrets ce{self.ce_index:02d}>"
 
 
+SPARE_BYTES_MAX: Final = 64 << 20  # held-message buffers kept for reuse once their ciphertext is in a slot
+
+
+class HeldMessage(ABC):
+    """A D2H message encrypted while every bounce slot was taken, kept in the endpoint's own memory (host
+    memory of this process, or device memory) until the daemon frees a slot: `d2h` need not wait for one."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes  # ciphertext and tag
+
+    @abstractmethod
+    def move_to(self, slot: memoryview) -> None:
+        """Copy the message into its slot (complete on return) and let go of the memory it was held in."""
+
+
+class SpareBuffers:
+    """Held-message buffers kept for reuse, by size (nearly all are one chunk plus its tag).
+
+    A fresh bytearray of a chunk's size costs more than encrypting into it: the allocator maps new pages and
+    zeroes them (a page fault each), and unmaps them again when the buffer is dropped. They only ever hold
+    ciphertext, so reuse exposes nothing.
+    """
+
+    def __init__(self, limit: int = SPARE_BYTES_MAX) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._bytes = 0
+        self._limit = limit
+
+    def take(self, n: int) -> bytearray:
+        free = self._free.get(n)
+        if free:
+            self._bytes -= n
+            return free.pop()
+        return bytearray(n)
+
+    def give(self, buf: bytearray) -> None:
+        n = len(buf)
+        if self._bytes + n <= self._limit:
+            self._free.setdefault(n, []).append(buf)
+            self._bytes += n
+
+
+class _HeldBytes(HeldMessage):
+    def __init__(self, buf: bytearray, spare: SpareBuffers) -> None:
+        super().__init__(len(buf))
+        self._buf = buf
+        self._spare = spare
+
+    def move_to(self, slot: memoryview) -> None:
+        slot[:] = self._buf
+        self._spare.give(self._buf)
+
+
 class Endpoint(ABC):
     """One session's endpoint: a strict H2D receiver and a D2H sender per copy engine."""
 
@@ -83,6 +136,11 @@ class Endpoint(ABC):
     @abstractmethod
     def _seal(self, tx: Sender, src: Any, slot: memoryview) -> tuple[int, int]:
         """Encrypt one D2H message from device data into a host slot; returns (key_version, chan_ctr)."""
+
+    @abstractmethod
+    def _hold(self, tx: Sender, src: Any) -> tuple[HeldMessage, int, int]:
+        """Encrypt one D2H message into the endpoint's own memory, for a slot to be chosen later; returns it
+        with (key_version, chan_ctr). Its counter is spent now: messages reach the daemon in this order."""
 
     @abstractmethod
     def dest_view(self, dst: Any) -> Any:
@@ -143,9 +201,16 @@ class Endpoint(ABC):
 
     def send(self, ce: int, src: Any, slot: memoryview) -> tuple[int, int]:
         """Encrypt one D2H message with the endpoint's own counter; returns (key_version, chan_ctr)."""
+        return self._seal(self._sender(ce), src, slot)
+
+    def hold(self, ce: int, src: Any) -> tuple[HeldMessage, int, int]:
+        """`send` while no slot is free: the ciphertext waits in the endpoint's memory (`HeldMessage`)."""
+        return self._hold(self._sender(ce), src)
+
+    def _sender(self, ce: int) -> Sender:
         if not 0 <= ce < len(self.d2h):
             raise InvalidArgument(f"no channel {ce}")
-        return self._seal(self.d2h[ce], src, slot)
+        return self.d2h[ce]
 
     @property
     def dead(self) -> str | None:
@@ -175,6 +240,7 @@ class CpuEndpoint(Endpoint):
     def __init__(self, secrets: list[ChannelSecrets], policy: RotationPolicy) -> None:
         super().__init__(secrets, policy)
         self._scratch = bytearray(0)
+        self._spare = SpareBuffers()
 
     def _scratch_view(self, n: int) -> memoryview:
         if len(self._scratch) < n:
@@ -200,6 +266,11 @@ class CpuEndpoint(Endpoint):
         tx.seal_into(iv, src, slot)
         tx.submit(iv)
         return iv.version, iv.chan_ctr
+
+    def _hold(self, tx: Sender, src: Any) -> tuple[HeldMessage, int, int]:
+        buf = self._spare.take(len(src) + TAG_LEN)
+        version, chan = self._seal(tx, src, memoryview(buf))
+        return _HeldBytes(buf, self._spare), version, chan
 
     def dest_view(self, dst: Any) -> memoryview:
         return host_dest_view(dst)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from gpu_emu_runner import cxx_compiler
+from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 from pipellm_client.errors import ChannelDead, TagMismatch
 
 from pipellm_daemon.config import Config
@@ -77,6 +78,37 @@ def test_cuda_endpoint_under_the_real_pipeline(env, monkeypatch) -> None:
     back = cp.zeros(3 * CHUNK, dtype=cp.uint8)
     loop.run_until_complete(pair.commit([(kv, 0, 3 * CHUNK, back, False)]))
     assert (back.get() == src.get()).all()
+    pair.close()
+
+
+def test_d2h_without_a_free_slot_is_held_in_device_memory_and_lands_in_order(env) -> None:
+    """D2H never waits for bounce slots on the CUDA endpoint either: with 4 slots, 7 chunks return at once;
+    the 3 without a slot keep their ciphertext in device memory (not in the arena, not in host memory) and
+    move into slots, in encryption order, as the daemon frees them."""
+    loop, pool, cp = env
+    pair = PipelinePair(CFG, pool, endpoint="cuda")
+    kv = pair.region(8 * CHUNK, readonly=False)
+    data = np.random.default_rng(9).integers(0, 256, 7 * CHUNK, dtype=np.uint8)
+    frames = [f for f, _ in pair.core.landed_frames(cp.asarray(data), kv, 0, swap_out=True, group=0) if f]
+    held = [b.held for b in pair.core.d2h_backlog]
+    assert len(frames) == 1 and len(frames[0].landed.messages) == 4 and len(held) == 3
+    assert all(type(h).__name__ == "_HeldOnDevice" for h in held)
+    assert pair.core.d2h_backlog_bytes == 3 * (CHUNK + 16)
+
+    async def land(fs: list[Any]) -> None:
+        for f in fs:
+            directives = await pair.pipeline.landed(f.landed, pair.regions[kv.id])
+            pair.core.landed_done(pb.LandedDone(seq=f.landed.seq, directives=directives))
+
+    loop.run_until_complete(land(frames))
+    drained = 0
+    while pair.core.d2h_backlog:
+        more = pair.core.drain_d2h()
+        assert more, "slots were freed but nothing moved"
+        drained += len(more)
+        loop.run_until_complete(land(more))
+    assert drained == 3 and pair.core.d2h_backlog_bytes == 0 and not pair.core.landing
+    assert (kv.array[: 7 * CHUNK] == data).all()
     pair.close()
 
 

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from ..arena import ArenaLayout
 from ..channel import RotationPolicy, Sender, StrictReceiver, _Direction
 from ..crypto import TAG_LEN, Buffer
-from ..endpoint import ChannelSecrets, Endpoint
+from ..endpoint import ChannelSecrets, Endpoint, HeldMessage
 from ..errors import InvalidArgument, TagMismatch
 from . import aesgcm_cuda
 from .aesgcm_cuda import CudaAesGcm
@@ -94,7 +94,8 @@ class _D2HBatch:
     tx: Sender
     cipher: CudaAesGcm
     version: int
-    entries: list[tuple[bytes, Any, Any, memoryview]] = field(default_factory=list)  # nonce, src, out, slot
+    # nonce, source, ciphertext out (device), the slot it is copied to (None: held on the device for later)
+    entries: list[tuple[bytes, Any, Any, memoryview | None]] = field(default_factory=list)
 
 
 _Batch = TypeVar("_Batch", _H2DBatch, _D2HBatch)
@@ -117,6 +118,22 @@ def _open_batch(
     if q is None:
         q = queues[ce] = new()
     return q
+
+
+class _HeldOnDevice(HeldMessage):
+    """A D2H message's ciphertext in device memory, waiting for a bounce slot."""
+
+    def __init__(self, endpoint: CudaEndpoint, ce: int, out: Any) -> None:
+        super().__init__(int(out.size))
+        self._endpoint = endpoint
+        self._ce = ce
+        self._out: Any = out
+
+    def move_to(self, slot: memoryview) -> None:
+        if len(slot) != self.nbytes:
+            raise InvalidArgument(f"a held message of {self.nbytes} bytes needs a slot of as many, got {len(slot)}")
+        self._endpoint.copy_held_out(self._ce, self._out, slot)
+        self._out = None
 
 
 def _overlaps_any(out: Any, entries: list[_H2DEntry]) -> bool:
@@ -240,11 +257,11 @@ class CudaEndpoint(Endpoint):
         self._h2d_q.clear()
         self._d2h_q.clear()
 
-    def _ce(self, rx: StrictReceiver) -> int:
-        for i, ch in enumerate(self.h2d):
-            if ch is rx:
+    def _ce(self, ch: StrictReceiver | Sender) -> int:
+        for i, mine in enumerate(self.h2d if isinstance(ch, StrictReceiver) else self.d2h):
+            if mine is ch:
                 return i
-        raise InvalidArgument(f"{rx.name} is not a channel of this endpoint")
+        raise InvalidArgument(f"{ch.name} is not a channel of this endpoint")
 
     def _queue_h2d(self, rx: StrictReceiver, message: Buffer, out: Any) -> None:
         if out is not None and int(out.size) != len(message) - TAG_LEN:
@@ -328,24 +345,38 @@ class CudaEndpoint(Endpoint):
         return super().rotate_d2h_iv(ce)
 
     def _seal(self, tx: Sender, src: Any, slot: memoryview) -> tuple[int, int]:
+        n = int(src.size)
+        if len(slot) != n + TAG_LEN:
+            raise InvalidArgument(f"a D2H message of {n} bytes needs a {n + TAG_LEN}-byte slot, got {len(slot)}")
+        return self._queue_seal(tx, src, slot)[1:]
+
+    def _hold(self, tx: Sender, src: Any) -> tuple[HeldMessage, int, int]:
+        """The ciphertext stays in device memory (its own buffer) until a slot frees; then one copy out."""
+        out, version, chan = self._queue_seal(tx, src, None)
+        return _HeldOnDevice(self, self._ce(tx), out), version, chan
+
+    def _queue_seal(self, tx: Sender, src: Any, slot: memoryview | None) -> tuple[Any, int, int]:
+        """Queue one D2H encryption in `tx`'s batch: into the batch's staging area when it goes to `slot`
+        at the flush, into a buffer of its own when it is held (`slot` None). Returns (out, version, chan)."""
         if self.pinned is None:
             raise InvalidArgument("the arena is not attached yet")
         n = int(src.size)
-        if n + TAG_LEN > self.msg_stride or len(slot) != n + TAG_LEN:
-            raise InvalidArgument(f"a D2H message of {n} bytes needs a {n + TAG_LEN}-byte slot, got {len(slot)}")
-        ce = next(i for i, ch in enumerate(self.d2h) if ch is tx)
+        if n + TAG_LEN > self.msg_stride:
+            raise InvalidArgument(f"a D2H message of {n} bytes does not fit a {self.msg_stride}-byte slot")
+        ce = self._ce(tx)
         v = tx.epoch.version
         q = _open_batch(
             self._d2h_q, ce, self.d2h_capacity, v, self._flush_d2h, lambda: _D2HBatch(tx, self._cipher(tx), v)
         )
+        at = len(q.entries) * self.msg_stride
+        out = self._outgoing[at : at + n + TAG_LEN] if slot is not None else self.cp.empty(n + TAG_LEN, self.cp.uint8)
         iv = tx.reserve()
         nonce = tx.take(iv, n)
-        at = len(q.entries) * self.msg_stride
-        q.entries.append((nonce, src, self._outgoing[at : at + n + TAG_LEN], slot))
+        q.entries.append((nonce, src, out, slot))
         tx.submit(iv)
         if not self._batching:
             self._flush_d2h(ce)
-        return iv.version, iv.chan_ctr
+        return out, iv.version, iv.chan_ctr
 
     def _flush_d2h(self, ce: int) -> None:
         q = self._d2h_q.pop(ce, None)
@@ -355,9 +386,19 @@ class CudaEndpoint(Endpoint):
         try:
             self._after_callers_work()
             q.cipher.encrypt_batch_into([(nonce, src, out) for nonce, src, out, _ in q.entries], stream=self.stream)
-            self.pinned.to_host_many([(out, slot) for _, _, out, slot in q.entries], self.stream)
+            self.pinned.to_host_many([(out, slot) for _, _, out, slot in q.entries if slot is not None], self.stream)
         except BaseException as exc:  # their nonces are spent and their slots hold no ciphertext
             q.tx.kill(f"a D2H batch failed to run ({type(exc).__name__})")
+            raise
+
+    def copy_held_out(self, ce: int, out: Any, slot: memoryview) -> None:
+        """A held message's ciphertext into the slot it was given (its batch runs first if still queued)."""
+        assert self.pinned is not None
+        self._flush_d2h(ce)
+        try:
+            self.pinned.to_host(out, slot, self.stream)
+        except BaseException as exc:  # its nonce is spent and its slot holds no ciphertext
+            self.d2h[ce].kill(f"a held D2H message could not be copied out ({type(exc).__name__})")
             raise
 
     # -- views ---------------------------------------------------------------------------------------
