@@ -438,7 +438,12 @@ class SessionCore:
                 rest.append((region, offset, length, view, unpredicted))
                 continue
             done = 0
-            for c in chunks.split(offset, length, self.chunk_size):
+            pieces = (
+                chunks.split(offset, length, self.chunk_size)
+                if length > self.chunk_size
+                else (chunks.Chunk(offset, length, 0),)  # one chunk: the common case, no generator
+            )
+            for c in pieces:
                 rec = ring.record(cons) if cons < prod else None
                 while rec is not None and rec.kind in (KIND_ROTATE_IV, KIND_ROTATE_KEY):
                     # In-band rotations published between chunks: apply them in place.
@@ -461,6 +466,8 @@ class SessionCore:
 
     def _landing_into(self, region: Region, offset: int, length: int) -> bool:
         """A D2H write is on its way into the range: only the daemon can order a read after it."""
+        if not self.landing:  # the common case on the hot path (a queued D2H message has a landing too)
+            return False
         return bool(self.landings_over(region, offset, length)) or self.queued_over(region, offset, length)
 
     @staticmethod
@@ -659,6 +666,8 @@ class SessionCore:
 
     def queued_over(self, region: Region, offset: int, length: int) -> bool:
         """Whether D2H data for this range still waits for a slot (the daemon does not know of it yet)."""
+        if not self.d2h_backlog:
+            return False
         end = offset + length
         return any(
             b.landing.region is region and b.landing.offset < end and offset < b.landing.offset + b.landing.length

@@ -7,6 +7,7 @@ Each side allocates only its own part, so neither needs to ask the other for a s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Final
 
 from .crypto import TAG_LEN
@@ -27,15 +28,15 @@ class ArenaLayout:
         if self.chunk_size <= 0 or self.h2d_slots <= 0 or self.d2h_slots <= 0 or self.nop_cells <= 0:
             raise SlotError("arena needs a positive chunk size and at least one slot of each kind")
 
-    @property
+    @cached_property  # on every delivery's path: computed once
     def slot_stride(self) -> int:
         return round_up(self.chunk_size + TAG_LEN, PAGE)
 
-    @property
+    @cached_property  # on every delivery's path: computed once
     def nop_bytes(self) -> int:
         return round_up(self.nop_cells * NOP_CELL, PAGE)
 
-    @property
+    @cached_property  # on every delivery's path: computed once
     def size(self) -> int:
         return self.nop_bytes + (self.h2d_slots + self.d2h_slots) * self.slot_stride
 
