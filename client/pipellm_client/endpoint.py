@@ -287,6 +287,10 @@ class CpuEndpoint(Endpoint):
 
 def host_dest_view(dst: Any) -> memoryview:
     """A writable byte view of a numpy array, CPU torch tensor or bytearray (C-contiguous)."""
+    if type(dst) is np.ndarray and dst.dtype == np.uint8 and dst.ndim == 1:  # the hot path's usual buffer
+        flags = dst.flags
+        if flags.c_contiguous and flags.writeable:
+            return memoryview(dst)  # type: ignore[arg-type]
     if hasattr(dst, "numpy") and hasattr(dst, "is_contiguous"):  # torch.Tensor (any dtype, bfloat16 too)
         if dst.device.type != "cpu":
             raise InvalidArgument("the CPU endpoint needs a CPU tensor; use the CUDA endpoint for GPU tensors")
