@@ -14,17 +14,16 @@ Burning never encrypts twice under one IV: an entry whose IV is still fresh is b
 whose ciphertext exists is burned by delivering that same ciphertext as DISCARD (the endpoint verifies and
 drops it); an entry whose worker died mid-job can only be abandoned by an IV rotation.
 
-This module is the policy; the mechanisms are `streams` (queues, senders, receivers), `commit_reply` (a commit's
-ordered deliveries), `relinquish` (what burning or rotating costs), `published` (the delivery ring's
-records) and `landing` (D2H decryption).
+This module is the commit policy and the delivery ring's producer; the mechanisms are `speculation` (the
+queue: what is encrypted ahead, and when), `streams` (queues, senders, receivers), `commit_reply` (a
+commit's ordered deliveries), `relinquish` (what burning or rotating costs), `published` (the delivery
+ring's records) and `landing` (D2H decryption).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,29 +51,16 @@ from .predictors import ChunkId, PredictorsByPriority
 from .published import Published, PublishedRecords
 from .regions import Region
 from .relinquish import CostModel
+from .speculation import DECLARED, Speculation, source_unchanged
 from .streams import D2HStream, Entry, H2DStream, State
-from .throttle import SourceThrottle
 from .workers import WorkerLost, WorkerPool
 
 _log = _get_log("pipellmd.pipeline")
 # Only what the serving code declared or swapped out is published: publishing makes an IV irrevocable
 # (consumed or burned by DISCARD), and learned guesses are often replaced by a hint before they are used.
-_PUBLISHED_SOURCES = frozenset({"intents", "swap"})
+_PUBLISHED_SOURCES = DECLARED
 # A long commit sends what is ready every this many deliveries, so the endpoint starts on them meanwhile.
 _FLUSH_EVERY = 8
-# Reserved-but-unsent IVs at most, in units of max_depth: a queue reordered over and over would otherwise
-# reserve IVs without bound (each abandoned one is skipped by a rotation, never reused).
-_OUTSTANDING_DEPTHS = 4
-
-
-def _on_their_way(want: list[ChunkId], published: list[ChunkId]) -> int:
-    """How many of `want`'s first chunks the published records carry, in order: records in between that
-    are no longer wanted are burned (DISCARD) when a commit passes them, and those after them still serve."""
-    n = 0
-    for key in published:
-        if n < len(want) and want[n] == key:
-            n += 1
-    return n
 
 
 class Pipeline:
@@ -108,8 +94,6 @@ class Pipeline:
         self.predictors = PredictorsByPriority(swap_order)
         self.latency = latency or Latency()
         self.counters = Counters()
-        self.throttle = SourceThrottle(self.counters)
-        self.depth = 2
         self.delivered_slots: set[int] = set()
         self.delivered_nops: set[int] = set()
         self.dead: str | None = None
@@ -118,10 +102,21 @@ class Pipeline:
         self._committing = False
         self._closed = False
         self._refill_scheduled = False  # a refill is due in the event loop's next turn (see _refill_soon)
-        self._ahead = 0  # bytes of queued entries whose encryption has started (the ahead_bytes budget)
         # The delivery ring's records (None without a ring: every hit is a commit round trip).
         self.published = PublishedRecords(ring) if ring is not None else None
         self.costs = CostModel(cfg, endpoint_bytes_per_us, workers.count)
+        self.speculation = Speculation(
+            stream=h2d[0],
+            cfg=cfg,
+            workers=workers,
+            arena=arena,
+            regions=regions,
+            predictors=self.predictors,
+            costs=self.costs,
+            counters=self.counters,
+            on_ready=self._entry_ready,
+            session_id=session_id,
+        )
         self.landing = D2HLanding(
             session_id=session_id,
             streams=d2h,
@@ -159,9 +154,6 @@ class Pipeline:
         return copy_engine(
             t.length, unpredicted=unpredicted, channels=len(self.h2d), small_threshold=self.small_threshold
         )
-
-    def _speculative_slot_budget(self) -> int:
-        return self.arena.h2d.free - self.cfg.demand_slots
 
     # -- commit ----------------------------------------------------------------------------------
     async def commit(
@@ -216,7 +208,12 @@ class Pipeline:
                     else:
                         await self._on_demand(out, self.h2d[ce], region, key, ti, c.dst_offset)
                     more = ci + 1 < len(parts) or ti + 1 < len(transfers)
-                    if more and ce == 0 and self.mode == "pipellm" and len(self.speculative.queue) <= self.depth // 2:
+                    if (
+                        more
+                        and ce == 0
+                        and self.mode == "pipellm"
+                        and len(self.speculative.queue) <= self.speculation.depth // 2
+                    ):
                         self.refill()  # a long commit drains the queue: keep it ahead of this commit's later chunks
                     if len(out) >= _FLUSH_EVERY:
                         await out.flush(wait=False)
@@ -292,7 +289,7 @@ class Pipeline:
             if e.state == State.ENCRYPTING and e.fut is not None:
                 self.counters.waited += 1  # predicted right, but the encryption was still running
                 await asyncio.wait([e.fut])
-            if e.state == State.FAILED or (e.state == State.READY and not self._valid(e)):
+            if e.state == State.FAILED or (e.state == State.READY and not source_unchanged(e)):
                 self.counters.stale += e.state == State.READY
                 pos = -1
         self.predictors.observe(key, region.readonly)
@@ -306,9 +303,9 @@ class Pipeline:
                     await self._on_demand(out, s, region, key, ti, dst_off)
                     return
                 for _ in range(pos):
-                    await self._burn(out, s, self._pop(s))
+                    await self._burn(out, s, self.speculation.pop())
                 self.counters.skips += 1
-            e = self._pop(s)
+            e = self.speculation.pop()
             if e.state == State.RESERVED:
                 # Predicted right, but not encrypted yet (no free slot): its fresh IV serves it now.
                 if pos == 0:
@@ -317,7 +314,7 @@ class Pipeline:
                 return
             if pos == 0:
                 self.counters.hits += 1
-                self.depth = min(self.cfg.max_depth, self.depth + 1)
+                self.speculation.reward()
             self._deliver_entry(out, e, ti, dst_off)
             return
         # Miss. An extra transfer inside a cycle leaves the queue as the predictors still expect it.
@@ -331,30 +328,16 @@ class Pipeline:
             found_stale=found >= 0,
         )
         if not s.queue:
-            self.depth = min(self.cfg.max_depth, self.depth + 1)  # nothing was queued: speculate further ahead
+            self.speculation.reward()  # nothing was queued: speculate further ahead
             await self._on_demand(out, s, region, key, ti, dst_off)
             return
-        if len(self.h2d) > 1 and self._queue_still_expected():
+        if len(self.h2d) > 1 and self.speculation.still_expected():
             self.counters.detours += 1
             await self._on_demand(out, self.h2d[1], region, key, ti, dst_off)
             return
-        self.depth = max(1, self.depth // 2)  # a wrong guess: speculate less
+        self.speculation.penalise()  # a wrong guess: speculate less
         await self._relinquish(out, s)
         await self._on_demand(out, s, region, key, ti, dst_off)
-
-    def _queue_still_expected(self) -> bool:
-        want = self.predictors.upcoming(min(len(self.speculative.queue), 4))
-        return bool(want) and [e.key for e in list(self.speculative.queue)[: len(want)]] == want
-
-    def _valid(self, e: Entry) -> bool:
-        if e.state not in (State.READY, State.PUBLISHED) or e.snapshot is None:
-            return False
-        r = e.region
-        if r.shm.closed:
-            return False
-        if not r.unchanged_since(e.snapshot, e.key.offset, e.key.length):
-            return False
-        return e.fingerprint is None or r.fingerprint(e.key.offset, e.key.length) == e.fingerprint
 
     def _deliver_entry(self, out: CommitReply, e: Entry, ti: int, dst_off: int) -> None:
         self.speculative.sender.submit(e.iv)
@@ -383,7 +366,7 @@ class Pipeline:
         self.counters.relinquishes += 1
         if self.costs.burn_us(entries) <= self.costs.rotate_us([]):  # nothing is kept
             while s.queue:
-                await self._burn(out, s, self._pop(s))
+                await self._burn(out, s, self.speculation.pop())
         else:
             self._relinquish_by_rotation(s, out)
 
@@ -415,30 +398,9 @@ class Pipeline:
         self.counters.wasted(e.source, e.nbytes)
 
     def _abandon(self, s: H2DStream) -> None:
-        """Drop every queued entry; its slot comes back once no worker can still be writing into it."""
-        while s.queue:
-            e = self._pop(s)
-            if e.slot < 0:
-                continue
-            if e.state in (State.READY, State.ENCRYPTING, State.FAILED):
-                self.counters.wasted(e.source, e.nbytes)
-            if e.fut is not None and not e.fut.done():
-                e.fut.add_done_callback(self._release_later(e.slot))
-            else:
-                self.arena.h2d.release(e.slot)
-
-    def _pop(self, s: H2DStream) -> Entry:
-        """Take the head entry off the queue, keeping the count of ciphertext bytes held ahead."""
-        e = s.queue.popleft()
-        if e.state != State.RESERVED:
-            self._ahead -= e.nbytes
-        return e
-
-    def _release_later(self, slot: int) -> Callable[[asyncio.Future[None]], None]:
-        def release(_fut: asyncio.Future[None]) -> None:
-            self.arena.h2d.release(slot)
-
-        return release
+        """Drop a stream's queued entries (only copy engine 0 has any); the caller rotates its IV."""
+        if s is self.speculative:
+            self.speculation.abandon()
 
     def _relinquish_by_rotation(self, s: H2DStream, out: CommitReply) -> None:
         self._abandon(s)
@@ -496,136 +458,18 @@ class Pipeline:
             self.sync_ring()  # what the SDK took from the ring is no longer a prediction: the predictors see it first
         if self.dead is not None:
             return
-        s = self.speculative
-        if s.sender.key_rotation_pending or s.sender.dead is not None:
-            return
         # Published records the SDK has not taken yet are predicted chunks the predictors have not seen
         # committed: they stand first in the prediction, and are already on their way.
         published = [e.key for e, _r in self.published.unassigned() if e is not None] if self.published else []
-        want = self.predictors.upcoming(self.cfg.max_depth + len(published))
-        source = self.predictors.last_source
-        want = want[_on_their_way(want, published) :]
-        if source not in ("intents", "swap"):
-            # Learned guesses earn depth by hitting, and lose it while what they made is thrown away;
-            # declared ones get it all.
-            self.throttle.update()
-            want = want[: self.throttle.depth(source, self.depth)]
-        head = s.queue[0] if s.queue else None
-        # While a commit walks the queue, only append at the tail: nothing it may be looking at changes.
-        append_only = self._committing
-        preempt = False
-        if want and head is not None and head.state != State.RESERVED and not append_only:
-            if source in ("intents", "swap") and not self.predictors.outranks(head.source, source):
-                preempt = want[0] != head.key and self._rotation_pays(want[0])  # the declared order changed
-            else:
-                preempt = head.key not in want and self.predictors.outranks(source, head.source)
-        q = s.queue
-        n = min(len(q), len(want))
-        if n and [e.key for e in itertools.islice(q, n)] == want[:n]:
-            # The steady state: the queue is the prediction's prefix. Only its tail needs extending.
-            for key in want[n:]:
-                region = self.regions.get(key.region)
-                if region is None or s.sender.outstanding >= _OUTSTANDING_DEPTHS * self.cfg.max_depth:
-                    break
-                q.append(Entry(key, region, s.sender.reserve(), source))
-            self._dispatch()
-            return
-        if preempt:
-            _log.debug(
-                "preempt",
-                session=self.session_id,
-                head=tuple(head.key) if head else None,
-                want=tuple(want[0]),
-                source=source,
-            )
-            # A better-informed predictor disagrees with ciphertext at the head: abandon the queue now,
-            # in band before the next commit's deliveries, rather than burning it chunk by chunk.
-            self._abandon(s)
-            self._directives.append(pb.Delivery(ce=s.ce, kind=pb.MSG_KIND_ROTATE_IV, value=s.sender.rotate_iv()))
-            self.counters.iv_rotations += 1
-            self.counters.relinquishes += 1
-        i = 0
-        for key in want:
-            if i < len(s.queue) and s.queue[i].key == key:
-                i += 1
-                continue
-            if i < len(s.queue) and append_only:
-                break
-            if i < len(s.queue) and s.queue[i].state == State.RESERVED:
-                region = self.regions.get(key.region)
-                if region is None:
-                    break
-                e = s.queue[i]
-                e.key, e.region, e.source = key, region, source  # a fresh IV can carry any chunk
-                i += 1
-                continue
-            if i < len(s.queue):
-                later = next((j for j in range(i + 1, len(s.queue)) if s.queue[j].key == key), -1)
-                if later < 0:
-                    break  # an encrypted entry stands in the way; commits will skip or relinquish it
-                i = later + 1
-                continue
-            region = self.regions.get(key.region)
-            if region is None or s.sender.outstanding >= _OUTSTANDING_DEPTHS * self.cfg.max_depth:
-                break
-            s.queue.append(Entry(key, region, s.sender.reserve(), source))
-            i += 1
-        self._dispatch()
+        rotation = self.speculation.refill(published, append_only=self._committing)
+        if rotation is not None:
+            self._directives.append(rotation)  # in band, before the next commit's deliveries
 
-    def _rotation_pays(self, key: ChunkId) -> bool:
-        """The declared order now starts at `key`, not at the queue's head: abandon the queue only when
-        burning the entries in front of `key` would cost more than a rotation and encrypting again what is
-        kept. Otherwise the commit of `key` burns them and the wanted ciphertext behind them is used: a
-        replaced hint costs the encryption it wasted, not the chunks it still names."""
-        q = list(self.speculative.queue)
-        pos = next((i for i, e in enumerate(q) if e.key == key), -1)
-        return pos < 0 or self.costs.burn_us(q[:pos]) > self.costs.rotate_us(q[pos:])
-
-    def _dispatch(self) -> None:
-        s = self.speculative
-        q = s.queue
-        for e in q:
-            if e.state != State.RESERVED:
-                continue
-            if s.sender.epoch.usage + e.nbytes // 16 + 1 >= s.sender.policy.lower:
-                return  # never speculate into a pending key rotation: it would abandon the work anyway
-            if self._ahead + e.nbytes > self.cfg.ahead_bytes or self._speculative_slot_budget() <= 0:
-                return
-            r = e.region
-            if r.shm.closed or r.landings_touching(e.key.offset, e.key.length):
-                continue
-            snap = r.generations(e.key.offset, e.key.length)
-            if snap is None:
-                continue
-            e.fingerprint = (
-                r.fingerprint(e.key.offset, e.key.length) if (self.cfg.fingerprint and not r.readonly) else None
-            )
-            e.snapshot = snap
-            slot = self.arena.h2d.try_acquire()
-            if slot is None:
-                return
-            e.slot = slot
-            nonce = s.sender.take(e.iv, e.nbytes)
-            e.fut = self.workers.submit(
-                w.Kind.SEAL,
-                s.key_id(),
-                nonce,
-                (r.handle, e.key.offset),
-                e.nbytes,
-                (self.arena.handle, self.arena.layout.h2d_slot(slot)),
-            )
-            e.state = State.ENCRYPTING
-            e.fut.add_done_callback(functools.partial(self._encrypted, e))
-            self._ahead += e.nbytes
-            self.counters.ahead(e.source, e.nbytes)
-
-    def _encrypted(self, e: Entry, fut: asyncio.Future[None]) -> None:
-        if e.state != State.ENCRYPTING:
-            return
-        e.state = State.FAILED if fut.cancelled() or fut.exception() is not None else State.READY
-        if e.state == State.READY and self.staging is not None:
+    def _entry_ready(self, e: Entry) -> None:
+        """An entry's ciphertext is made: stage it on the device, and publish it when it heads the queue."""
+        if self.staging is not None:
             self.staging.prefetch(e.slot, self.arena.layout.h2d_slot(e.slot), e.nbytes + TAG_LEN)
-        if e.state == State.READY and self.speculative.queue and self.speculative.queue[0] is e:
+        if self.speculative.queue and self.speculative.queue[0] is e:
             self._publish()
 
     # -- the delivery ring ----------------------------------------------------------------------------
@@ -646,14 +490,14 @@ class Pipeline:
             for d in self._directives:
                 pub.write(None, Record(d.kind, d.ce, 0, 0, 0, 0, 0, 0, d.value))
             self._directives = []
-        depth = min(pub.room, max(2, self.depth) - len(pub))
+        depth = min(pub.room, max(2, self.speculation.depth) - len(pub))
         while s.queue and depth > 0 and not s.sender.key_rotation_pending:
             e = s.queue[0]
-            if e.state != State.READY or e.fingerprint is not None or not self._valid(e):
+            if e.state != State.READY or e.fingerprint is not None or not source_unchanged(e):
                 break
             if e.source not in _PUBLISHED_SOURCES:
                 break  # a learned guess stays revocable: a better-informed hint may still replace it cheaply
-            self._pop(s)
+            self.speculation.pop()
             s.sender.submit(e.iv)
             e.state = State.PUBLISHED
             staged = self.staging is not None and self.staging.ready(e.slot)
@@ -664,7 +508,7 @@ class Pipeline:
             )
             depth -= 1
         # Ask for a doorbell when we wait on the SDK: records it has not taken block publishing or slots.
-        pub.announce(bell_wanted=depth <= 0 or self._speculative_slot_budget() <= 0)
+        pub.announce(bell_wanted=depth <= 0 or self.speculation.slot_budget() <= 0)
 
     def _ring_sync(self) -> None:
         """Learn from the consumer index which records the SDK took; their slots are free again."""
@@ -684,7 +528,7 @@ class Pipeline:
                 self.counters.chunks += 1
                 self.counters.bytes_h2d += e.nbytes
                 self.counters.used(e.source, e.nbytes)
-                self.depth = min(self.cfg.max_depth, self.depth + 1)
+                self.speculation.reward()
                 self.predictors.observe(e.key, e.region.readonly)
             self.arena.h2d.release(e.slot)
 
@@ -721,14 +565,14 @@ class Pipeline:
             self._ring_out(out, item, discard=True)
         e = avail[pos][0]
         assert e is not None
-        if not self._valid(e):
+        if not source_unchanged(e):
             self.counters.stale += 1
             self._flush_published(out)  # it and everything published after it: the chunk is made anew
             return ""
         self._ring_out(out, avail[pos], discard=False, ti=ti, dst_off=dst_off)
         self.counters.hits += pos == 0
         self.counters.skips += pos > 0
-        self.depth = min(self.cfg.max_depth, self.depth + 1)
+        self.speculation.reward()
         self.predictors.observe(key, region.readonly)
         return "hit"
 
@@ -766,7 +610,7 @@ class Pipeline:
             self.delivered_nops.discard(c)
             self.arena.nops.release(c)
         if self.mode == "pipellm" and self.dead is None:
-            self._dispatch()  # freed slots can take queued entries; the queue itself changes at commit end
+            self.speculation.dispatch()  # freed slots can take queued entries; the queue changes at commit end
             self._publish()
 
     # -- D2H -------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ LAYERS: list[set[str]] = [
     # The pipeline's mechanisms: the ring's published records, the relinquish cost model, D2H landing, and
     # the learned sources' throttle.
     {"published", "relinquish", "landing", "throttle"},
+    # Copy engine 0's speculation: its queue, what fills it and when its ciphertext is made.
+    {"speculation"},
     {"pipeline"},
     {"sessions"},
     # The data plane (connections: each is a `sessions.Link`) and the status it does not need.

@@ -44,6 +44,6 @@ def test_a_cycle_whose_guesses_hints_keep_replacing_speculates_one_chunk(loop_an
         p.predictors.intents.cancel()
         p.refill()
         loop.run_until_complete(settle(2, [p]))
-    assert p.throttle.share["cycle"] < 0.5
+    assert p.speculation.throttle.share["cycle"] < 0.5
     assert len(p.speculative.queue) <= 1, "a wasteful learned source speculates one chunk at a time"
     pair.close()
