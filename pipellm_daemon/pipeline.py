@@ -570,8 +570,12 @@ class Pipeline:
             self._flush_published(out)  # it and everything published after it: the chunk is made anew
             return ""
         self._ring_out(out, avail[pos], discard=False, ti=ti, dst_off=dst_off)
-        self.counters.hits += pos == 0
-        self.counters.skips += pos > 0
+        # A skip passes over published DATA records (each burned as DISCARD). In-band rotations in front of
+        # the record are no wrong guess: the SDK's fast path applies them in place and counts the same
+        # record a hit, so this path does too.
+        skipped = any(p is not None for p, _r in avail[:pos])
+        self.counters.hits += not skipped
+        self.counters.skips += skipped
         self.speculation.reward()
         self.predictors.observe(key, region.readonly)
         return "hit"

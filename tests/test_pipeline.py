@@ -93,6 +93,31 @@ def test_a_replaced_intent_costs_only_the_ciphertext_it_wasted(loop_and_pool, ri
     pair.close()
 
 
+def test_a_record_behind_only_rotations_is_a_hit(loop_and_pool) -> None:
+    """A commit sent while the ring was still empty reaches the hinted record with only an in-band rotation
+    in front of it (the new hint rotated away an unpublished guess, then its own ciphertext was published):
+    no wrong guess is passed over, so it is a hit, as the SDK's fast path counts the same record."""
+    cfg = dataclasses.replace(BASE, fingerprint=True)  # a fingerprinted (mutable) entry is never published
+    loop, pool = loop_and_pool
+    pair = PipelinePair(cfg, pool, ring=True)
+    data = np.random.default_rng(1).integers(0, 256, 16 * CHUNK, dtype=np.uint8)
+    ro = pair.region(16 * CHUNK, readonly=True, data=data)
+    rw = pair.region(16 * CHUNK, readonly=False, data=data)
+    declare(loop, pair, rw, [1])  # made ahead, left in the queue
+    dst = np.zeros(CHUNK, np.uint8)
+    frame, pending = pair.core.commit_frame([(ro, 5 * CHUNK, CHUNK, dst, False)])  # nothing in the ring yet
+    assert frame is not None
+    declare(loop, pair, ro, [5])  # the hint changed: a rotation, then chunk 5 published behind it
+    assert [e is None for e, _r in pair.pipeline.published.unassigned()] == [True, False]
+    daemon_side = [(pair.regions[t.region_id], t) for t in frame.commit.transfers]
+    loop.run_until_complete(pair.pipeline.commit(frame.commit.seq, daemon_side, pair._send))
+    assert pending.done and pending.error is None
+    assert (dst == data[5 * CHUNK : 6 * CHUNK]).all()
+    c = pair.pipeline.counters
+    assert (c.hits, c.skips, c.misses, c.ring_discards, c.iv_rotations) == (1, 0, 0, 0, 1)
+    pair.close()
+
+
 def test_miss_relinquishes_by_rotation_and_restarts(loop_and_pool) -> None:
     loop, pair, ro, data = setup(loop_and_pool)
     declare(loop, pair, ro, [1, 2, 3, 4, 5, 6])

@@ -228,7 +228,8 @@ class PipelineMachine(RuleBasedStateMachine):
             assert c.detours <= c.misses and c.stale <= c.misses + c.ring_discards
             assert s.pipeline.dead is None and s.core.dead is None
             queued = s.pipeline.speculative.queue
-            assert s.pipeline.speculation.ahead_bytes == sum(e.nbytes for e in queued if e.state != 0), "ahead-bytes bookkeeping"
+            held = sum(e.nbytes for e in queued if e.state != 0)
+            assert s.pipeline.speculation.ahead_bytes == held, "ahead-bytes bookkeeping"
             ep = s.core.endpoint
             assert ep.dead is None
             for counter, label in COVERAGE_EVENTS:

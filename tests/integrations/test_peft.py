@@ -108,15 +108,20 @@ def test_hot_swapping_matches_peft_and_hits_with_hints(daemon, adapters) -> None
                     model.generate(**batch(), max_new_tokens=3, do_sample=False, pad_token_id=1), want_tokens[n]
                 )
         assert before is not None
-        hits = after.hits - before.hits
+        hits, skips = after.hits - before.hits, after.skips - before.skips
         judged = (after.hits + after.misses + after.skips + after.late) - (
             before.hits + before.misses + before.skips + before.late
         )
         loads = sum(1 for i in range(3, len(order)) if order[i] != order[i - 1])  # "c","c": resident, no copy
         assert judged == loads
-        # At most one load may miss: CI once saw 8 of 9 on a loaded machine (the hint and the commit race
-        # on a busy 2-vCPU host; the cause of that one miss was not diagnosed).
-        assert hits >= judged - 1, (hits, judged)
+        # Every hinted load is served from ciphertext made ahead: no miss, none late. One of them may be a
+        # skip, as timing decides: when the load of "b" (i=11) finds its record not yet in the delivery ring
+        # (a busy host: the hint's encryption or publication still pending), it takes a commit, and that
+        # commit's refill, with no intent left, queues the learned cycle's guess "c", "a", ... The hint "a"
+        # then finds "a" queued behind "c"; burning "c" costs less than a rotation and encrypting the rest
+        # again (Pipeline._rotation_pays), so the load of "a" burns it and uses the ciphertext behind it.
+        # Only that load follows a confident cycle that its hint contradicts.
+        assert hits + skips == judged and skips <= 1, (hits, skips, judged)
         assert mgr.loads == loads + 3 + 2
         mgr.close()
 
@@ -170,11 +175,13 @@ def test_cuda_endpoint_emulated(daemon, adapters, fake_gpu) -> None:
                 assert torch.equal(model(**batch()).logits, want_logits[n]), (i, n)
         after = s.status().counters
         assert before is not None
-        hits = after.hits - before.hits
+        hits, skips = after.hits - before.hits, after.skips - before.skips
         judged = (after.hits + after.misses + after.skips + after.late) - (
             before.hits + before.misses + before.skips + before.late
         )
-        assert judged == len(order) - 3 and hits >= judged - 1, (hits, judged)  # one miss: see the test above
+        # As in the test above: all made ahead; the last load ("b", the hint against the cycle's "a") may be
+        # a skip when the load before it took a commit.
+        assert judged == len(order) - 3 and hits + skips == judged and skips <= 1, (hits, skips, judged)
         assert ep.accepted > 0 and ep.dead is None
         mgr.close()
 
