@@ -105,7 +105,7 @@ class DeliveryRing:
         return cls(shm, capacity, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
 
     def close(self) -> None:
-        self.view.view.release()
+        self.view.release()
         self.shm.close()
         os.close(self.bell)
 

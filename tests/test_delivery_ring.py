@@ -14,7 +14,8 @@ import time
 import numpy as np
 import pytest
 from pipellm_client import ChannelDead, Client, DaemonError, Intent, PipeLLMError, TagMismatch
-from pipellm_client.ring import KIND_DATA
+from pipellm_client.ring import KIND_DATA, RingView, ring_bytes
+from pipellm_client.shm import SharedMemory
 
 from pipellm_daemon.launcher import DaemonProcess
 
@@ -28,6 +29,36 @@ def _wait_published(s, n: int, timeout: float = 10.0) -> None:  # type: ignore[n
     while ring.produced - ring.consumed < n:
         assert time.monotonic() < deadline, f"the daemon published {ring.produced - ring.consumed} of {n} records"
         time.sleep(0.005)
+
+
+def test_header_words_are_never_seen_half_written() -> None:
+    """The other process reads `produced` and `consumed` at any moment. A word rewritten with its own value
+    must read as that value throughout (struct's pack_into zeroes the bytes first: its readers saw 0 now and
+    then, and the SDK took a published record for one never published)."""
+    shm = SharedMemory.create("ring-words", ring_bytes(8))
+    ring = RingView(shm.view, 8)
+    value = (1 << 40) + 1353  # bytes in every position of the word
+    ring.produced = ring.consumed = value
+    pid = os.fork()
+    if pid == 0:  # the writer: the same values, over and over
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            for _ in range(1000):
+                ring.produced = value
+                ring.consumed = value
+        os._exit(0)
+    try:
+        seen = set()
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            for _ in range(1000):
+                seen.add(ring.produced)
+                seen.add(ring.consumed)
+    finally:
+        os.waitpid(pid, 0)
+        ring.release()
+        shm.close()
+    assert seen == {value}, f"torn reads: {sorted(seen)[:5]}"
 
 
 def test_hits_are_taken_from_the_ring_without_a_commit(daemon: DaemonProcess) -> None:

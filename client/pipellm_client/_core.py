@@ -849,6 +849,8 @@ class SessionCore:
         if self.arena is not None:
             self.arena.close()
         if self.ring_shm is not None:
+            if self.ring is not None:
+                self.ring.release()
             self.ring = None
             self.ring_shm.close()
             self.ring_shm = None

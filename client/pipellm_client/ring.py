@@ -23,6 +23,7 @@ the two processes' unfenced stores costs nothing worse than a slow-path commit, 
 from __future__ import annotations
 
 import struct
+import sys
 from typing import Final, NamedTuple
 
 import xxhash
@@ -35,7 +36,6 @@ KIND_DATA: Final = 1  # = pb.MSG_KIND_DATA
 KIND_ROTATE_IV: Final = 4  # = pb.MSG_KIND_ROTATE_IV
 KIND_ROTATE_KEY: Final = 5  # = pb.MSG_KIND_ROTATE_KEY
 FLAG_STAGED: Final = 1  # the ciphertext is already in device staging (CUDA endpoints)
-_INDEX: Final = struct.Struct("<Q")
 BELL_EVERY: Final = 8
 
 
@@ -61,16 +61,19 @@ def source_digest(generations: bytes) -> int:
 
 
 class _HeaderWord:
-    """One u64 of a ring's header, read and written in place in the shared memory."""
+    """One u64 of a ring's header, read and written in place in the shared memory, whole: the other process
+    reads it at any moment. One aligned 8-byte load or store (a 'Q' memoryview item), never `struct`'s
+    pack_into, which zeroes the bytes before it writes them: a reader in between would see 0 or half a
+    value (a consumer index gone backwards, records unpublished)."""
 
     def __init__(self, offset: int) -> None:
-        self.offset = offset
+        self.index = offset // 8
 
     def __get__(self, ring: RingView, owner: type | None = None) -> int:
-        return int(_INDEX.unpack_from(ring.view, self.offset)[0])
+        return ring.words[self.index]
 
     def __set__(self, ring: RingView, value: int) -> None:
-        _INDEX.pack_into(ring.view, self.offset, int(value))
+        ring.words[self.index] = int(value)
 
 
 class RingView:
@@ -79,8 +82,16 @@ class RingView:
     def __init__(self, view: memoryview, capacity: int) -> None:
         if capacity < 1 or len(view) < ring_bytes(capacity):
             raise ValueError(f"a ring of {capacity} records needs {ring_bytes(capacity)} bytes, got {len(view)}")
+        if sys.byteorder != "little":
+            raise ValueError("the delivery ring's header is little-endian u64 words")
         self.view = view
         self.capacity = capacity
+        self.words = view[:HEADER].cast("Q")  # the header as native u64 words (aligned: the ring is mapped)
+
+    def release(self) -> None:
+        """Drop the views (before the shared memory is closed)."""
+        self.words.release()
+        self.view.release()
 
     produced = _HeaderWord(0)  # written by the daemon
     consumed = _HeaderWord(8)  # written by the SDK
