@@ -89,9 +89,8 @@ class RingView:
         self.words = view[:HEADER].cast("Q")  # the header as native u64 words (aligned: the ring is mapped)
 
     def release(self) -> None:
-        """Drop the views (before the shared memory is closed)."""
+        """Drop the header view this object made (before its owner closes the shared memory)."""
         self.words.release()
-        self.view.release()
 
     produced = _HeaderWord(0)  # written by the daemon
     consumed = _HeaderWord(8)  # written by the SDK
