@@ -23,7 +23,17 @@ from .crypto import TAG_LEN
 from .endpoint import NOP_MESSAGE_LEN, ChannelSecrets, CpuEndpoint, Endpoint, HeldMessage, MsgKind, host_source_view
 from .errors import ChannelDead, InvalidArgument, PipeLLMError, TagMismatch
 from .regions import Region
-from .ring import BELL_EVERY, FLAG_STAGED, KIND_DATA, KIND_ROTATE_IV, KIND_ROTATE_KEY, Record, RingView, source_digest
+from .ring import (
+    BELL_EVERY,
+    FLAG_STAGED,
+    KIND_DATA,
+    KIND_ROTATE_IV,
+    KIND_ROTATE_KEY,
+    SEALED_DIGEST,
+    Record,
+    RingView,
+    source_digest,
+)
 from .shm import SharedMemory
 from .wire import FLAG_UNPREDICTED, copy_engine, generation_table_bytes
 
@@ -302,11 +312,12 @@ class SessionCore:
         commit = pb.Commit(seq=seq)
         targets = []
         checked = []
+        regions, dest_view = self.regions, self.endpoint.dest_view
         for region, offset, length, dst, unpredicted in transfers:
-            if region.id not in self.regions or self.regions[region.id] is not region:
+            if regions.get(region.id) is not region:
                 raise InvalidArgument(f"{region!r} does not belong to this session")
             region.check_range(offset, length)
-            view = self.endpoint.dest_view(dst)
+            view = dest_view(dst)
             if view.nbytes < length:
                 raise InvalidArgument(f"destination holds {view.nbytes} bytes, the transfer is {length}")
             checked.append((region, offset, length, view, unpredicted))
@@ -428,40 +439,48 @@ class SessionCore:
         prod: int,
         rest: list[tuple[Region, int, int, Any, bool]],
     ) -> int:
-        for region, offset, length, view, unpredicted in transfers:
-            if (
-                rest
-                or self.mode != pb.MODE_PIPELLM
-                or self.route_ce(length, unpredicted) != 0
-                or self._landing_into(region, offset, length)
-            ):
-                rest.append((region, offset, length, view, unpredicted))
-                continue
-            done = 0
-            pieces = (
-                chunks.split(offset, length, self.chunk_size)
-                if length > self.chunk_size
-                else (chunks.Chunk(offset, length, 0),)  # one chunk: the common case, no generator
-            )
-            for c in pieces:
-                rec = ring.record(cons) if cons < prod else None
-                while rec is not None and rec.kind in (KIND_ROTATE_IV, KIND_ROTATE_KEY):
-                    # In-band rotations published between chunks: apply them in place.
-                    if rec.kind == KIND_ROTATE_IV:
-                        self.endpoint.rotate_iv(rec.ce, rec.value)
-                    else:
-                        self.endpoint.rotate_key(rec.ce, rec.value)
-                    self.stats.rotations += 1
-                    cons += 1
+        # Hoisted out of the per-chunk loop (a batch is 64 chunks and more): the mode, the chunk size, and
+        # whether a D2H landing exists at all.
+        speculative = self.mode == pb.MODE_PIPELLM
+        size, landing, take = self.chunk_size, bool(self.landing), self._take_data
+        hits = 0
+        try:
+            for region, offset, length, view, unpredicted in transfers:
+                if (
+                    rest
+                    or not speculative
+                    or self.route_ce(length, unpredicted) != 0
+                    or (landing and self._landing_into(region, offset, length))
+                ):
+                    rest.append((region, offset, length, view, unpredicted))
+                    continue
+                done = 0
+                pieces = (
+                    chunks.split(offset, length, size)
+                    if length > size
+                    else ((offset, length, 0),)  # one chunk: the common case, no generator
+                )
+                for c_offset, c_length, c_dst in pieces:
                     rec = ring.record(cons) if cons < prod else None
-                if rec is None or not self._record_carries(rec, region, c.offset, c.length):
-                    break
-                self._take_data(rec.ce, rec.slot, rec.length, bool(rec.flags & FLAG_STAGED), view[c.dst_offset :])
-                cons += 1
-                self.ring_hits += 1
-                done += c.length
-            if done < length:
-                rest.append((region, offset + done, length - done, view[done:], unpredicted))
+                    while rec is not None and rec.kind in (KIND_ROTATE_IV, KIND_ROTATE_KEY):
+                        # In-band rotations published between chunks: apply them in place.
+                        if rec.kind == KIND_ROTATE_IV:
+                            self.endpoint.rotate_iv(rec.ce, rec.value)
+                        else:
+                            self.endpoint.rotate_key(rec.ce, rec.value)
+                        self.stats.rotations += 1
+                        cons += 1
+                        rec = ring.record(cons) if cons < prod else None
+                    if rec is None or not self._record_carries(rec, region, c_offset, c_length):
+                        break
+                    take(rec.ce, rec.slot, rec.length, bool(rec.flags & FLAG_STAGED), view[c_dst:] if c_dst else view)
+                    cons += 1
+                    hits += 1
+                    done += c_length
+                if done < length:
+                    rest.append((region, offset + done, length - done, view[done:], unpredicted))
+        finally:
+            self.ring_hits += hits
         return cons
 
     def _landing_into(self, region: Region, offset: int, length: int) -> bool:
@@ -476,7 +495,9 @@ class SessionCore:
         if rec.kind != KIND_DATA or (rec.region, rec.offset, rec.length) != (region.id, offset, length):
             return False
         gens = region.generations(offset, length)
-        return gens is not None and source_digest(gens) == rec.digest
+        if gens is None:
+            return False
+        return (SEALED_DIGEST if not gens else source_digest(gens)) == rec.digest
 
     def _ring_bell(self) -> None:
         assert self.ring is not None
@@ -502,15 +523,14 @@ class SessionCore:
         ring.consumed = cons + 1
 
     def _take_data(self, ce: int, slot: int, length: int, staged: bool, out: Any) -> None:
-        ep, st = self.endpoint, self.stats
-        self.layout.check_message(length)
-        msg = self._arena_view(self.layout.h2d_slot(slot), length + TAG_LEN)
-        out = out[:length]
+        ep, st, layout = self.endpoint, self.stats, self.layout
+        layout.check_message(length)
+        at = layout.h2d_slot(slot)
         self._data_seen += 1
         if staged:
             ep.next_staged = slot
         if self._data_seen % self.verify_every == 0:
-            ep.receive(ce, MsgKind.DATA, msg, out)
+            ep.receive(ce, MsgKind.DATA, self._arena_view(at, length + TAG_LEN), out[:length])
             st.verified += 1
         else:
             ep.next_staged = None
