@@ -552,9 +552,15 @@ class Pipeline:
         avail = self.published.unassigned()
         pos = next((i for i, (e, _r) in enumerate(avail) if e is not None and e.key == key), -1)
         if pos < 0:
-            queued = [e.key for e, _r in avail if e is not None] + [e.key for e in self.speculative.queue]
+            entries = [e for e, _r in avail if e is not None] + list(self.speculative.queue)
+            queued = [e.key for e in entries]
             want = self.predictors.upcoming(min(len(queued), 4))
-            if len(self.h2d) > 1 and want and queued[: len(want)] == want and key not in queued:
+            expected = bool(want) and queued[: len(want)] == want
+            if (
+                len(self.h2d) > 1
+                and key not in queued
+                and (expected or (bool(entries) and self.speculation.deferred(entries[0])))
+            ):
                 self.counters.misses += 1
                 self.counters.detours += 1
                 self.predictors.observe(key, region.readonly)  # as on every other path: it was transferred

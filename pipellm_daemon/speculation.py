@@ -129,10 +129,27 @@ class Speculation:
         return release
 
     def still_expected(self) -> bool:
-        """Whether the queue's head is still what the predictors expect next (a miss was an extra transfer)."""
+        """Whether the queue's head is still what the predictors expect next (a miss was an extra transfer),
+        or is still wanted after a higher-ranked source's chunks (`deferred`)."""
         q = self.stream.queue
         want = self.predictors.upcoming(min(len(q), 4))
-        return bool(want) and [e.key for e in list(q)[: len(want)]] == want
+        if bool(want) and [e.key for e in list(q)[: len(want)]] == want:
+            return True
+        return bool(q) and self.deferred(q[0])
+
+    def deferred(self, head: Entry) -> bool:
+        """Whether `head` (the first ciphertext in the stream) is only waiting its turn: it was made for a
+        source that ranks below the one predicting now, and that source still predicts it. The chunks
+        that come first then take the second channel, and the ciphertext serves later, instead of being
+        abandoned by a rotation and encrypted again."""
+        self.predictors.upcoming(1)
+        now = self.predictors.last_source
+        return (
+            bool(now)
+            and head.source != now
+            and self.predictors.outranks(now, head.source)
+            and self.predictors.predicts(head.source, head.key, self.cfg.max_depth)
+        )
 
     def slot_budget(self) -> int:
         """Bounce slots speculation may still take: the rest are kept for on-demand chunks."""
@@ -161,7 +178,9 @@ class Speculation:
         preempt = False
         if want and head is not None and head.state != State.RESERVED and not append_only:
             if source in DECLARED and not self.predictors.outranks(head.source, source):
-                preempt = want[0] != head.key and self._rotation_pays(want[0])  # the declared order changed
+                # The declared order changed: abandon the queue when that pays (`_rotation_pays`), unless
+                # its ciphertext only waits its turn behind fewer declared bytes than it holds (`_keep_for`).
+                preempt = want[0] != head.key and self._rotation_pays(want[0]) and not self._keep_for(want, head)
             else:
                 preempt = head.key not in want and self.predictors.outranks(source, head.source)
         q = s.queue
@@ -223,6 +242,19 @@ class Speculation:
             return False
         s.queue.append(Entry(key, region, s.sender.reserve(), source))
         return True
+
+    def _keep_for(self, want: list[ChunkId], head: Entry) -> bool:
+        """Keep the queue behind declared chunks `want` (they take the second channel when committed)?
+
+        Yes when its head only waits its turn (`deferred`) and it holds more still-wanted ciphertext than the
+        declared chunks come to: abandoning it would make the workers encrypt those bytes again, more work
+        than encrypting the declared chunks on demand (a swap-in right after its swap-out, in front of the
+        next pass's weights). Fewer bytes kept (a learned guess or two in front of a declared adapter) are
+        abandoned, so the declared chunks are made ahead."""
+        if not self.deferred(head):
+            return False
+        kept = sum(e.nbytes for e in self.stream.queue if e.state != State.RESERVED and e.source == head.source)
+        return sum(k.length for k in want) < kept
 
     def _rotation_pays(self, key: ChunkId) -> bool:
         """The declared order now starts at `key`, not at the queue's head: abandon the queue only when

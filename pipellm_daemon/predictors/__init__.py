@@ -36,6 +36,11 @@ class PredictorsByPriority:
         self.last_source = ""
         return []
 
+    def predicts(self, source: str, key: ChunkId, limit: int) -> bool:
+        """Whether the predictor named `source` still has `key` among its next `limit` chunks."""
+        p = next((p for p in self.all if p.name == source), None)
+        return p is not None and key in p.upcoming(limit)
+
     def outranks(self, a: str, b: str) -> bool:
         """Does predictor `a` come before predictor `b` in priority? (Unknown names rank last.)"""
         order = [p.name for p in self.all]
