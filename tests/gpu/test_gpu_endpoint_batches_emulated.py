@@ -240,6 +240,7 @@ def test_destinations_must_be_device_memory(host: Host) -> None:
         ep.dest_view(np.zeros(64, np.uint8))
     with pytest.raises(InvalidArgument, match="must be GPU memory"):
         ep.source_view(bytearray(64))
+    pytest.importorskip("torch", reason="torch comes with the integrations' packages (make test installs them)")
     t = ep.torch_empty(100)  # the endpoint's own device memory, as torch sees it (the CPU, for this fake)
     assert t.numel() == 100 and t.device == ep.torch_device
     view = ep.dest_view(t)
