@@ -116,6 +116,7 @@ class Pipeline:
             counters=self.counters,
             on_ready=self._entry_ready,
             session_id=session_id,
+            detours=len(h2d) > 1,
         )
         self.landing = D2HLanding(
             session_id=session_id,

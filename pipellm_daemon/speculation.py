@@ -76,8 +76,10 @@ class Speculation:
         counters: Counters,
         on_ready: Callable[[Entry], None],
         session_id: str,
+        detours: bool,
     ) -> None:
         self.stream = stream
+        self.detours = detours  # a second channel takes chunks the queue does not hold (its head stays)
         self.cfg = cfg
         self.workers = workers
         self.arena = arena
@@ -251,8 +253,8 @@ class Speculation:
         than encrypting the declared chunks on demand (a swap-in right after its swap-out, in front of the
         next pass's weights). Fewer bytes kept (a learned guess or two in front of a declared adapter) are
         abandoned, so the declared chunks are made ahead."""
-        if not self.deferred(head):
-            return False
+        if not self.detours or not self.deferred(head):
+            return False  # with one channel the declared chunk's commit would relinquish the queue anyway
         kept = sum(e.nbytes for e in self.stream.queue if e.state != State.RESERVED and e.source == head.source)
         return sum(k.length for k in want) < kept
 

@@ -225,6 +225,26 @@ def test_a_swap_in_right_after_its_swap_out_keeps_the_cycles_ciphertext(loop_and
     assert c.cycle_bytes_wasted == before.cycle_bytes_wasted
 
 
+def test_with_one_channel_a_swap_in_still_preempts_the_cycle(loop_and_pool) -> None:
+    """No second channel to take it: the swap-in is made ahead on the only one, in front of the cycle."""
+    loop, pair, ro, data = setup(loop_and_pool, dataclasses.replace(BASE, channels=1))
+    kv = pair.region(2 * CHUNK, readonly=False)
+    p = pair.pipeline
+    block = np.random.default_rng(8).integers(0, 256, CHUNK, dtype=np.uint8)
+    for step in range(5):
+        if step == 2:
+            before = dataclasses.replace(p.counters)
+        for j in range(6):
+            assert (fetch(loop, pair, ro, j) == data[j * CHUNK : (j + 1) * CHUNK]).all()
+        loop.run_until_complete(settle(2, [p]))
+        loop.run_until_complete(pair.d2h(block, kv, 0, swap_out=True, group=step + 1))
+        loop.run_until_complete(settle(2, [p]))
+        assert (fetch(loop, pair, kv, 0) == block).all()
+    c = p.counters
+    assert c.detours == 0 and c.iv_rotations - before.iv_rotations == 3, "the queue gave way to each swap-in"
+    assert c.misses == before.misses, "each swap-in was made ahead (a hit), not a miss at its commit"
+
+
 def test_key_rotations_in_band_both_directions(loop_and_pool) -> None:
     loop, pair, ro, data = setup(loop_and_pool, policy=RotationPolicy(upper=30_000, lower=10_000))
     kv = pair.region(4 * CHUNK, readonly=False)
