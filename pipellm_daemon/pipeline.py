@@ -332,7 +332,7 @@ class Pipeline:
             self.speculation.reward()  # nothing was queued: speculate further ahead
             await self._on_demand(out, s, region, key, ti, dst_off)
             return
-        if len(self.h2d) > 1 and self.speculation.still_expected():
+        if self.speculation.detour_keeps(list(s.queue)):
             self.counters.detours += 1
             await self._on_demand(out, self.h2d[1], region, key, ti, dst_off)
             return
@@ -554,14 +554,7 @@ class Pipeline:
         pos = next((i for i, (e, _r) in enumerate(avail) if e is not None and e.key == key), -1)
         if pos < 0:
             entries = [e for e, _r in avail if e is not None] + list(self.speculative.queue)
-            queued = [e.key for e in entries]
-            want = self.predictors.upcoming(min(len(queued), 4))
-            expected = bool(want) and queued[: len(want)] == want
-            if (
-                len(self.h2d) > 1
-                and key not in queued
-                and (expected or (bool(entries) and self.speculation.deferred(entries[0])))
-            ):
+            if all(e.key != key for e in entries) and self.speculation.detour_keeps(entries):
                 self.counters.misses += 1
                 self.counters.detours += 1
                 self.predictors.observe(key, region.readonly)  # as on every other path: it was transferred

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import itertools
 from collections.abc import Callable
+from typing import Final
 
 from pipellm_client._gen.pipellm.v1 import pipellm_pb2 as pb
 
@@ -36,6 +37,9 @@ DECLARED = frozenset({"intents", "swap"})
 # Reserved-but-unsent IVs at most, in units of max_depth: a queue reordered over and over would otherwise
 # reserve IVs without bound (each abandoned one is skipped by a rotation, never reused).
 _OUTSTANDING_DEPTHS = 4
+# A learned source's ciphertext is kept waiting its turn only while this share of its recent bytes was used.
+KEEP_SHARE: Final = 0.9
+_MADE: Final = (State.ENCRYPTING, State.READY, State.PUBLISHED)  # entries whose ciphertext exists or is being made
 
 
 def on_their_way(want: list[ChunkId], published: list[ChunkId]) -> int:
@@ -92,11 +96,13 @@ class Speculation:
         self.session_id = session_id
         self.depth = 2  # how far learned sources speculate: grows with hits, halves with a wrong guess
         self.ahead_bytes = 0  # bytes of queued entries whose encryption has started (the ahead_bytes budget)
+        self.waited = 0  # commits that took the second channel while the stream's ciphertext waited its turn
 
     # -- the depth ------------------------------------------------------------------------------------
     def reward(self) -> None:
         """A guess landed (or nothing was queued): speculate one chunk further."""
         self.depth = min(self.cfg.max_depth, self.depth + 1)
+        self.waited = 0  # the stream is being used: ciphertext that waits its turn may wait again
 
     def penalise(self) -> None:
         """A wrong guess: speculate half as far."""
@@ -130,28 +136,50 @@ class Speculation:
 
         return release
 
-    def still_expected(self) -> bool:
-        """Whether the queue's head is still what the predictors expect next (a miss was an extra transfer),
-        or is still wanted after a higher-ranked source's chunks (`deferred`)."""
-        q = self.stream.queue
-        want = self.predictors.upcoming(min(len(q), 4))
-        if bool(want) and [e.key for e in list(q)[: len(want)]] == want:
+    def detour_keeps(self, entries: list[Entry]) -> bool:
+        """A miss at commit time: take the second channel and keep `entries` (the ciphertext in front of
+        the stream: what is published, then the queue)? Yes when they are still what the predictors expect
+        next (the miss was an extra transfer inside a cycle), or when they wait their turn
+        (`waits_its_turn`; counted, so a queue whose turn never comes is given up)."""
+        if not self.detours or not entries:
+            return False
+        want = self.predictors.upcoming(min(len(entries), 4))
+        if want and [e.key for e in entries[: len(want)]] == want:
             return True
-        return bool(q) and self.deferred(q[0])
+        if self.waits_its_turn(entries):
+            self.waited += 1
+            return True
+        return False
 
-    def deferred(self, head: Entry) -> bool:
-        """Whether `head` (the first ciphertext in the stream) is only waiting its turn: it was made for a
-        source that ranks below the one predicting now, and that source still predicts it. The chunks
-        that come first then take the second channel, and the ciphertext serves later, instead of being
-        abandoned by a rotation and encrypted again."""
-        self.predictors.upcoming(1)
+    def waits_its_turn(self, entries: list[Entry]) -> bool:
+        """Whether the ciphertext in front of the stream (`entries`) only waits its turn behind a
+        higher-ranked source's chunks, and is worth keeping for it.
+
+        Yes when its head was made, from bytes that are unchanged, for a lower-ranked learned source whose
+        recent ciphertext was nearly all used (`KEEP_SHARE`) and which still predicts it, and when that
+        source's still-predicted ciphertext comes to more bytes than the chunks predicted first: abandoning
+        it by a rotation would make the workers encrypt more again than encrypting those chunks on demand
+        costs (a swap-in right after its swap-out, in front of the next pass's weights); the chunks take
+        the second channel instead. A declared run at least as big as what is kept (an adapter in front of
+        a learned guess), or a source whose guesses are often thrown away, still preempts, so the declared
+        chunks are made ahead. Never with one channel (the commit would relinquish the queue anyway), and
+        not after `max_depth` such detours without a hit from the stream."""
+        if not self.detours or not entries or self.waited >= self.cfg.max_depth:
+            return False
+        head = entries[0]
+        if head.state not in _MADE or (head.state != State.ENCRYPTING and not source_unchanged(head)):
+            return False
+        first = self.predictors.upcoming(self.cfg.max_depth)
         now = self.predictors.last_source
-        return (
-            bool(now)
-            and head.source != now
-            and self.predictors.outranks(now, head.source)
-            and self.predictors.predicts(head.source, head.key, self.cfg.max_depth)
-        )
+        if not now or head.source == now or not self.predictors.outranks(now, head.source):
+            return False
+        if self.throttle.share.get(head.source, 0.0) < KEEP_SHARE:
+            return False
+        theirs = set(self.predictors.upcoming_of(head.source, self.cfg.max_depth))
+        if head.key not in theirs:
+            return False
+        kept = sum(e.nbytes for e in entries if e.source == head.source and e.state in _MADE and e.key in theirs)
+        return sum(k.length for k in first) < kept
 
     def slot_budget(self) -> int:
         """Bounce slots speculation may still take: the rest are kept for on-demand chunks."""
@@ -181,8 +209,10 @@ class Speculation:
         if want and head is not None and head.state != State.RESERVED and not append_only:
             if source in DECLARED and not self.predictors.outranks(head.source, source):
                 # The declared order changed: abandon the queue when that pays (`_rotation_pays`), unless
-                # its ciphertext only waits its turn behind fewer declared bytes than it holds (`_keep_for`).
-                preempt = want[0] != head.key and self._rotation_pays(want[0]) and not self._keep_for(want, head)
+                # its ciphertext only waits its turn behind fewer declared bytes than it holds.
+                preempt = (
+                    want[0] != head.key and self._rotation_pays(want[0]) and not self.waits_its_turn(list(s.queue))
+                )
             else:
                 preempt = head.key not in want and self.predictors.outranks(source, head.source)
         q = s.queue
@@ -244,19 +274,6 @@ class Speculation:
             return False
         s.queue.append(Entry(key, region, s.sender.reserve(), source))
         return True
-
-    def _keep_for(self, want: list[ChunkId], head: Entry) -> bool:
-        """Keep the queue behind declared chunks `want` (they take the second channel when committed)?
-
-        Yes when its head only waits its turn (`deferred`) and it holds more still-wanted ciphertext than the
-        declared chunks come to: abandoning it would make the workers encrypt those bytes again, more work
-        than encrypting the declared chunks on demand (a swap-in right after its swap-out, in front of the
-        next pass's weights). Fewer bytes kept (a learned guess or two in front of a declared adapter) are
-        abandoned, so the declared chunks are made ahead."""
-        if not self.detours or not self.deferred(head):
-            return False  # with one channel the declared chunk's commit would relinquish the queue anyway
-        kept = sum(e.nbytes for e in self.stream.queue if e.state != State.RESERVED and e.source == head.source)
-        return sum(k.length for k in want) < kept
 
     def _rotation_pays(self, key: ChunkId) -> bool:
         """The declared order now starts at `key`, not at the queue's head: abandon the queue only when

@@ -36,10 +36,10 @@ class PredictorsByPriority:
         self.last_source = ""
         return []
 
-    def predicts(self, source: str, key: ChunkId, limit: int) -> bool:
-        """Whether the predictor named `source` still has `key` among its next `limit` chunks."""
+    def upcoming_of(self, source: str, limit: int) -> list[ChunkId]:
+        """The next `limit` chunks of the predictor named `source` alone (`last_source` is left as it is)."""
         p = next((p for p in self.all if p.name == source), None)
-        return p is not None and key in p.upcoming(limit)
+        return p.upcoming(limit) if p is not None else []
 
     def outranks(self, a: str, b: str) -> bool:
         """Does predictor `a` come before predictor `b` in priority? (Unknown names rank last.)"""
