@@ -23,17 +23,7 @@ from .crypto import TAG_LEN
 from .endpoint import NOP_MESSAGE_LEN, ChannelSecrets, CpuEndpoint, Endpoint, HeldMessage, MsgKind, host_source_view
 from .errors import ChannelDead, InvalidArgument, PipeLLMError, TagMismatch
 from .regions import Region
-from .ring import (
-    BELL_EVERY,
-    FLAG_STAGED,
-    KIND_DATA,
-    KIND_ROTATE_IV,
-    KIND_ROTATE_KEY,
-    SEALED_DIGEST,
-    Record,
-    RingView,
-    source_digest,
-)
+from .ring import BELL_EVERY, FLAG_STAGED, KIND_DATA, KIND_ROTATE_IV, KIND_ROTATE_KEY, Record, RingView, source_digest
 from .shm import SharedMemory
 from .wire import FLAG_UNPREDICTED, copy_engine, generation_table_bytes
 
@@ -495,9 +485,7 @@ class SessionCore:
         if rec.kind != KIND_DATA or (rec.region, rec.offset, rec.length) != (region.id, offset, length):
             return False
         gens = region.generations(offset, length)
-        if gens is None:
-            return False
-        return (SEALED_DIGEST if not gens else source_digest(gens)) == rec.digest
+        return gens is not None and source_digest(gens) == rec.digest
 
     def _ring_bell(self) -> None:
         assert self.ring is not None

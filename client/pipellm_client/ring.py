@@ -60,9 +60,6 @@ def source_digest(generations: bytes) -> int:
     return xxhash.xxh3_64_intdigest(generations)
 
 
-SEALED_DIGEST: Final = source_digest(b"")  # a sealed read-only region's: it has no write generations
-
-
 class _HeaderWord:
     """One u64 of a ring's header, read and written in place in the shared memory, whole: the other process
     reads it at any moment. One aligned 8-byte load or store (a 'Q' memoryview item), never `struct`'s
